@@ -1,0 +1,1 @@
+"""Benchmarks behind `polysense bench NAME --out DIR`."""

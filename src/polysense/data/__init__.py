@@ -1,0 +1,1 @@
+"""Data: the procedural world, readers, tokenizer, loader and curation."""

@@ -1,0 +1,1 @@
+"""Embedding index over faiss with a SQLite metadata store."""

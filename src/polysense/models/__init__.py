@@ -1,0 +1,1 @@
+"""Models: one family per file (vit, text, clip, audio, video, fusion, vlm, hf)."""

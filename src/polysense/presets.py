@@ -1,0 +1,101 @@
+"""The preset registry: name -> RunConfig, in plain Python.
+
+Each preset names the command that runs it. Add one with `@register("name")` on a function that
+returns a `RunConfig`; any field can still be changed with `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from polysense.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
+
+_PRESETS: dict[str, Callable[[], RunConfig]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
+    def wrap(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+        if name in _PRESETS:
+            raise ValueError(f"preset {name!r} registered twice")
+        _PRESETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    return dataclasses.replace(_PRESETS[name](), name=name)
+
+
+@register("clip-tiny")
+def clip_tiny() -> RunConfig:
+    """`polysense train clip-tiny --data runs/world --out runs/clip-tiny` (quickstart's model)."""
+    return RunConfig(
+        model=ModelConfig(
+            family="clip",
+            embed_dim=128,
+            vision=VisionConfig(image_size=32, patch_size=4, width=128, layers=4, heads=4),
+            text=TextConfig(vocab_size=1024, context_length=32, width=128, layers=4, heads=4),
+        ),
+        data=DataConfig(),
+        train=TrainConfig(batch_size=256, steps=1500, lr=1e-3, warmup_steps=100),
+    )
+
+
+@register("clip-small")
+def clip_small() -> RunConfig:
+    """`polysense train clip-small --data runs/world64 --out runs/clip-small` (64 px world)."""
+    return RunConfig(
+        model=ModelConfig(
+            family="clip",
+            embed_dim=256,
+            vision=VisionConfig(image_size=64, patch_size=8, width=256, layers=6, heads=8),
+            text=TextConfig(vocab_size=2048, context_length=32, width=256, layers=6, heads=8),
+        ),
+        data=DataConfig(),
+        train=TrainConfig(batch_size=256, steps=3000, lr=5e-4, warmup_steps=200),
+    )
+
+
+@register("siglip-tiny")
+def siglip_tiny() -> RunConfig:
+    """`polysense train siglip-tiny --data runs/world --out runs/siglip-tiny`."""
+    base = clip_tiny()
+    model = dataclasses.replace(
+        base.model,
+        family="siglip",
+        vision=dataclasses.replace(base.model.vision, pool="map"),
+        text=dataclasses.replace(base.model.text, causal=False, pool="mean"),
+        init_logit_scale=2.302585092994046,  # ln 10
+        init_logit_bias=-10.0,
+    )
+    return dataclasses.replace(base, model=model)
+
+
+@register("lit-minilm")
+def lit_minilm() -> RunConfig:
+    """`polysense train lit-minilm --data runs/world --out runs/lit-minilm`: LiT, locked MiniLM."""
+    base = clip_tiny()
+    model = dataclasses.replace(
+        base.model,
+        text=TextConfig(
+            pretrained="minilm", vocab_size=30522, context_length=32, width=384, layers=6, heads=12
+        ),
+    )
+    train = dataclasses.replace(base.train, lock_text=True)
+    return dataclasses.replace(base, model=model, train=train)

@@ -1,0 +1,1 @@
+"""HTTP service (FastAPI) and the web page; needs the `serve` extra."""

@@ -1,0 +1,1 @@
+"""Training: the explicit loop, optimiser and schedule, checkpoints."""
