@@ -95,7 +95,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     lock_image: bool = False
     lock_text: bool = False
-    unlock_text_at: int = -1  # staged unfreezing: step at which a locked text tower trains (-1 never)
+    unlock_text_at: int = (
+        -1
+    )  # staged unfreezing: step at which a locked text tower trains (-1 never)
     unlock_image_at: int = -1
     lr_image: float = 0.0  # per-tower learning rates; 0 = use `lr`
     lr_text: float = 0.0
