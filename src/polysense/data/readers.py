@@ -1,0 +1,654 @@
+"""Readers: every supported source becomes one stream of sample dicts, bad samples become rejects.
+
+A sample is a dict with optional modalities (see docs/data.md): ``key``, ``source``, ``image``
+(PIL RGB), ``text`` (list of captions), ``audio`` (float32 ``(T,)``) + ``sample_rate``, ``video``
+(uint8 ``(T, H, W, 3)``), ``ocr_image``, and pass-through fields (``objects``, ``qa``, ``label`` ...).
+A bad sample (missing file, undecodable image, empty caption, broken JSON line ...) never stops a
+run: it is skipped and recorded in a :class:`Rejects`. A problem that would reject every sample
+(no image column, unknown format, missing path) raises :class:`DataError` instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import soundfile
+from PIL import Image
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+
+from polysense.errors import DataError
+
+SUPPORTED_FORMATS = ("world", "wds", "csv", "tsv", "jsonl", "coco", "imagefolder")
+WORLD_SPLITS = ("train", "val", "test", "test_novel")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Fields a reader sets itself; a CSV column or JSON field with one of these names is not copied.
+_RESERVED = frozenset(
+    {"key", "source", "image", "text", "audio", "sample_rate", "video", "ocr_image", "image_path"}
+)
+
+
+class Rejects:
+    """Counts skipped samples and writes each as one JSON line ``{key, reason, source, detail}``.
+
+    With a ``path``, lines are appended (and flushed) to ``PATH.partial`` as they happen and
+    :meth:`close` moves it onto ``PATH`` atomically. The file is always written at close, empty
+    when nothing was rejected, so it never shows a stale earlier run. Use as a context manager.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.by_reason: Counter[str] = Counter()
+        self.records: list[dict[str, str]] = []
+        self._fh: IO[str] | None = None
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_reason.values())
+
+    @property
+    def _partial(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".partial")
+
+    def add(self, *, key: str, reason: str, source: str, detail: str = "") -> None:
+        """Record one skipped sample; ``reason`` is a short code such as ``empty_caption``."""
+        record = {"key": str(key), "reason": reason, "source": str(source), "detail": detail}
+        self.by_reason[reason] += 1
+        self.records.append(record)
+        if self.path is not None:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self._partial, "w", encoding="utf-8")  # noqa: SIM115
+            self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        """Publish the rejects file (atomically); safe to call twice."""
+        if self._closed or self.path is None:
+            self._closed = True
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._partial.write_text("", encoding="utf-8")
+        else:
+            self._fh.close()
+        os.replace(self._partial, self.path)
+        self._closed = True
+
+    def __enter__(self) -> Rejects:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Skip(Exception):
+    """Internal: this sample is rejected with ``reason``; the reader records it and moves on."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Options:
+    split: str | None
+    image_key: str
+    caption_key: str
+    decode: bool
+    image_root: Path | None
+    caption_template: str
+    rejects: Rejects
+
+
+# ---------------------------------------------------------------------------------------------
+# format detection
+
+
+def _is_brace_pattern(path: str) -> bool:
+    return "{" in path and ".." in path and "}" in path
+
+
+def _world_manifest(root: Path) -> dict[str, Any] | None:
+    """The parsed manifest.json when ``root`` is a polysense world directory, else None."""
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{manifest}: not valid JSON ({exc}); regenerate the world") from exc
+    if isinstance(data, dict) and data.get("generator") == "polysense.world":
+        return data
+    return None
+
+
+def _sniff_json(path: Path) -> str | None:
+    """'coco' for a JSON object with images+annotations, 'jsonl' for one object per line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict):
+        if "images" in whole and "annotations" in whole:
+            return "coco"
+        return "jsonl"  # a single object on one line is a one-line JSONL file
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return "jsonl" if isinstance(json.loads(first), dict) else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _has_image_subfolders(root: Path) -> bool:
+    for sub in root.iterdir():
+        if sub.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in sub.iterdir()):
+            return True
+    return False
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the format of ``path``: one of :data:`SUPPORTED_FORMATS`.
+
+    A ``.json`` file is COCO when it holds ``images`` and ``annotations``, else JSONL when it
+    holds one object per line. Raises DataError for a missing path or an unknown format.
+    """
+    text = str(path)
+    if _is_brace_pattern(text):
+        missing = [u for u in expand_urls(text) if not Path(u).is_file()]
+        if missing:
+            raise DataError(
+                f"{text}: shard {missing[0]} does not exist ({len(missing)} of the pattern's "
+                "shards are missing); check the brace range"
+            )
+        return "wds"
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p} does not exist; pass a data file or directory")
+    supported = ", ".join(SUPPORTED_FORMATS)
+    if p.is_dir():
+        if _world_manifest(p) is not None:
+            return "world"
+        if any(p.glob("*.tar")) or any(p.glob("*/*.tar")):
+            return "wds"
+        if _has_image_subfolders(p):
+            return "imagefolder"
+        raise DataError(
+            f"{p}: directory is not a known dataset (no world manifest.json, no .tar shards, no "
+            f"class sub-folders with images); supported formats: {supported}"
+        )
+    suffix = p.suffix.lower()
+    simple = {".tar": "wds", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+    if suffix in simple:
+        return simple[suffix]
+    if suffix == ".json":
+        kind = _sniff_json(p)
+        if kind is not None:
+            return kind
+        raise DataError(
+            f"{p}: JSON that is neither COCO (an object with 'images' and 'annotations') nor "
+            "JSONL (one object per line)"
+        )
+    raise DataError(f"{p}: unknown data format '{suffix}'; supported formats: {supported}")
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding helpers: each raises _Skip with a reason code for a bad sample
+
+
+def _decode_image(data: bytes | Path, reason: str = "undecodable_image") -> Image.Image:
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        with Image.open(src) as im:
+            im.load()  # decode now, so a truncated file fails here and not later in a batch
+            return im.convert("RGB")
+    except Exception as exc:
+        raise _Skip(reason, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _decode_audio(data: bytes | Path) -> tuple[np.ndarray, int]:
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        wave, rate = soundfile.read(src, dtype="float32", always_2d=True)  # (T, channels)
+    except Exception as exc:
+        raise _Skip("undecodable_audio", f"{type(exc).__name__}: {exc}") from exc
+    return np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32), int(rate)  # (T,)
+
+
+def _decode_video(data: bytes | Path) -> np.ndarray:
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        video = np.load(src, allow_pickle=False)
+    except Exception as exc:
+        raise _Skip("bad_video", f"{type(exc).__name__}: {exc}") from exc
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise _Skip("bad_video", f"want uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
+    return video  # (T, H, W, 3)
+
+
+def _captions(value: Any) -> list[str]:
+    """A caption cell (string or list of strings) as a non-empty list of stripped captions."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+        raise _Skip("bad_caption", f"caption must be a string or a list of strings, got {value!r}")
+    captions = [c.strip() for c in items if c.strip()]
+    if not captions:
+        raise _Skip("empty_caption", f"caption is empty: {value!r}")
+    return captions
+
+
+def _file(cell: str, base: Path) -> Path:
+    path = Path(cell)
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise _Skip("missing_file", f"{path} does not exist")
+    return path
+
+
+def _load_media(fields: dict[str, Any], base: Path, opts: _Options) -> dict[str, Any]:
+    """Resolve and decode the image / audio / video cells of one tabular row."""
+    out: dict[str, Any] = {}
+    cell = fields.get(opts.image_key)
+    if cell not in (None, ""):
+        path = _file(str(cell), base)
+        out["image_path"] = str(path)
+        out["image"] = _decode_image(path) if opts.decode else str(path)
+    cell = fields.get("audio")
+    if cell not in (None, ""):
+        path = _file(str(cell), base)
+        if opts.decode:
+            out["audio"], out["sample_rate"] = _decode_audio(path)
+        else:
+            out["audio"] = str(path)
+    cell = fields.get("video")
+    if cell not in (None, ""):
+        path = _file(str(cell), base)
+        out["video"] = _decode_video(path) if opts.decode else str(path)
+    if not out:
+        raise _Skip("missing_image", f"no '{opts.image_key}' (or audio/video) value in this row")
+    return out
+
+
+def _passthrough(fields: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k not in used and k not in _RESERVED}
+
+
+def _guarded(
+    rows: Iterable[tuple[str, Any]],
+    build: Callable[[str, Any], dict[str, Any]],
+    source: str,
+    opts: _Options,
+) -> Iterator[dict[str, Any]]:
+    """Build one sample per ``(key, row)``; a _Skip becomes a reject and the stream goes on."""
+    for key, row in rows:
+        try:
+            sample = build(key, row)
+        except _Skip as skip:
+            opts.rejects.add(key=key, reason=skip.reason, source=source, detail=skip.detail)
+            continue
+        yield sample
+
+
+# ---------------------------------------------------------------------------------------------
+# tabular readers: CSV / TSV / JSONL / COCO
+
+_MEDIA = ("audio", "video")
+
+
+def _read_table(path: Path, opts: _Options, delimiter: str) -> Iterator[dict[str, Any]]:
+    """CSV/TSV with a header: one caption per row; rows sharing an image are not merged."""
+    used = {opts.image_key, opts.caption_key, *_MEDIA, "key", "id"}
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        columns = list(reader.fieldnames or [])
+        # Audio or video columns can stand in for the image column; captions are required.
+        if not {opts.image_key, *_MEDIA} & set(columns):
+            raise DataError(
+                f"{path}: no '{opts.image_key}' column; columns are {columns}; "
+                "name the right one with --image-key COLUMN"
+            )
+        if opts.caption_key not in columns:
+            raise DataError(
+                f"{path}: no '{opts.caption_key}' column; columns are {columns}; "
+                "name the right one with --caption-key COLUMN"
+            )
+
+        def build(key: str, row: dict[str | None, Any]) -> dict[str, Any]:
+            if None in row:  # DictReader files surplus cells under None
+                raise _Skip(
+                    "bad_row", f"{len(columns) + len(row[None])} cells, header has {len(columns)}"
+                )
+            text = _captions(row.get(opts.caption_key) or "")
+            media = _load_media(row, path.parent, opts)
+            return {
+                **_passthrough(row, used),
+                "key": key,
+                "source": str(path),
+                **media,
+                "text": text,
+            }
+
+        rows = ((r.get("key") or r.get("id") or f"line{reader.line_num:06d}", r) for r in reader)
+        yield from _guarded(rows, build, str(path), opts)
+
+
+def _read_jsonl(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
+    """One JSON object per line; ``caption`` may be a string or a list of strings."""
+    used = {opts.image_key, opts.caption_key, *_MEDIA, "key", "id"}
+    first_fields: list[list[str]] = []  # fields of the first object, for the error message
+
+    def build(key: str, line: str) -> dict[str, Any]:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _Skip("bad_json", str(exc)) from exc
+        if not isinstance(obj, dict):
+            raise _Skip("bad_json", f"line is a {type(obj).__name__}, not an object")
+        first_fields[:] = first_fields or [sorted(obj)]
+        if opts.caption_key not in obj:
+            raise _Skip("missing_caption", f"no '{opts.caption_key}' field")
+        text = _captions(obj[opts.caption_key])
+        media = _load_media(obj, path.parent, opts)
+        key = str(obj.get("key") or obj.get("id") or key)
+        return {**_passthrough(obj, used), "key": key, "source": str(path), **media, "text": text}
+
+    before = Counter(opts.rejects.by_reason)
+    n_yielded = 0
+    with open(path, encoding="utf-8-sig") as fh:
+        rows = ((f"line{i:06d}", line) for i, line in enumerate(fh, start=1) if line.strip())
+        for sample in _guarded(rows, build, str(path), opts):
+            n_yielded += 1
+            yield sample
+    # A field name that is wrong on every line is a flag problem, not a data problem.
+    new = set(opts.rejects.by_reason - before)
+    for reason, field, flag in (
+        ("missing_image", opts.image_key, "--image-key"),
+        ("missing_caption", opts.caption_key, "--caption-key"),
+    ):
+        if n_yielded == 0 and new == {reason}:
+            raise DataError(
+                f"{path}: no line has a '{field}' field; fields are {first_fields[0]}; "
+                f"name the right one with {flag} FIELD"
+            )
+
+
+def _coco_image_path(file_name: str, json_path: Path, image_root: Path | None) -> Path:
+    if image_root is not None:
+        candidates = [image_root / file_name]
+    else:
+        here = json_path.parent
+        # captions_train2017.json -> train2017/, next to the json or one level up (COCO layout)
+        split_dir = json_path.stem.split("_")[-1]
+        candidates = [
+            here / file_name,
+            here / "images" / file_name,
+            here / split_dir / file_name,
+            here.parent / split_dir / file_name,
+        ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise _Skip("missing_file", f"{file_name} not found in {[str(c.parent) for c in candidates]}")
+
+
+def _read_coco(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
+    """COCO captions: all captions of one image are kept together in ``text``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    annotations = [a for a in data.get("annotations") or [] if isinstance(a, dict)]
+    if annotations and not any("caption" in a for a in annotations):
+        raise DataError(
+            f"{path}: COCO annotations hold no 'caption'; this reader reads caption files "
+            "(captions_*.json), not instances or keypoints"
+        )
+    captions: dict[Any, list[Any]] = {}
+    for ann in annotations:
+        if "caption" in ann:
+            captions.setdefault(ann.get("image_id"), []).append(ann["caption"])
+
+    def build(key: str, info: Any) -> dict[str, Any]:
+        if not isinstance(info, dict) or "file_name" not in info:
+            raise _Skip("bad_row", f"image entry without 'file_name': {info!r}")
+        if info.get("id") not in captions:
+            raise _Skip("missing_caption", f"no caption annotation for image id {key}")
+        text = _captions(captions[info["id"]])
+        image_path = _coco_image_path(info["file_name"], path, opts.image_root)
+        image = _decode_image(image_path) if opts.decode else str(image_path)
+        sample = {"key": key, "source": str(path), "image": image, "text": text}
+        return {**sample, "image_path": str(image_path), "image_id": info["id"]}
+
+    images = data.get("images") or []
+    rows = (
+        (str(x.get("id")) if isinstance(x, dict) else f"image{i:06d}", x)
+        for i, x in enumerate(images)
+    )
+    yield from _guarded(rows, build, str(path), opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# image folder
+
+
+def _read_imagefolder(root: Path, opts: _Options) -> Iterator[dict[str, Any]]:
+    """``root/CLASS/*.png``: label = folder name, caption from ``caption_template``."""
+
+    def build(key: str, item: tuple[Path, str]) -> dict[str, Any]:
+        image_path, label = item
+        image = _decode_image(image_path) if opts.decode else str(image_path)
+        caption = opts.caption_template.format(label=label.replace("_", " "))
+        sample = {"key": key, "source": str(image_path), "image": image, "text": [caption]}
+        return {**sample, "image_path": str(image_path), "label": label}
+
+    rows = (
+        (f"{class_dir.name}/{p.stem}", (p, class_dir.name))
+        for class_dir in sorted(d for d in root.iterdir() if d.is_dir())
+        for p in sorted(class_dir.iterdir())
+        if p.suffix.lower() in IMAGE_EXTS
+    )
+    yield from _guarded(rows, build, str(root), opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# webdataset tars (world and generic)
+
+
+def _decode_member(suffix: str, data: bytes, sample: dict[str, Any], opts: _Options) -> None:
+    """Decode one tar member into ``sample``; suffix is everything after the key's first dot."""
+    last = suffix.rsplit(".", 1)[-1]
+    if suffix == "ocr.png":
+        sample["ocr_image"] = _decode_image(data, "undecodable_ocr_image") if opts.decode else data
+    elif "." + last in IMAGE_EXTS and (opts.image_key in ("image", suffix)):
+        sample["image"] = _decode_image(data) if opts.decode else data
+    elif last in ("wav", "flac"):
+        if opts.decode:
+            sample["audio"], sample["sample_rate"] = _decode_audio(data)
+        else:
+            sample["audio"] = data
+    elif last == "npy":
+        sample["video"] = _decode_video(data) if opts.decode else data
+    elif suffix == "json":
+        try:
+            meta = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _Skip("bad_json", f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise _Skip("bad_json", f".json member is a {type(meta).__name__}, not an object")
+        for field in (opts.caption_key, "captions", "text"):
+            if field in meta:
+                sample["text"] = _captions(meta.pop(field))
+                break
+        for k, v in meta.items():
+            if k not in _RESERVED:
+                sample.setdefault(k, v)
+    elif suffix in ("txt", "caption", opts.caption_key):
+        try:
+            sample["text"] = _captions(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise _Skip("bad_caption", f"caption is not UTF-8: {exc}") from exc
+    elif suffix == "cls":
+        value = data.decode("utf-8", "replace").strip()
+        sample["label"] = int(value) if value.lstrip("-").isdigit() else value
+
+
+def _tar_complete(path: Path) -> bool:
+    """A whole tar ends with two zero 512-byte blocks; Python's tarfile stops silently without."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(size - 1024)
+        return not any(fh.read(1024))
+
+
+def _read_tars(urls: list[str], opts: _Options) -> Iterator[dict[str, Any]]:
+    """Raw members via webdataset's tar iterators, decoded here so one bad member is a reject."""
+
+    def on_error(exc: Exception) -> bool:
+        source = next((str(a) for a in exc.args[1:] if isinstance(a, str)), urls[0])
+        opts.rejects.add(key="(shard)", reason="bad_shard", source=source, detail=str(exc.args[0]))
+        return True  # keep going with the next shard
+
+    for url in urls:
+        if not _tar_complete(Path(url)):
+            detail = "no end-of-archive blocks: the shard is cut short, its last samples are lost"
+            opts.rejects.add(key="(shard)", reason="truncated_shard", source=url, detail=detail)
+    for raw in tarfile_samples(({"url": u} for u in urls), handler=on_error):
+        key, source = raw["__key__"], raw["__url__"]
+        sample: dict[str, Any] = {"key": key, "source": source}
+        try:
+            for suffix, data in raw.items():
+                if not suffix.startswith("__"):
+                    _decode_member(suffix, data, sample, opts)
+            if not {"image", "audio", "video", "text"} & set(sample):
+                raise _Skip("no_content", f"members {sorted(raw)} hold no image/audio/video/text")
+        except _Skip as skip:
+            opts.rejects.add(key=key, reason=skip.reason, source=source, detail=skip.detail)
+            continue
+        yield sample
+
+
+def _tar_urls(path: str | Path, split: str | None) -> list[str]:
+    text = str(path)
+    if _is_brace_pattern(text):
+        return expand_urls(text)
+    p = Path(path)
+    if p.is_file():
+        if split is not None:
+            raise DataError(f"{p}: --split applies to a world or a directory of split folders")
+        return [str(p)]
+    if split is not None:
+        shards = sorted((p / split).glob("*.tar"))
+        if not shards:
+            found = sorted(d.name for d in p.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+            raise DataError(
+                f"{p}: no .tar shards in split folder '{split}'; split folders: {found}"
+            )
+        return [str(s) for s in shards]
+    shards = sorted(p.glob("*.tar"))
+    if not shards:
+        found = sorted(d.name for d in p.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+        raise DataError(f"{p}: shards live in split folders {found}; choose one with --split NAME")
+    return [str(s) for s in shards]
+
+
+def _world_shards(root: Path, manifest: dict[str, Any], split: str) -> list[Path]:
+    """The shard files of one world split, from the manifest or the ``SPLIT/*.tar`` layout.
+
+    ``manifest["splits"][split]`` may be a list of shard paths, a dict with ``"shards"``, or a
+    count; without a shard list the shards are found as ``root/SPLIT/*.tar`` or
+    ``root/SPLIT-*.tar``.
+    """
+    splits = manifest.get("splits") or {}
+    if splits and split not in splits:
+        raise DataError(
+            f"{root}: world has no split '{split}'; splits: {sorted(splits)}; use --split"
+        )
+    entry = splits.get(split)
+    listed = entry.get("shards") if isinstance(entry, dict) else entry
+    if isinstance(listed, list):
+        shards = [root / s for s in listed]
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise DataError(
+                f"{root}: manifest lists shard {missing[0]} which does not exist; regenerate the world"
+            )
+        return shards
+    shards = sorted((root / split).glob("*.tar")) or sorted(root.glob(f"{split}-*.tar"))
+    if not shards:
+        raise DataError(
+            f"{root}: no shards for split '{split}' (looked for {split}/*.tar and {split}-*.tar)"
+        )
+    return shards
+
+
+def _read_world(root: Path, opts: _Options) -> Iterator[dict[str, Any]]:
+    manifest = _world_manifest(root)
+    assert manifest is not None
+    shards = _world_shards(root, manifest, opts.split or "train")
+    yield from _read_tars([str(s) for s in shards], opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def read_samples(
+    path: str | Path,
+    *,
+    split: str | None = None,
+    image_key: str = "image",
+    caption_key: str = "caption",
+    rejects: Rejects | None = None,
+    limit: int | None = None,
+    decode: bool = True,
+    image_root: str | Path | None = None,
+    caption_template: str = "a photo of a {label}",
+) -> Iterator[dict[str, Any]]:
+    """Stream the samples of any supported source (format from :func:`detect_format`).
+
+    ``split`` picks a world split (default ``train``) or a split folder of tar shards.
+    ``decode=False`` leaves images/audio/video undecoded: file paths (tabular, image folder) or
+    raw bytes (tars). ``limit`` stops after that many good samples. Bad samples go to ``rejects``.
+    """
+    fmt = detect_format(path)
+    if split is not None and fmt not in ("world", "wds"):
+        raise DataError(f"{path}: --split applies to a world or tar shards, not to {fmt}")
+    opts = _Options(
+        split=split,
+        image_key=image_key,
+        caption_key=caption_key,
+        decode=decode,
+        image_root=Path(image_root) if image_root is not None else None,
+        caption_template=caption_template,
+        rejects=rejects if rejects is not None else Rejects(),
+    )
+    readers: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
+        "world": lambda: _read_world(Path(path), opts),
+        "wds": lambda: _read_tars(_tar_urls(path, split), opts),
+        "csv": lambda: _read_table(Path(path), opts, ","),
+        "tsv": lambda: _read_table(Path(path), opts, "\t"),
+        "jsonl": lambda: _read_jsonl(Path(path), opts),
+        "coco": lambda: _read_coco(Path(path), opts),
+        "imagefolder": lambda: _read_imagefolder(Path(path), opts),
+    }
+    samples = readers[fmt]()
+    return islice(samples, limit) if limit is not None else samples
