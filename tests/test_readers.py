@@ -110,8 +110,8 @@ def make_world(root: Path) -> dict[str, object]:
         "generator": "polysense.world",
         "seed": 0,
         "splits": {
-            "train": {"shards": ["train/train-000000.tar"], "n_samples": 2},
-            "val": {"n_samples": 1},  # no shard list: found through the val/*.tar layout
+            "train": {"count": 2, "shards": [{"path": "train/train-000000.tar", "count": 2}]},
+            "val": {"count": 1},  # no shard list: found through the val/*.tar layout
         },
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -489,3 +489,22 @@ def test_truncated_and_garbage_shards_are_rejected_and_the_rest_is_read(tmp_path
     assert rejects.by_reason["bad_shard"] == 1  # c.tar does not parse at all
     sources = {r["source"] for r in rejects.records}
     assert sources == {str(tmp_path / "b.tar"), str(tmp_path / "c.tar")}
+
+
+def test_coco_download_layout_finds_images_in_the_split_folder(tmp_path: Path) -> None:
+    # annotations/captions_val2017.json next to val2017/: the layout of the COCO download
+    write_png(tmp_path / "val2017" / "000000000139.jpg", BLUE)
+    data = {
+        "images": [{"id": 139, "file_name": "000000000139.jpg"}],
+        "annotations": [{"id": 1, "image_id": 139, "caption": "a blue room"}],
+    }
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "captions_val2017.json"
+    path.write_text(json.dumps(data))
+    (sample,) = read_samples(path)
+    assert sample["key"] == "139" and sample["text"] == ["a blue room"]
+    assert sample["image_path"] == str(tmp_path / "val2017" / "000000000139.jpg")
+    instances = {"images": data["images"], "annotations": [{"image_id": 139, "bbox": [0, 0, 1, 1]}]}
+    path.write_text(json.dumps(instances))
+    with pytest.raises(DataError, match=r"no 'caption'.*captions_\*\.json"):
+        list(read_samples(path))

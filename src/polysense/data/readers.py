@@ -571,32 +571,30 @@ def _tar_urls(path: str | Path, split: str | None) -> list[str]:
 
 
 def _world_shards(root: Path, manifest: dict[str, Any], split: str) -> list[Path]:
-    """The shard files of one world split, from the manifest or the ``SPLIT/*.tar`` layout.
+    """The shard files of one world split, as listed by the manifest.
 
-    ``manifest["splits"][split]`` may be a list of shard paths, a dict with ``"shards"``, or a
-    count; without a shard list the shards are found as ``root/SPLIT/*.tar`` or
-    ``root/SPLIT-*.tar``.
+    ``manifest["splits"][split]["shards"]`` lists entries ``{"path": "train/shard-000000.tar",
+    ...}`` (plain path strings work too); without a list the shards are ``root/SPLIT/*.tar``.
     """
     splits = manifest.get("splits") or {}
     if splits and split not in splits:
         raise DataError(
-            f"{root}: world has no split '{split}'; splits: {sorted(splits)}; use --split"
+            f"{root}: world has no split '{split}'; splits: {list(splits)}; use --split"
         )
     entry = splits.get(split)
     listed = entry.get("shards") if isinstance(entry, dict) else entry
     if isinstance(listed, list):
-        shards = [root / s for s in listed]
+        shards = [root / (s["path"] if isinstance(s, dict) else s) for s in listed]
         missing = [s for s in shards if not s.is_file()]
         if missing:
             raise DataError(
-                f"{root}: manifest lists shard {missing[0]} which does not exist; regenerate the world"
+                f"{root}: manifest lists shard {missing[0]} which does not exist; "
+                f"regenerate it with `polysense world generate --out {root}`"
             )
         return shards
-    shards = sorted((root / split).glob("*.tar")) or sorted(root.glob(f"{split}-*.tar"))
+    shards = sorted((root / split).glob("*.tar"))
     if not shards:
-        raise DataError(
-            f"{root}: no shards for split '{split}' (looked for {split}/*.tar and {split}-*.tar)"
-        )
+        raise DataError(f"{root}: no shards for split '{split}' (looked for {split}/*.tar)")
     return shards
 
 
