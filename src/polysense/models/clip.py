@@ -1,0 +1,301 @@
+"""The dual-tower contrastive model (CLIP / SigLIP) and its checkpoint format.
+
+`CLIP` = image tower + text tower + a projection of each into a shared `embed_dim` space, plus the
+learned temperature (`logit_scale`, in log space) and, for SigLIP, a learned `logit_bias`. The loss
+lives in `polysense.losses`; the model only produces L2-normalised embeddings.
+
+A checkpoint is a directory: `config.json` (the `RunConfig` as a dict), `model.safetensors` and,
+when the model has one, `tokenizer.json`. `load_model` reads it back, or builds a randomly
+initialised model from a preset name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polysense.config import ConfigError, ModelConfig, RunConfig, dumps, from_dict
+from polysense.data.tokenizer import Tokenizer
+from polysense.data.transforms import images_to_tensor
+from polysense.errors import PolysenseError
+from polysense.models.text import build_text_tower
+from polysense.models.vit import VisionTransformer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def _projection(kind: str, width: int, embed_dim: int, field: str) -> nn.Module:
+    if kind == "none":
+        if width != embed_dim:
+            raise PolysenseError(
+                f"model.{field}='none' needs the tower width ({width}) to equal "
+                f"model.embed_dim ({embed_dim}); change one, or use 'linear'"
+            )
+        return nn.Identity()
+    proj = nn.Linear(width, embed_dim, bias=kind == "linear_bias")
+    nn.init.normal_(proj.weight, std=width**-0.5)
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
+    return proj
+
+
+def _sync_with_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer | None) -> ModelConfig:
+    """Check the tokenizer fits the text tower and copy its pad/eot ids into the text config."""
+    if tokenizer is None:
+        return cfg
+    text = cfg.text
+    if tokenizer.vocab_size > text.vocab_size:
+        raise PolysenseError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size="
+            f"{text.vocab_size}; --set model.text.vocab_size={tokenizer.vocab_size}"
+        )
+    if tokenizer.context_length > text.context_length:
+        raise PolysenseError(
+            f"the tokenizer's context_length={tokenizer.context_length} exceeds "
+            f"model.text.context_length={text.context_length}; make them equal"
+        )
+    eot_id = text.eot_id if text.eot_id == -1 else tokenizer.eot_id
+    text = dataclasses.replace(text, pad_id=tokenizer.pad_id, eot_id=eot_id)
+    return dataclasses.replace(cfg, text=text)
+
+
+class CLIP(nn.Module):
+    """Image and text towers projected to a shared, L2-normalised embedding space.
+
+    `tokenizer` turns strings into ids for `encode_text`; it may be None for a model whose text
+    must be given as ids (an HF import without a readable tokenizer). The tokenizer's pad and eot
+    ids are copied into `cfg.text` so that pooling finds the right positions.
+    """
+
+    def __init__(self, *, cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
+        super().__init__()
+        cfg = _sync_with_tokenizer(cfg, tokenizer)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.visual = VisionTransformer(cfg=cfg.vision)
+        self.text = build_text_tower(cfg.text)
+        self.image_proj = _projection(
+            cfg.vision_proj, self.visual.width, cfg.embed_dim, "vision_proj"
+        )
+        self.text_proj = _projection(cfg.text_proj, self.text.width, cfg.embed_dim, "text_proj")
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        bias = cfg.init_logit_bias
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """log of the temperature multiplier, clamped at `max_logit_scale` (ln 100 by default)."""
+        return self.logit_scale.clamp(max=self.cfg.max_logit_scale)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise PolysenseError(
+                "this model has no tokenizer (e.g. imported from a Hugging Face directory "
+                "without a tokenizer.json polysense can read); pass token ids (B, L) instead "
+                "of strings"
+            )
+        return self.tokenizer(list(texts))
+
+    def encode_image(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+        """Images -> (B, D) unit vectors. A tensor must be (B, 3, H, W), already normalised."""
+        if not isinstance(images, torch.Tensor):
+            v = self.cfg.vision
+            images = images_to_tensor(
+                list(images), size=v.image_size, mean=v.image_mean, std=v.image_std
+            )
+        x = self.image_proj(self.visual(images.to(self.device)))  # (B, D)
+        return F.normalize(x, dim=-1)
+
+    def encode_text(self, ids: torch.Tensor | Sequence[str] | str) -> torch.Tensor:
+        """Token ids (B, L) or strings -> (B, D) unit vectors."""
+        if isinstance(ids, str):
+            ids = [ids]
+        if not isinstance(ids, torch.Tensor):
+            ids = self.tokenize(ids)
+        x = self.text_proj(self.text(ids.to(self.device)))  # (B, D)
+        return F.normalize(x, dim=-1)
+
+    def forward(
+        self, images: torch.Tensor | Sequence[Image.Image], ids: torch.Tensor | Sequence[str]
+    ) -> dict[str, torch.Tensor | None]:
+        """Both embeddings plus `logit_scale`, the multiplier exp(clamped log scale) (not its
+        log), and `logit_bias` (None for CLIP)."""
+        return {
+            "image_embeds": self.encode_image(images),  # (B, D)
+            "text_embeds": self.encode_text(ids),  # (B', D)
+            "logit_scale": self.clamped_logit_scale().exp(),  # ()
+            "logit_bias": self.logit_bias,  # () or None
+        }
+
+
+# Captions for the BPE tokenizer of a preset loaded without data: the vocabulary of the world's
+# scenes (colours, shapes, sizes, relations, counts). Training on real data builds its own.
+_COLOURS = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "gray",
+    "pink",
+    "cyan",
+    "brown",
+]
+_SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring"]
+_SIZES = ["small", "large", "big", "tiny", "medium"]
+_RELATIONS = ["left of", "right of", "above", "below", "next to"]
+_COUNTS = ["one", "two", "three", "no"]
+
+
+def bootstrap_captions() -> list[str]:
+    """A deterministic caption list used to train a tokenizer when no dataset is given."""
+    out = [f"a {s} {c} {sh}" for s, c, sh in itertools.product(_SIZES, _COLOURS, _SHAPES)]
+    for (c1, s1), rel, (c2, s2) in itertools.product(
+        zip(_COLOURS, _SHAPES * 2, strict=False),
+        _RELATIONS,
+        zip(_COLOURS[::-1], _SHAPES, strict=False),
+    ):
+        out.append(f"a {c1} {s1} {rel} a {c2} {s2}")
+    out += [
+        f"{n} {c} {sh}s in the picture"
+        for n, c, sh in itertools.product(_COUNTS, _COLOURS, _SHAPES)
+    ]
+    out += [f"is there a {c} {sh}? yes" for c, sh in itertools.product(_COLOURS, _SHAPES)]
+    return out
+
+
+def build_model(run_cfg: RunConfig, *, texts: Iterable[str] | None = None) -> CLIP:
+    """A randomly initialised CLIP with its tokenizer: MiniLM's for `pretrained="minilm"`, else a
+    BPE trained on `texts` (a dataset's captions), or on `bootstrap_captions()` when None."""
+    text = run_cfg.model.text
+    if text.pretrained == "minilm":
+        tokenizer = Tokenizer.minilm(context_length=text.context_length)
+    else:
+        corpus = list(texts) if texts is not None else bootstrap_captions()
+        tokenizer = Tokenizer.train(
+            corpus, vocab_size=text.vocab_size, context_length=text.context_length
+        )
+    return CLIP(cfg=run_cfg.model, tokenizer=tokenizer)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(model: CLIP, run_cfg: RunConfig, ckpt_dir: str | Path) -> Path:
+    """Write `config.json`, `model.safetensors` and `tokenizer.json` into `ckpt_dir`, each
+    atomically; config.json goes last, so its presence marks a complete checkpoint.
+
+    The saved config is `run_cfg` with `model` replaced by `model.cfg` (which carries the
+    tokenizer's pad/eot ids)."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, ckpt_dir / WEIGHTS_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if model.tokenizer is not None:
+        model.tokenizer.save(ckpt_dir / TOKENIZER_FILE)
+    cfg = dataclasses.replace(run_cfg, model=model.cfg)
+    _atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")
+    return ckpt_dir
+
+
+def read_run_config(ckpt_dir: str | Path) -> RunConfig:
+    """The `RunConfig` of a checkpoint directory, with errors that name the file."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise PolysenseError(
+            f"{path} does not exist: {ckpt_dir} is not a polysense checkpoint directory "
+            "(train one with `polysense train`, or import HF weights with `polysense import-hf`)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PolysenseError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise PolysenseError(f"{path}: {exc}") from None
+
+
+def _load_dir(path: Path, device: str) -> CLIP:
+    cfg_path = path / CONFIG_FILE
+    if cfg_path.is_file() and "model_type" in json.loads(cfg_path.read_text()):
+        from polysense.models.hf import import_hf  # a Hugging Face CLIP/SigLIP directory
+
+        return import_hf(path)[0].to(device).eval()
+    run = read_run_config(path)
+    text = run.model.text
+    if (path / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE, context_length=text.context_length)
+    elif text.pretrained == "minilm":
+        tokenizer = Tokenizer.minilm(context_length=text.context_length)
+    else:
+        tokenizer = None
+    model = CLIP(cfg=run.model, tokenizer=tokenizer)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise PolysenseError(f"{weights} does not exist: the checkpoint in {path} is incomplete")
+    try:
+        model.load_state_dict(load_file(weights, device="cpu"))
+    except RuntimeError as exc:
+        raise PolysenseError(
+            f"{weights} does not match {cfg_path}: {str(exc).splitlines()[0]}"
+        ) from None
+    return model.to(device).eval()
+
+
+def load_model(name_or_path: str | Path, *, device: str = "cpu") -> CLIP:
+    """A checkpoint directory (polysense, or a Hugging Face CLIP/SigLIP one) -> its model; a preset
+    name -> a randomly initialised model (seeded by the preset's `train.seed`) whose BPE tokenizer
+    is trained on `bootstrap_captions()`. Returned in eval mode."""
+    from polysense.presets import available_presets, get_preset
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _load_dir(path, device)
+    name = str(name_or_path)
+    if name in available_presets():
+        run = get_preset(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.train.seed)
+            model = build_model(run)
+        return model.to(device).eval()
+    raise PolysenseError(
+        f"{name!r} is neither a checkpoint directory nor a preset name; "
+        f"presets: {', '.join(available_presets())}"
+    )

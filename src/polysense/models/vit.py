@@ -1,0 +1,226 @@
+"""Vision Transformer: patch embedding, pre-norm blocks, cls / MAP / mean pooling.
+
+One module expresses both the CLIP image tower (cls token, LayerNorm before the blocks, no patch
+bias) and the SigLIP one (no cls token, MAP head, patch bias) through `VisionConfig` fields, so
+Hugging Face weights of either map onto it one to one (`models/hf.py`). The transformer block,
+attention and MLP defined here are shared with the text tower (`models/text.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from polysense.config import VisionConfig
+from polysense.errors import PolysenseError
+
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_pytorch_tanh")
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP non-linearity by its Hugging Face name (so imported configs map by name)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_pytorch_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise PolysenseError(f"activation {name!r} is not supported; use one of {list(ACTIVATIONS)}")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of the original OpenAI CLIP weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def mlp_dim(width: int, mlp_ratio: float) -> int:
+    """Hidden size of the MLP; rounded so that an HF `intermediate_size` survives the ratio."""
+    return round(width * mlp_ratio)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection and `F.scaled_dot_product_attention`."""
+
+    def __init__(self, *, width: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if width % heads:
+            raise PolysenseError(f"width={width} is not divisible by heads={heads}; change one")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); mask (B, 1, T, T) bool, True where a query may attend to a key."""
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, *, width: int, hidden: int, act: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        heads: int,
+        mlp_ratio: float,
+        act: str,
+        ln_eps: float,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width=width, heads=heads, dropout=dropout)
+        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width=width, hidden=mlp_dim(width, mlp_ratio), act=act, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None, *, grad_ckpt: bool
+) -> torch.Tensor:
+    """Apply the blocks in order; with `grad_ckpt`, recompute activations in backward to save memory."""
+    for block in blocks:
+        if grad_ckpt and torch.is_grad_enabled():
+            x = checkpoint(block, x, mask, use_reentrant=False)
+        else:
+            x = block(x, mask)
+    return x
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling (SigLIP): a learned probe attends over the tokens, then an MLP."""
+
+    def __init__(
+        self, *, width: int, heads: int, mlp_ratio: float, act: str, ln_eps: float
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width=width, hidden=mlp_dim(width, mlp_ratio), act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, W) tokens -> (B, W)."""
+        q = self.q(self.probe).expand(x.shape[0], -1, -1)  # (B, 1, W)
+        q = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
+        k, v = rearrange(self.kv(x), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, D)
+        out = self.proj(rearrange(out, "b h t d -> b t (h d)"))  # (B, 1, W)
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]  # (B, W)
+
+
+class VisionTransformer(nn.Module):
+    """ViT image encoder: `forward_features` gives normalised tokens, `forward` the pooled vector."""
+
+    def __init__(self, *, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise PolysenseError(
+                f"model.vision.image_size={cfg.image_size} is not a multiple of "
+                f"model.vision.patch_size={cfg.patch_size}; change one of them"
+            )
+        self.cfg = cfg
+        self.grad_checkpointing = False
+        w = cfg.width
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(
+            cfg.in_channels, w, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+        )
+        n_tokens = self.num_patches + (1 if cfg.pool == "cls" else 0)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, w) * w**-0.5) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, w) * 0.02)
+        self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps) if cfg.ln_pre else nn.Identity()
+        self.blocks = nn.ModuleList(
+            Block(
+                width=w,
+                heads=cfg.heads,
+                mlp_ratio=cfg.mlp_ratio,
+                act=cfg.act,
+                ln_eps=cfg.ln_eps,
+                dropout=cfg.dropout,
+            )
+            for _ in range(cfg.layers)
+        )
+        self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
+        self.head = (
+            MAPHead(
+                width=w, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, ln_eps=cfg.ln_eps
+            )
+            if cfg.pool == "map"
+            else None
+        )
+        self.apply(init_linear)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W), already normalised -> tokens (B, N, W) after the final LayerNorm.
+
+        N is the number of patches, plus one leading cls token when `pool == "cls"`.
+        """
+        size = self.cfg.image_size
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[-2:] != (size, size):
+            raise PolysenseError(
+                f"images of shape {tuple(x.shape)} do not fit model.vision "
+                f"(expected (B, {self.cfg.in_channels}, {size}, {size})); resize them with "
+                f"polysense.data.transforms.images_to_tensor(images, size={size})"
+            )
+        x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # (B, W, h, w)
+        x = rearrange(x, "b c h w -> b (h w) c")  # (B, N, W)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, W)
+        x = self.ln_pre(x + self.pos_embed)
+        x = run_blocks(self.blocks, x, None, grad_ckpt=self.grad_checkpointing and self.training)
+        return self.ln_post(x)  # (B, N, W)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, W) -> (B, W) by the configured pooling."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        if self.cfg.pool == "map":
+            return self.head(tokens)
+        return tokens.mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))  # (B, W)
+
+
+def init_linear(m: nn.Module) -> None:
+    """Small normal init for linear/conv weights, zero biases (LayerNorm keeps ones/zeros)."""
+    if isinstance(m, nn.Linear | nn.Conv2d):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
