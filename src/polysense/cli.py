@@ -171,7 +171,7 @@ def tokenizer_train(
     from polysense.data.readers import read_samples
     from polysense.data.tokenizer import Tokenizer
 
-    captions = [c for s in read_samples(data, split=split, decode=False) for c in s["text"]]
+    captions = [c for s in read_samples(data, split=split, decode=False) for c in s.get("text") or []]
     if not captions:
         raise PolysenseError(f"{data}: no captions to train a tokenizer on")
     tok = Tokenizer.train(captions, vocab_size=vocab_size, context_length=context_length)
@@ -201,6 +201,152 @@ def presets(
         console.print(preset)
 
 
+def _load_world(world: Path, n: int, seed: int = 0) -> dict:
+    from polysense.data.world import generate_world, load_manifest
+
+    if (world / "manifest.json").exists():
+        console.print(f"using the world at {world}")
+        return load_manifest(world)
+    console.print(f"generating the world at {world} ({n} scenes)")
+    return generate_world(world, n=n, seed=seed, modalities=("image", "text"))
+
+
+def _metrics_table(metrics: dict, title: str) -> Table:
+    keys = [
+        "zeroshot_top1",
+        "zeroshot_top5",
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+    ]
+    splits = [metrics.get("split", "eval")] + [
+        k for k, v in metrics.items() if isinstance(v, dict) and "n_samples" in v
+    ]
+    table = Table(title=title)
+    table.add_column("metric")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for key in keys:
+        values = [metrics.get(key)] + [metrics[s].get(key) for s in splits[1:]]
+        if any(v is not None for v in values):
+            table.add_row(key, *("-" if v is None else f"{v:.3f}" for v in values))
+    return table
+
+
+def _train_and_evaluate(
+    cfg, *, data: Path, out: Path, resume: bool, eval_splits: tuple[str, ...]
+) -> dict:
+    from polysense.config import to_dict
+    from polysense.data.readers import detect_format
+    from polysense.eval.suite import evaluate_splits
+    from polysense.fileio import atomic_write_json
+    from polysense.models.clip import load_model
+    from polysense.train.loop import train
+
+    result = train(cfg, data=data, out=out, resume=resume)
+    console.print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s "
+        f"({result.train_samples_per_s:.0f} samples/s); final loss {result.final_loss:.4f}"
+        + (" (stopped at the time budget)" if result.stopped_early else "")
+    )
+    metrics: dict = {}
+    if eval_splits and detect_format(data) == "world":
+        model = load_model(str(out))
+        metrics = evaluate_splits(model, data, splits=eval_splits)
+    metrics |= {
+        "train_samples_per_s": result.train_samples_per_s,
+        "train_steps": result.steps,
+        "train_seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "skipped_steps": result.skipped_steps,
+        "config": to_dict(cfg),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+@app.command("train")
+def train_cmd(
+    preset: Annotated[str, typer.Argument(help="Preset name (see `polysense presets`).")],
+    data: Annotated[Path, typer.Option(help="Training data: a world dir or any readable source.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint dir (config.json, model.safetensors, state.pt, metrics.jsonl)."
+        ),
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a config field, e.g. --set train.lr=3e-4 (repeatable)."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT/state.pt exactly where it stopped.")
+    ] = False,
+    eval_splits: Annotated[
+        str,
+        typer.Option(help="World splits evaluated after training (comma-separated; empty = none)."),
+    ] = "test,test_novel",
+) -> None:
+    """Train a preset; on a world, evaluate on test and test_novel and write OUT/metrics.json.
+
+    Example: `polysense train clip-tiny --data runs/world --out runs/clip-tiny --set train.steps=500`
+    """
+    from polysense.config import apply_overrides
+    from polysense.presets import get_preset
+
+    cfg = apply_overrides(get_preset(preset), set_ or [])
+    metrics = _train_and_evaluate(
+        cfg,
+        data=data,
+        out=out,
+        resume=resume,
+        eval_splits=tuple(s for s in eval_splits.split(",") if s),
+    )
+    if "n_samples" in metrics:
+        console.print(_metrics_table(metrics, f"{preset} on {data}"))
+    console.print(f"wrote {out / 'metrics.json'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    task: Annotated[str, typer.Argument(help="zeroshot or retrieval (or all).")],
+    ckpt: Annotated[Path, typer.Option(help="Checkpoint directory.")],
+    data: Annotated[str, typer.Option(help="World dir or any readable source.")],
+    split: Annotated[str | None, typer.Option(help="World split (default test).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most this many samples.")] = None,
+) -> None:
+    """Evaluate a checkpoint: zero-shot top-1/top-5, or image<->text Recall@1/5/10.
+
+    Example: `polysense eval zeroshot --ckpt runs/quickstart/ckpt --data runs/world --split test_novel`
+    """
+    import json
+
+    from polysense.data.readers import detect_format
+    from polysense.eval.suite import TASKS, evaluate
+    from polysense.fileio import atomic_write_json
+    from polysense.models.clip import load_model
+
+    tasks = TASKS if task == "all" else (task,)
+    if split is None and detect_format(data) == "world":
+        split = "test"
+    model = load_model(str(ckpt))
+    metrics = evaluate(model, data, split=split, tasks=tasks, batch_size=batch_size, limit=limit)
+    metrics["split"] = split or "all"
+    console.print(_metrics_table(metrics, f"{ckpt} on {data}"))
+    if json_out:
+        atomic_write_json(json_out, metrics)
+        console.print(f"wrote {json_out}")
+    else:
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+
+
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/quickstart"),
@@ -208,23 +354,63 @@ def quickstart(
         "runs/world"
     ),
     n: Annotated[int, typer.Option(help="World size when it has to be generated.")] = 20000,
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 7.0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override (repeatable).")
+    ] = None,
 ) -> None:
-    """Generate the world if absent and summarise it.
+    """Generate the world if absent, train clip-tiny on the CPU within a time budget, evaluate it
+    on test and test_novel, print a table, write OUT/metrics.json and OUT/loss.png.
 
-    Training and evaluation of the default tiny CLIP join this command with the alignment work;
-    until then it does not train.
-
-    Example: `polysense quickstart`
+    Example: `polysense quickstart --out runs/quickstart`
     """
-    from polysense.data.world import generate_world, load_manifest
+    import time
 
-    if (world / "manifest.json").exists():
-        manifest = load_manifest(world)
-        console.print(f"using the world at {world}")
-    else:
-        manifest = generate_world(world, n=n, seed=0, modalities=("image", "text"))
+    from polysense.config import apply_overrides
+    from polysense.fileio import atomic_write_json
+    from polysense.presets import get_preset
+
+    start = time.perf_counter()
+    manifest = _load_world(world, n)
     _print_world_summary(manifest, world)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = apply_overrides(get_preset("clip-tiny"), [f"train.max_minutes={minutes}", *(set_ or [])])
+    ckpt = out / "ckpt"
+    metrics = _train_and_evaluate(
+        cfg, data=world, out=ckpt, resume=False, eval_splits=("test", "test_novel")
+    )
+    metrics["wall_seconds"] = time.perf_counter() - start
+    atomic_write_json(out / "metrics.json", metrics)
+    _plot_loss(ckpt / "metrics.jsonl", out / "loss.png")
+    console.print(_metrics_table(metrics, "clip-tiny on the world (quickstart)"))
+    console.print(
+        f"wrote {out / 'metrics.json'} and {out / 'loss.png'} in {metrics['wall_seconds']:.0f} s"
+    )
+
+
+def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
+    import json
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib is not installed (pip install polysense[plot]): no loss plot")
+        return
+    from polysense.fileio import atomic_open
+
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(png, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:

@@ -1,0 +1,356 @@
+"""The training loop, written out top to bottom (nanoGPT style), for every contrastive preset.
+
+    result = train(get_preset("clip-tiny"), data="runs/world", out=Path("runs/clip-tiny"))
+
+Single process on CPU by default; under `torchrun --nproc_per_node N` the same function runs
+DistributedDataParallel (gloo on CPU, NCCL on GPU) with cross-process negatives in the loss and
+each rank taking its slice of every global batch. `resume=True` continues from `state.pt` and
+reproduces the uninterrupted run bit for bit: the batch at step s depends only on (seed, s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polysense.config import RunConfig, to_dict
+from polysense.data.loader import PairBatches, PairData, load_pairs
+from polysense.data.readers import detect_format
+from polysense.data.tokenizer import Tokenizer
+from polysense.errors import PolysenseError
+from polysense.fileio import atomic_write_json
+from polysense.losses import ContrastiveLoss
+from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
+from polysense.train.optim import build_optimizer, lr_factor, set_lr
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float
+    train_samples_per_s: float
+    seconds: float
+    skipped_steps: int
+    stopped_early: bool
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the default process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device(rank: int) -> torch.device:
+    if torch.cuda.is_available() and os.environ.get("POLYSENSE_DEVICE", "auto") != "cpu":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def build_tokenizer(cfg: RunConfig, captions: list[list[str]]) -> Tokenizer:
+    text = cfg.model.text
+    if text.pretrained == "minilm":
+        return Tokenizer.minilm(context_length=text.context_length)
+    flat = (c for caps in captions for c in caps)
+    return Tokenizer.train(flat, vocab_size=text.vocab_size, context_length=text.context_length)
+
+
+def _towers(model: nn.Module) -> dict[str, nn.Module]:
+    return {"image": model.visual, "text": model.text}
+
+
+def _set_locked(model: nn.Module, tower: str, locked: bool) -> None:
+    for p in _towers(model)[tower].parameters():
+        p.requires_grad_(not locked)
+
+
+def _embed(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, precision: str):
+    """Forward under optional bf16 autocast; embeddings come back in float32 for the loss."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(images, ids)
+    return out["image_embeds"].float(), out["text_embeds"].float(), out
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    data: str | Path,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    pairs: PairData | None = None,
+) -> TrainResult:
+    """Train `cfg` on the image-caption pairs at `data` (any supported source; a world's train
+    split), writing `state.pt`, `metrics.jsonl` and the exported model to `out`."""
+    from polysense.models.clip import CLIP, save_checkpoint
+
+    tc = cfg.train
+    rank, world = _distributed()
+    device = _device(rank)
+    out = Path(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
+        raise PolysenseError(
+            f"train.grad_accum={tc.grad_accum} must be >= 1 and divide train.batch_size="
+            f"{tc.batch_size}"
+        )
+    if world > 1 and tc.grad_accum > 1:
+        raise PolysenseError("train.grad_accum > 1 is not supported under torchrun yet; use 1")
+
+    state = load_state(out) if resume else None
+    if pairs is None:
+        pairs = load_pairs(
+            data,
+            split="train" if detect_format(data) == "world" else None,
+            image_size=cfg.model.vision.image_size,
+            image_key=cfg.data.image_key,
+            caption_key=cfg.data.caption_key,
+            rejects_path=out / "rejects.jsonl" if rank == 0 else None,
+        )
+    if state is not None and (out / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_file(
+            out / "tokenizer.json", context_length=cfg.model.text.context_length
+        )
+    else:
+        tokenizer = build_tokenizer(cfg, pairs.captions)
+    # The model's vocabulary is the tokenizer's (a BPE on little text may stop short of the target).
+    text_cfg = dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text_cfg))
+
+    torch.manual_seed(tc.seed)
+    model = CLIP(cfg=cfg.model, tokenizer=tokenizer).to(device)
+    if tc.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, tc)
+    start_step, skipped, bad_in_a_row, elapsed_before = 0, 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, skipped = state["step"], state["skipped_steps"]
+        elapsed_before = state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        if rank == 0:
+            trim_metrics(out, start_step)
+    elif rank == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    batches = PairBatches(
+        data=pairs,
+        tokenizer=tokenizer,
+        batch_size=tc.batch_size,
+        seed=tc.seed,
+        mean=cfg.model.vision.image_mean,
+        std=cfg.model.vision.image_std,
+        rank=rank,
+        world=world,
+    )
+    loss_fn = ContrastiveLoss(family=cfg.model.family, chunk=tc.loss_chunk, distributed=world > 1)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+
+    def apply_locks(step: int) -> None:
+        for tower, locked, unlock_at in (
+            ("image", tc.lock_image, tc.unlock_image_at),
+            ("text", tc.lock_text, tc.unlock_text_at),
+        ):
+            _set_locked(model, tower, locked and not (0 <= unlock_at <= step))
+
+    def save(step: int, seconds: float) -> None:
+        if rank != 0:
+            return
+        save_state(
+            out,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "skipped_steps": skipped,
+                "elapsed": seconds,
+                "rng": torch.get_rng_state(),
+                "config": to_dict(cfg),
+            },
+        )
+        save_checkpoint(model, cfg, out)
+
+    bar = _Bar(enabled=progress and rank == 0, total=tc.steps, start=start_step)
+    t_start = time.perf_counter()
+    window_t, window_n = t_start, 0
+    loss_value, step, stopped_early = float("nan"), start_step, False
+    micro = tc.batch_size // world // tc.grad_accum
+    with bar:
+        for step in range(start_step, tc.steps):
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            if tc.max_minutes and elapsed > tc.max_minutes * 60:
+                stopped_early = True
+                break
+            apply_locks(step)
+            set_lr(
+                optimizer,
+                lr_factor(step, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio),
+            )
+            images, ids = batches.batch(step)
+            images, ids = images.to(device), ids.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            finite = True
+            if tc.grad_accum == 1:
+                img, txt, o = _embed(net, images, ids, tc.precision)
+                loss = loss_fn(img, txt, o["logit_scale"].log(), o["logit_bias"])
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+            else:
+                loss, finite = _accumulated_step(net, loss_fn, images, ids, micro, tc.precision)
+            if world > 1:
+                flag = torch.tensor([0.0 if finite else 1.0], device=device)
+                dist.all_reduce(flag)
+                finite = flag.item() == 0
+            if not finite:
+                skipped += 1
+                bad_in_a_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise PolysenseError(
+                        f"loss was NaN/inf for {bad_in_a_row} steps in a row (at step {step}); "
+                        f"lower train.lr (now {tc.lr}) or set train.precision=fp32"
+                    )
+                continue
+            bad_in_a_row = 0
+            if tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, cfg.model.max_logit_scale)
+            loss_value = loss.item()
+            window_n += tc.batch_size
+            done = step + 1
+            if rank == 0 and (done % tc.log_every == 0 or done == tc.steps):
+                now = time.perf_counter()
+                rate = window_n / max(now - window_t, 1e-9)
+                window_t, window_n = now, 0
+                record = {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "logit_scale": float(model.logit_scale.detach().exp()),
+                    "samples_per_s": rate,
+                    "elapsed_s": elapsed_before + now - t_start,
+                }
+                append_metrics(out, record)
+                bar.update(done, loss=loss_value, lr=record["lr"], rate=rate)
+            if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
+                save(done, elapsed_before + time.perf_counter() - t_start)
+        else:
+            step = tc.steps
+    seconds = elapsed_before + time.perf_counter() - t_start
+    save(step, seconds)
+    trained = step - start_step
+    result = TrainResult(
+        out=out,
+        steps=step,
+        final_loss=loss_value,
+        train_samples_per_s=trained * tc.batch_size / max(time.perf_counter() - t_start, 1e-9),
+        seconds=seconds,
+        skipped_steps=skipped,
+        stopped_early=stopped_early,
+    )
+    if rank == 0:
+        atomic_write_json(
+            out / "train_summary.json", dataclasses.asdict(result) | {"out": str(out)}
+        )
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _accumulated_step(
+    net: nn.Module,
+    loss_fn: ContrastiveLoss,
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    micro: int,
+    precision: str,
+) -> tuple[torch.Tensor, bool]:
+    """Gradient accumulation with the full batch's negatives (open_clip's feature cache).
+
+    First embed every micro-batch without gradient; then, micro-batch by micro-batch, recompute
+    its embeddings with gradient and back-propagate the full-batch loss through them with the
+    other micro-batches' cached embeddings as constants. The temperature (and bias) get their
+    gradient once, in the first pass, so the sum equals one full-batch backward.
+    """
+    chunks = list(zip(images.split(micro), ids.split(micro), strict=True))
+    with torch.no_grad():
+        cached = [_embed(net, x, t, precision)[:2] for x, t in chunks]
+    total = None
+    for j, (x, t) in enumerate(chunks):
+        img_j, txt_j, o = _embed(net, x, t, precision)
+        img = torch.cat([img_j if k == j else c[0] for k, c in enumerate(cached)])
+        txt = torch.cat([txt_j if k == j else c[1] for k, c in enumerate(cached)])
+        scale, bias = o["logit_scale"].log(), o["logit_bias"]
+        if j > 0:
+            scale = scale.detach()
+            bias = bias.detach() if bias is not None else None
+        loss = loss_fn(img, txt, scale, bias)
+        if not torch.isfinite(loss):
+            return loss, False
+        loss.backward()
+        total = loss.detach() if total is None else total
+    return total, True
+
+
+class _Bar:
+    """A rich progress bar showing loss, learning rate and samples/s (no-op when disabled)."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int) -> None:
+        self.enabled = enabled
+        self.progress: Any = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.0f} samples/s"
+                ),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.task = self.progress.add_task(
+                "train", total=total, completed=start, loss=math.nan, lr=0.0, rate=0.0
+            )
+
+    def __enter__(self) -> _Bar:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, completed: int, **fields: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed, **fields)

@@ -1,0 +1,87 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from polysense.config import TrainConfig
+
+# Parameters whose names contain one of these never get weight decay: temperature and bias of
+# the contrastive loss, embeddings (token, position, class token, attention-pool probe, and the
+# `embeddings.` block of a pretrained BERT text tower). Norm weights and biases are 1-D.
+NO_DECAY_NAMES = (
+    "logit_scale",
+    "logit_bias",
+    "token_embed",
+    "pos_embed",
+    "cls_token",
+    "probe",
+    "embeddings.",
+)
+
+
+def _tower_of(model: nn.Module) -> dict[int, str]:
+    """id(param) -> "image" / "text" for the parameters of the model's towers and projections."""
+    owners = {
+        "image": [getattr(model, n, None) for n in ("visual", "image_proj")],
+        "text": [getattr(model, n, None) for n in ("text", "text_proj")],
+    }
+    found: dict[int, str] = {}
+    for tower, modules in owners.items():
+        for module in modules:
+            if isinstance(module, nn.Module):
+                found.update({id(p): tower for p in module.parameters()})
+            elif isinstance(module, nn.Parameter):
+                found[id(module)] = tower
+    return found
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Groups keyed by (tower, decay): no weight decay on 0/1-D tensors (norms, biases, scalars)
+    or embeddings; per-tower learning rates `lr_image` / `lr_text` (0 = the base `lr`).
+
+    Every parameter is included, frozen ones too, so a tower unfrozen later (staged unfreezing)
+    trains with its own group; AdamW skips parameters whose `.grad` is None.
+    """
+    lrs = {"image": cfg.lr_image or cfg.lr, "text": cfg.lr_text or cfg.lr, "other": cfg.lr}
+    towers = _tower_of(model)
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        decay = param.ndim >= 2 and not any(key in name for key in NO_DECAY_NAMES)
+        tower = towers.get(id(param), "other")
+        group = groups.setdefault(
+            (tower, decay),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "base_lr": lrs[tower],
+                "lr": lrs[tower],
+            },
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg)
+    for group in groups:
+        group.pop("names")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

@@ -1,0 +1,239 @@
+"""The training loop: schedules, parameter groups, accumulation, locking, NaN handling, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY, tiny_config
+from polysense.data.loader import PairBatches, load_pairs
+from polysense.errors import PolysenseError
+from polysense.losses import ContrastiveLoss
+from polysense.models.clip import CLIP
+from polysense.train.loop import _accumulated_step, _embed, build_tokenizer, train
+from polysense.train.optim import lr_factor, param_groups
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, warmup=4, total=14) == pytest.approx(0.25)
+    assert lr_factor(3, warmup=4, total=14) == pytest.approx(1.0)
+    assert lr_factor(4, warmup=4, total=14) == pytest.approx(1.0)
+    # half-way through the cosine part: (9 - 4) / 10 = 0.5 -> 0.5 (1 + cos(pi/2)) = 0.5
+    assert lr_factor(9, warmup=4, total=14) == pytest.approx(0.5)
+    assert lr_factor(14, warmup=4, total=14, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    tok = build_tokenizer(cfg, [["a red circle", "a blue square", "a green square"]])
+    return CLIP(cfg=cfg.model, tokenizer=tok)
+
+
+def test_param_groups_no_decay_on_norms_biases_temperature_embeddings():
+    cfg = tiny_config(
+        "siglip-tiny", "train.lr_text=0.5", "train.lr_image=0.25", "train.weight_decay=0.2"
+    )
+    model = _model(cfg)
+    groups = param_groups(model, cfg.train)
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    lr_of = {n: g["base_lr"] for g in groups for n in g["names"]}
+    assert set(decay_of) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        no_decay = p.ndim < 2 or any(
+            k in name for k in ("logit_", "token_embed", "pos_embed", "probe")
+        )
+        assert decay_of[name] == (0.0 if no_decay else 0.2), name
+    assert decay_of["logit_scale"] == 0.0 and decay_of["logit_bias"] == 0.0
+    assert lr_of["visual.blocks.0.attn.qkv.weight"] == 0.25
+    assert lr_of["text_proj.weight"] == 0.5
+    assert lr_of["logit_scale"] == cfg.train.lr
+
+
+def test_gradient_accumulation_equals_full_batch(pairs_jsonl):
+    cfg = tiny_config()
+    pairs = load_pairs(pairs_jsonl, split=None, image_size=32)
+    model = _model(cfg)
+    batches = PairBatches(
+        data=pairs,
+        tokenizer=model.tokenizer,
+        batch_size=16,
+        seed=0,
+        mean=cfg.model.vision.image_mean,
+        std=cfg.model.vision.image_std,
+    )
+    images, ids = batches.batch(0)
+    loss_fn = ContrastiveLoss(family="clip")
+
+    img, txt, o = _embed(model, images, ids, "fp32")
+    full = loss_fn(img, txt, o["logit_scale"].log(), None)
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    loss, finite = _accumulated_step(model, loss_fn, images, ids, micro=4, precision="fp32")
+    assert finite and loss.item() == pytest.approx(full.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batches_are_a_function_of_step_and_ranks_split_the_global_batch(pairs_jsonl):
+    cfg = tiny_config()
+    pairs = load_pairs(pairs_jsonl, split=None, image_size=32)
+    tok = build_tokenizer(cfg, pairs.captions)
+    kw = dict(data=pairs, tokenizer=tok, batch_size=16, seed=3, mean=(0, 0, 0), std=(1, 1, 1))
+    one = PairBatches(**kw)
+    halves = [PairBatches(**kw, rank=r, world=2) for r in (0, 1)]
+    for step in (0, 5, 4, 9):  # out of order: no hidden iterator state
+        idx, cap = one.indices(step)
+        parts = [h.indices(step) for h in halves]
+        assert torch.equal(idx, torch.cat([p[0] for p in parts]))
+        assert torch.equal(cap, torch.cat([p[1] for p in parts]))
+    # one epoch visits every sample once
+    seen = torch.cat([one.indices(s)[0] for s in range(one.steps_per_epoch)])
+    assert len(set(seen.tolist())) == one.steps_per_epoch * 16
+
+
+def _initial_weights(cfg, data) -> dict[str, torch.Tensor]:
+    """The weights `train` starts from: same tokenizer build, same seed, same construction."""
+    tok = build_tokenizer(cfg, load_pairs(data, split=None, image_size=32).captions)
+    text = dataclasses.replace(cfg.model.text, vocab_size=tok.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    return CLIP(cfg=dataclasses.replace(cfg.model, text=text), tokenizer=tok).state_dict()
+
+
+def test_locked_text_tower_is_bitwise_unchanged_and_unlocks_on_schedule(pairs_jsonl, tmp_path):
+    cfg = tiny_config("clip-tiny", "train.lock_text=true", "train.steps=4", "train.ckpt_every=0")
+    train(cfg, data=pairs_jsonl, out=tmp_path / "a", progress=False)
+    init = _initial_weights(cfg, pairs_jsonl)
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=False)["model"]
+    text_keys = [k for k in init if k.startswith("text.")]
+    assert text_keys and all(torch.equal(state[k], init[k]) for k in text_keys)
+    for key in ("visual.blocks.0.attn.qkv.weight", "text_proj.weight"):  # the rest trains
+        assert not torch.equal(state[key], init[key]), key
+
+    cfg2 = tiny_config(
+        "clip-tiny",
+        "train.lock_text=true",
+        "train.unlock_text_at=2",
+        "train.steps=4",
+        "train.ckpt_every=0",
+    )
+    train(cfg2, data=pairs_jsonl, out=tmp_path / "b", progress=False)
+    state2 = torch.load(tmp_path / "b" / "state.pt", weights_only=False)["model"]
+    assert not torch.equal(
+        state2["text.blocks.0.attn.qkv.weight"], init["text.blocks.0.attn.qkv.weight"]
+    )
+
+
+def test_non_finite_loss_skips_steps_then_aborts(pairs_jsonl, tmp_path):
+    cfg = tiny_config("clip-tiny", "model.init_logit_scale=nan", "train.max_bad_steps=3")
+    with pytest.raises(PolysenseError, match="NaN/inf for 3 steps in a row"):
+        train(cfg, data=pairs_jsonl, out=tmp_path, progress=False)
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(pairs_jsonl, tmp_path):
+    cfg = tiny_config("clip-tiny", "train.steps=30", "train.lr=3e-3")
+    result = train(cfg, data=pairs_jsonl, out=tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    assert result.steps == 30 and math.isfinite(result.final_loss)
+    import polysense
+
+    model = polysense.load(str(tmp_path))
+    emb = model.encode_text(["a red circle"])
+    assert emb.shape == (1, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+
+
+def test_no_samples_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"image": "missing.png", "caption": "a red circle"}) + "\n")
+    with pytest.raises(PolysenseError, match="no samples with both an image and a caption"):
+        train(tiny_config(), data=empty, out=tmp_path / "run", progress=False)
+
+
+def _cli_train(data, out, *extra):
+    sets = [a for item in TINY for a in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "polysense.cli",
+        "train",
+        "clip-tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--eval-splits",
+        "",
+        *sets,
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_resume_is_bitwise_equal_to_uninterrupted(pairs_jsonl, tmp_path):
+    steps = [
+        "--set",
+        "train.steps=400",
+        "--set",
+        "train.ckpt_every=20",
+        "--set",
+        "train.log_every=20",
+    ]
+    ref = subprocess.run(
+        _cli_train(pairs_jsonl, tmp_path / "ref", *steps),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli_train(pairs_jsonl, out, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        state = out / "state.pt"
+        if state.exists():
+            metrics = out / "metrics.jsonl"
+            if (
+                metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+            ):  # past >= 1 checkpoint
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = len(metrics.read_text().splitlines()) * 20
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "run ended before the kill"
+    saved_step = torch.load(out / "state.pt", weights_only=False)["step"]
+    assert 0 < saved_step < 400
+
+    resumed = subprocess.run(
+        _cli_train(pairs_jsonl, out, *steps, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps_logged = [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps_logged == list(range(20, 401, 20))  # nothing lost, nothing logged twice
