@@ -171,7 +171,9 @@ def tokenizer_train(
     from polysense.data.readers import read_samples
     from polysense.data.tokenizer import Tokenizer
 
-    captions = [c for s in read_samples(data, split=split, decode=False) for c in s.get("text") or []]
+    captions = [
+        c for s in read_samples(data, split=split, decode=False) for c in s.get("text") or []
+    ]
     if not captions:
         raise PolysenseError(f"{data}: no captions to train a tokenizer on")
     tok = Tokenizer.train(captions, vocab_size=vocab_size, context_length=context_length)
