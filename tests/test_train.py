@@ -237,3 +237,44 @@ def test_kill_minus_9_then_resume_is_bitwise_equal_to_uninterrupted(pairs_jsonl,
         json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps_logged == list(range(20, 401, 20))  # nothing lost, nothing logged twice
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_one_process(pairs_jsonl, tmp_path):
+    """DDP over 2 gloo processes with cross-process negatives follows the single-process run at
+    the same global batch: same losses, same final weights (up to float reduction order)."""
+    args = ["--set", "train.steps=6", "--set", "train.ckpt_every=0"]
+    one = subprocess.run(
+        _cli_train(pairs_jsonl, tmp_path / "one", *args),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        *_cli_train(pairs_jsonl, tmp_path / "two", *args)[2:],
+    ]
+    two = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = [
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("one", "two")
+    ]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == list(range(1, 7))
+    for a, b in zip(*rows, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    wa, wb = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4, msg=key)

@@ -249,6 +249,13 @@ def _train_and_evaluate(
     from polysense.train.loop import train
 
     result = train(cfg, data=data, out=out, resume=resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun: rank 0 evaluates and reports, the others stop
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return {}
     console.print(
         f"trained {result.steps} steps in {result.seconds:.0f} s "
         f"({result.train_samples_per_s:.0f} samples/s); final loss {result.final_loss:.4f}"

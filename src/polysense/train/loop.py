@@ -236,6 +236,10 @@ def train(
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, cfg.model.max_logit_scale)
+            if world > 1:  # each rank's loss is its share; the batch loss is their mean
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world
             loss_value = loss.item()
             window_n += tc.batch_size
             done = step + 1
