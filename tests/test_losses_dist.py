@@ -205,7 +205,6 @@ def test_ranks_really_differ(two_ranks: list[dict]) -> None:
     assert not torch.allclose(losses[0], losses[1])
 
 
-@pytest.mark.slow
 def test_four_ranks_bidir_and_ring(tmp_path: Path) -> None:
     """W=4 runs a bidirectional step plus the one-way remainder (W=2 uses only the remainder)."""
     cases = ["clip_dense", "siglip_bidir", "siglip_ring", "siglip_hard_chunked_ring"]

@@ -309,8 +309,9 @@ def siglip_loss(
 class _ChunkedSigmoid(torch.autograd.Function):
     """sum_ij -logsigmoid(z_ij (s <img_i, txt_j> + b)) [+ hard pairs], txt walked in chunks.
 
-    z_ij = +1 where positives and i == j, else -1. Saves only the inputs; backward recomputes
-    each (R, c) chunk, so no (R, C) tensor is kept.
+    z_ij = +1 where positives and i == j, else -1. As -logsigmoid(z x) = softplus(-z x), each
+    chunk negates its slice of the diagonal in place and sums softplus. Saves only the inputs;
+    backward recomputes each (R, c) chunk, so no (R, C) tensor is kept.
     """
 
     @staticmethod
@@ -319,10 +320,12 @@ class _ChunkedSigmoid(torch.autograd.Function):
         b = logit_bias.reshape(()).to(img.dtype)
         total = img.new_zeros(())
         for start in range(0, txt.shape[0], chunk):
-            logits = s * img @ txt[start : start + chunk].T + b  # (R, c)
-            total -= F.logsigmoid(_signs(logits, start, positives) * logits).sum()
+            x = s * img @ txt[start : start + chunk].T + b  # (R, c)
+            if positives:
+                x.diagonal(offset=-start).neg_()  # pairs (i, i) sit at (i, i - start)
+            total += F.softplus(x).sum()
         if hard is not None:
-            total -= F.logsigmoid(-(_hard_logits(img, hard, s) + b)).sum()
+            total += F.softplus(_hard_logits(img, hard, s) + b).sum()
         ctx.save_for_backward(img, txt, logit_scale, logit_bias, hard)
         ctx.positives, ctx.chunk = positives, chunk
         return total
@@ -337,35 +340,28 @@ class _ChunkedSigmoid(torch.autograd.Function):
         grad_logit, grad_bias = img.new_zeros(()), img.new_zeros(())
         for start in range(0, txt.shape[0], ctx.chunk):
             txt_c = txt[start : start + ctx.chunk]  # (c, D)
-            logits = s * img @ txt_c.T + b  # (R, c)
-            z = _signs(logits, start, ctx.positives)
-            dl = -g * z * torch.sigmoid(-z * logits)  # (R, c) d(-logsigmoid(z x))/dx = -z sig(-z x)
+            sims = s * img @ txt_c.T  # (R, c)
+            x = sims + b  # (R, c)
+            if ctx.positives:
+                x.diagonal(offset=-start).neg_()
+            dl = g * torch.sigmoid(x)  # (R, c) d softplus(-z x) / dx = -z sigmoid(-z x)
+            if ctx.positives:
+                dl.diagonal(offset=-start).neg_()
             grad_img += s * dl @ txt_c
             grad_txt[start : start + ctx.chunk] = s * dl.T @ img
-            grad_logit += (dl * (logits - b)).sum()
+            grad_logit += (dl * sims).sum()
             grad_bias += dl.sum()
         grad_hard = None
         if hard is not None:
-            h = _hard_logits(img, hard, s) + b  # (R, H), z = -1
-            dl = g * torch.sigmoid(h)  # (R, H)
+            sims = _hard_logits(img, hard, s)  # (R, H), z = -1
+            dl = g * torch.sigmoid(sims + b)  # (R, H)
             grad_img += s * torch.einsum("rh,rhd->rd", dl, hard)
             grad_hard = s * dl[:, :, None] * img[:, None, :]  # (R, H, D)
-            grad_logit += (dl * (h - b)).sum()
+            grad_logit += (dl * sims).sum()
             grad_bias += dl.sum()
         grad_scale = grad_logit.reshape(logit_scale.shape).to(logit_scale.dtype)
         grad_b = grad_bias.reshape(logit_bias.shape).to(logit_bias.dtype)
         return grad_img, grad_txt, grad_scale, grad_b, grad_hard, None, None
-
-
-def _signs(logits: Tensor, col_start: int, positives: bool) -> Tensor:
-    """z for a (R, c) chunk starting at column col_start: +1 at (i, i) if positives, else -1."""
-    z = -torch.ones_like(logits)
-    if positives:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        cols = rows - col_start
-        keep = (cols >= 0) & (cols < logits.shape[1])
-        z[rows[keep], cols[keep]] = 1.0
-    return z
 
 
 def _siglip_block(
