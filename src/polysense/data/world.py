@@ -638,7 +638,8 @@ def generate_world(
         for split in SPLITS
         for s, start in enumerate(range(0, counts[split], shard_size))
     ]
-    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(workers or cores or 1, len(tasks))
     entries: dict[tuple[str, str], dict[str, Any]] = {}
     if workers == 1:
         with _progress_bar(progress, n) as advance:
