@@ -197,6 +197,7 @@ def test_modalities_subset_keeps_scenes_identical(tmp_path, root, samples):
     [
         ({"n": 0}, "n=0"),
         ({"n": 10, "size": 8}, "size=8"),
+        ({"n": 10, "size": 20}, "size=20"),
         ({"n": 10, "modalities": ("image", "smell")}, "smell"),
         ({"n": 10, "shard_size": 0}, "shard_size=0"),
         ({"n": 10, "workers": -1}, "workers=-1"),
@@ -468,3 +469,18 @@ def test_size_64_scales_everything(tmp_path):
         assert np.asarray(Image.open(io.BytesIO(s["ocr.png"]))).shape == (64, 256, 3)
         sides = {o["size"]: o["bbox"][2] - o["bbox"][0] for o in m["objects"]}
         assert sides.get("small", 20) == 20 and sides.get("large", 30) == 30
+
+
+def test_smallest_canvas_and_numpy_arguments(tmp_path):
+    manifest = generate_world(
+        tmp_path, n=np.int64(60), seed=np.int64(4), size=24, modalities="video", progress=False
+    )
+    assert manifest["modalities"] == ["image", "text", "video"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 4
+    for s in read_split(tmp_path, "train"):
+        objs = meta(s)["objects"]
+        for a, b in combinations(objs, 2):
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["bbox"], b["bbox"]
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0
+        assert all(0 <= v <= 24 for o in objs for v in o["bbox"])
+        assert np.load(io.BytesIO(s["video.npy"])).shape == (8, 24, 24, 3)

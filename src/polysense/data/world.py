@@ -57,7 +57,7 @@ NOVEL_PAIRS: tuple[tuple[str, str], ...] = (
     ("blue", "star"),
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_novel")
-SPLIT_FRACTIONS: dict[str, float] = {"val": 0.05, "test": 0.10, "test_novel": 0.05}  # train: rest
+SPLIT_PERCENT: dict[str, int] = {"val": 5, "test": 10, "test_novel": 5}  # train: the rest
 ALL_MODALITIES: tuple[str, ...] = ("image", "text", "ocr", "audio", "video")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 
@@ -84,6 +84,8 @@ BACKGROUND = 235  # light neutral grey, +-3 of per-pixel noise
 
 _OBJECT_COUNT_P = (0.4, 0.3, 0.3)  # P(1, 2, 3 objects): >= 1/3 single-object scenes
 _PLACE_TRIES = 40
+_PLACE_RESTARTS = 1000
+MIN_SIZE, MAX_SIZE = 24, 512  # below 24 px three objects rarely fit with room to move
 _SHARD_RE = re.compile(r"shard-\d{6}\.tar")
 
 
@@ -105,7 +107,7 @@ def class_names() -> list[str]:
 
 def split_counts(n: int) -> dict[str, int]:
     """Scenes per split: val 5 %, test 10 %, test_novel 5 % (each floored), train the rest."""
-    counts = {split: int(n * frac) for split, frac in SPLIT_FRACTIONS.items()}
+    counts = {split: n * pct // 100 for split, pct in SPLIT_PERCENT.items()}
     return {"train": n - sum(counts.values()), **counts}
 
 
@@ -168,7 +170,7 @@ def _place(
 ) -> list[dict[str, Any]]:
     """Non-overlapping objects inside the canvas; a large object that does not fit becomes small,
     and the whole layout is redrawn if even that fails (rare, still deterministic)."""
-    while True:
+    for _ in range(_PLACE_RESTARTS):
         objects: list[dict[str, Any]] = []
         for color, shape in pairs:
             size_name = "large" if rng.random() < 0.5 else "small"
@@ -197,6 +199,7 @@ def _place(
             )
         if len(objects) == len(pairs):
             return objects
+    raise PolysenseError(f"size={size}: found no layout for {len(pairs)} objects; use --size 32")
 
 
 def relations_between(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -387,7 +390,7 @@ def _index_map(objects: list[dict[str, Any]], size: int) -> np.ndarray:
             draw.rectangle(box, fill=k)
         elif o["shape"] == "triangle":
             draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=k)
-        else:  # star: centred so that its tips span the box height
+        else:  # star: moved down so that its tips are centred vertically in the box
             radius = (x1 - x0 - 1) / 2
             cy = (y0 + y1 - 1) / 2 + radius * (1 - np.cos(np.pi / 5)) / 2
             draw.polygon(_star((x0 + x1 - 1) / 2, cy, radius), fill=k)
@@ -590,9 +593,9 @@ def _check_args(
         )
     if not integer(seed) or seed < 0:
         raise PolysenseError(f"seed={seed!r}: the seed must be an integer >= 0; pass --seed 0")
-    if not integer(size) or not 16 <= size <= 512:
+    if not integer(size) or not MIN_SIZE <= size <= MAX_SIZE:
         raise PolysenseError(
-            f"size={size!r}: the canvas size must be an integer from 16 to 512 pixels "
+            f"size={size!r}: the canvas size must be an integer from {MIN_SIZE} to {MAX_SIZE} px "
             "(32 and 64 are the tested sizes); pass --size 32"
         )
     if not integer(shard_size) or shard_size < 1:
@@ -630,6 +633,7 @@ def generate_world(
     the manifest. Output bytes depend only on (n, seed, size, modalities, shard_size), never on
     `workers` (0 = one process per CPU core). Stale shards of an earlier, larger run are removed."""
     mods = _check_args(n, seed, size, modalities, shard_size, workers)
+    n, seed, size, shard_size, workers = (int(v) for v in (n, seed, size, shard_size, workers))
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     counts = split_counts(n)
