@@ -157,11 +157,10 @@ def _apart(a: Sequence[int], b: Sequence[int]) -> bool:
 def _sample_pairs(rng: np.random.Generator, count: int, novel: bool) -> list[tuple[str, str]]:
     """Distinct (colour, shape) pairs; a test_novel scene holds at least one novel pair."""
     if not novel:
-        picks = rng.choice(len(SEEN_PAIRS), size=count, replace=False)
-        return [SEEN_PAIRS[i] for i in picks]
+        return [SEEN_PAIRS[i] for i in rng.permutation(len(SEEN_PAIRS))[:count]]
     first = NOVEL_PAIRS[int(rng.integers(len(NOVEL_PAIRS)))]
     rest = [p for p in ALL_PAIRS if p != first]
-    pairs = [first] + [rest[i] for i in rng.choice(len(rest), size=count - 1, replace=False)]
+    pairs = [first] + [rest[i] for i in rng.permutation(len(rest))[: count - 1]]
     return [pairs[i] for i in rng.permutation(count)]
 
 
@@ -304,8 +303,8 @@ def _questions(
     k = min(2, len(objects))
     present = [(o["color"], o["shape"]) for o in objects]
     absent = [p for p in (ALL_PAIRS if novel else SEEN_PAIRS) if p not in present]
-    yes = [present[i] for i in rng.choice(len(present), size=k, replace=False)]
-    no = [absent[i] for i in rng.choice(len(absent), size=k, replace=False)]
+    yes = [present[i] for i in rng.permutation(len(present))[:k]]
+    no = [absent[i] for i in rng.permutation(len(absent))[:k]]
     exists = [(p, "yes") for p in yes] + [(p, "no") for p in no]
     for i in rng.permutation(len(exists)):
         (color, shape), answer = exists[i]
