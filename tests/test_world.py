@@ -484,3 +484,11 @@ def test_smallest_canvas_and_numpy_arguments(tmp_path):
             assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0
         assert all(0 <= v <= 24 for o in objs for v in o["bbox"])
         assert np.load(io.BytesIO(s["video.npy"])).shape == (8, 24, 24, 3)
+
+
+def test_docs_example_is_a_real_scene():
+    text = (Path(__file__).parents[1] / "docs" / "world.md").read_text(encoding="utf-8")
+    block = re.search(r"```json\n(\{\n  \"key\": \"train-00000000\".*?\n\})\n```", text, re.S)
+    assert block, "docs/world.md lost its KEY.json example"
+    member = world.render_sample(seed=1, split="train", index=0, size=32)["json"]
+    assert json.loads(block[1]) == json.loads(member)
