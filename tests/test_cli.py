@@ -83,3 +83,56 @@ def test_import_polysense_pulls_no_server_or_plotting_packages():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_world_generate_twice_gives_identical_shards(tmp_path):
+    for name in ("a", "b"):
+        args = ["world", "generate", "--out", str(tmp_path / name), "--n", "120", "--seed", "1"]
+        result = polysense(*args, "--modalities", "image,text", "--workers", "1")
+        assert result.returncode == 0, result.stderr
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tar"))
+    assert len(files) == 4  # one shard per split
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_data_inspect_counts_rejects_and_exits_zero(tmp_path):
+    from helpers import make_pairs
+
+    path = make_pairs(tmp_path, 6)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with path.open("a") as handle:
+        handle.write('{"image": "bad.png", "caption": "a broken image"}\n')
+        handle.write('{"image": "0.png", "caption": "   "}\n')
+    result = polysense("data", "inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "rejected: 2" in result.stdout.splitlines()
+    assert "undecodable_image" in result.stdout and "empty_caption" in result.stdout
+    assert (tmp_path / "pairs.sheet.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "inspect", "/nonexistent/data.jsonl"], "does not exist"),
+        (["train", "clip-huge", "--data", "x", "--out", "y"], "unknown preset 'clip-huge'"),
+        (
+            ["train", "clip-tiny", "--data", "x", "--out", "y", "--set", "train.lrr=1"],
+            "unknown config key",
+        ),
+    ],
+)
+def test_bad_input_is_a_one_line_error(args, message, tmp_path):
+    result = polysense(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_train_on_data_without_samples_is_a_one_line_error(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text('{"image": "missing.png", "caption": "a red circle"}\n')
+    result = polysense("train", "clip-tiny", "--data", str(data), "--out", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "no samples with both an image and a caption" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -396,6 +396,35 @@ def quickstart(
     )
 
 
+@app.command("import-hf")
+def import_hf_cmd(
+    src: Annotated[Path, typer.Argument(help="A Hugging Face CLIPModel or SiglipModel directory.")],
+    out: Annotated[Path, typer.Option(help="polysense checkpoint directory to write.")],
+) -> None:
+    """Convert Hugging Face CLIP/SigLIP weights (config.json + safetensors) to a polysense
+    checkpoint.
+
+    Example: `polysense import-hf ./clip-vit-base-patch32 --out runs/clip-b32`
+    """
+    from polysense.models.hf import import_to_checkpoint
+
+    console.print(f"wrote {import_to_checkpoint(src, out)}")
+
+
+@app.command("export-hf")
+def export_hf_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="polysense checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="Directory for CLIPModel/SiglipModel.from_pretrained.")],
+) -> None:
+    """Write a polysense checkpoint as a Hugging Face CLIPModel (or SiglipModel) directory.
+
+    Example: `polysense export-hf runs/quickstart/ckpt --out runs/quickstart/hf`
+    """
+    from polysense.models.hf import export_checkpoint
+
+    console.print(f"wrote {export_checkpoint(ckpt, out)}")
+
+
 def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
     import json
 
