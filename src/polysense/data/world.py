@@ -548,6 +548,7 @@ def _write_shard(task: tuple[str, str, int, int, int, int, int, tuple[str, ...]]
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".shard-", suffix=".tar.tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; shards are meant to be shared
     try:
         with os.fdopen(fd, "wb") as fh:
             with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -570,6 +571,7 @@ def _write_shard(task: tuple[str, str, int, int, int, int, int, tuple[str, ...]]
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
