@@ -323,3 +323,22 @@ def test_random_resized_crop():
     square = image.crop((0, 0, 30, 30))
     full = random_resized_crop(square, size=16, rng=rng, scale=(1.0, 1.0))
     assert full.tobytes() == square.resize((16, 16), Image.Resampling.BICUBIC).tobytes()
+
+
+def test_conv_stem_gives_the_patch_grid_and_refuses_hf_export(tmp_path):
+    from polysense.models.vit import ConvStem
+
+    stem = ConvStem(in_channels=3, width=48, patch_size=8)
+    assert stem(torch.zeros(2, 3, 32, 32)).shape == (2, 48, 4, 4)  # 32 / 8 = 4 tokens a side
+    vit = VisionTransformer(
+        cfg=VisionConfig(image_size=32, patch_size=8, stem="conv", width=48, layers=1, heads=3)
+    )
+    assert vit.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 48)
+    with pytest.raises(PolysenseError, match="power-of-two"):
+        ConvStem(in_channels=3, width=48, patch_size=6)
+
+    from polysense.models.hf import export_hf
+    from polysense.presets import get_preset
+
+    with pytest.raises(PolysenseError, match="stem='conv'"):
+        export_hf(load_model("clip-tiny"), get_preset("clip-tiny"), tmp_path / "hf")

@@ -37,6 +37,9 @@ class VisionConfig:
     act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
     ln_pre: bool = True  # LayerNorm after the embeddings (CLIP); SigLIP has none
     patch_bias: bool = False  # bias in the patch-embedding conv (SigLIP: true)
+    # "patch": one conv with kernel = stride = patch_size (ViT, HF-exportable); "conv": early
+    # convolutions (Xiao et al. 2021), log2(patch_size) 3x3 stride-2 convs, same token grid.
+    stem: Literal["patch", "conv"] = "patch"
     # Pixel normalisation used by `encode_image` on PIL images (CLIP's; SigLIP uses 0.5).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -101,7 +104,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 256
     steps: int = 1000
-    max_minutes: float = 0.0  # stop early when the wall-clock budget is spent (0 = no limit)
+    # Wall-clock budget (0 = none): training stops when it is spent, and the learning-rate
+    # schedule advances by max(step, elapsed / budget * steps) so it still anneals in time.
+    max_minutes: float = 0.0
     lr: float = 1e-3
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1

@@ -49,11 +49,15 @@ def clip_tiny() -> RunConfig:
         model=ModelConfig(
             family="clip",
             embed_dim=128,
-            vision=VisionConfig(image_size=32, patch_size=4, width=128, layers=4, heads=4),
+            # Early convolutions and 8 px patches (16 tokens): on the 32 px world this learns
+            # shapes several times faster per second than a 4 px patch embedding.
+            vision=VisionConfig(
+                image_size=32, patch_size=8, stem="conv", width=128, layers=4, heads=4
+            ),
             text=TextConfig(vocab_size=1024, context_length=32, width=128, layers=4, heads=4),
         ),
         data=DataConfig(),
-        train=TrainConfig(batch_size=256, steps=1500, lr=1e-3, warmup_steps=100),
+        train=TrainConfig(batch_size=128, steps=2000, lr=2e-3, warmup_steps=100),
     )
 
 
@@ -76,9 +80,10 @@ def clip_small() -> RunConfig:
 def siglip_tiny() -> RunConfig:
     """`polysense train siglip-tiny --data runs/world --out runs/siglip-tiny`."""
     base = clip_tiny()
-    # SigLIP's architecture, so that `polysense export-hf` writes a `SiglipModel`: vision without
-    # cls token or pre-LayerNorm, pooled by a MAP head that is the embedding itself (no
-    # projection); bidirectional text over padded rows, pooled at the last position, biased head.
+    # SigLIP's architecture: vision without cls token or pre-LayerNorm, pooled by a MAP head that
+    # is the embedding itself (no projection); bidirectional text over padded rows, pooled at the
+    # last position, biased head. The conv stem comes from clip-tiny; with
+    # `--set model.vision.stem=patch` the model exports to an HF `SiglipModel`.
     model = dataclasses.replace(
         base.model,
         family="siglip",

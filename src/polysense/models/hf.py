@@ -265,6 +265,11 @@ def _check_exportable(model: CLIP) -> None:
             f"model.text.pretrained={t.pretrained!r}: the MiniLM (BERT) text tower has no "
             "CLIPModel/SiglipModel equivalent; export-hf needs a polysense text transformer"
         )
+    if v.stem != "patch":
+        raise PolysenseError(
+            f"model.vision.stem={v.stem!r}: HF CLIPModel/SiglipModel have only a patch "
+            "embedding; export-hf needs a model trained with model.vision.stem=patch"
+        )
     if cfg.family == "clip":
         want = {
             "model.vision.pool": (v.pool, "cls"),

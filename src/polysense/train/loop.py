@@ -111,6 +111,11 @@ def train(
         )
     if world > 1 and tc.grad_accum > 1:
         raise PolysenseError("train.grad_accum > 1 is not supported under torchrun yet; use 1")
+    if world > 1 and max(tc.unlock_image_at, tc.unlock_text_at) >= 0:
+        raise PolysenseError(
+            "staged unfreezing (train.unlock_*_at) is not supported under torchrun yet: DDP fixes "
+            "its trainable parameters at start; run it in one process or drop the unlock"
+        )
 
     state = load_state(out) if resume else None
     if pairs is None:
@@ -159,10 +164,6 @@ def train(
         rank=rank,
         world=world,
     )
-    loss_fn = ContrastiveLoss(family=cfg.model.family, chunk=tc.loss_chunk, distributed=world > 1)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
 
     def apply_locks(step: int) -> None:
         for tower, locked, unlock_at in (
@@ -170,6 +171,12 @@ def train(
             ("text", tc.lock_text, tc.unlock_text_at),
         ):
             _set_locked(model, tower, locked and not (0 <= unlock_at <= step))
+
+    loss_fn = ContrastiveLoss(family=cfg.model.family, chunk=tc.loss_chunk, distributed=world > 1)
+    net: nn.Module = model
+    apply_locks(start_step)  # before DDP, which registers the trainable parameters once
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
 
     def save(step: int, seconds: float) -> None:
         if rank != 0:
@@ -195,15 +202,22 @@ def train(
     micro = tc.batch_size // world // tc.grad_accum
     with bar:
         for step in range(start_step, tc.steps):
-            elapsed = elapsed_before + time.perf_counter() - t_start
-            if tc.max_minutes and elapsed > tc.max_minutes * 60:
-                stopped_early = True
-                break
+            # With a time budget the schedule follows whichever runs out first, steps or time,
+            # so a run cut short by the clock still ends with an annealed learning rate.
+            schedule_step = step
+            if tc.max_minutes:
+                elapsed = torch.tensor([elapsed_before + time.perf_counter() - t_start])
+                if world > 1:  # every rank must stop at the same step
+                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                schedule_step = max(step, int(elapsed.item() / (tc.max_minutes * 60) * tc.steps))
+                if schedule_step >= tc.steps:
+                    stopped_early = True
+                    break
             apply_locks(step)
-            set_lr(
-                optimizer,
-                lr_factor(step, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio),
+            factor = lr_factor(
+                schedule_step, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio
             )
+            set_lr(optimizer, factor)
             images, ids = batches.batch(step)
             images, ids = images.to(device), ids.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -231,8 +245,8 @@ def train(
                     )
                 continue
             bad_in_a_row = 0
-            if tc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            # total gradient norm before clipping (inf disables clipping but still measures it)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, cfg.model.max_logit_scale)
@@ -252,6 +266,7 @@ def train(
                     "loss": loss_value,
                     "lr": optimizer.param_groups[0]["lr"],
                     "logit_scale": float(model.logit_scale.detach().exp()),
+                    "grad_norm": float(grad_norm),
                     "samples_per_s": rate,
                     "elapsed_s": elapsed_before + now - t_start,
                 }
