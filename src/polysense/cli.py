@@ -363,7 +363,7 @@ def quickstart(
         "runs/world"
     ),
     n: Annotated[int, typer.Option(help="World size when it has to be generated.")] = 20000,
-    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 7.0,
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 8.0,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Config override (repeatable).")
     ] = None,
