@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from polysense.data.readers import Rejects, detect_format, read_samples
+from polysense.fileio import atomic_open
 
 # Modalities counted in the report, in display order.
 MODALITIES = ("image", "text", "audio", "video", "ocr_image", "ocr_text", "objects", "qa", "label")
@@ -135,15 +134,8 @@ def write_contact_sheet(samples: list[dict[str, Any]], path: str | Path) -> Path
         lines = textwrap.wrap(caption, width=chars, max_lines=CAPTION_LINES, placeholder="…")
         for j, line in enumerate(lines):
             draw.text((x, y + TILE + j * LINE_H), line, fill=(0, 0, 0), font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sheet.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        sheet.save(fh, format="PNG")
     return path
 
 

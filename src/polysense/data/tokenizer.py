@@ -9,8 +9,6 @@ reported (`encode(..., truncate=False)` raises instead) rather than silently hid
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from polysense.errors import DataError, PolysenseError
+from polysense.fileio import atomic_path
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
 
@@ -107,16 +106,8 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self._tok.save(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            self._tok.save(str(tmp))
 
     def to_json(self) -> dict:
         return json.loads(self._tok.to_str())

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +28,7 @@ import soundfile
 from PIL import Image, ImageDraw, ImageFont
 
 from polysense.errors import DataError, PolysenseError
+from polysense.fileio import atomic_open, atomic_write_text
 
 GENERATOR = "polysense.world"
 GENERATOR_VERSION = "1"
@@ -547,39 +547,19 @@ def _write_shard(task: tuple[str, str, int, int, int, int, int, tuple[str, ...]]
     rel = f"{split}/shard-{shard:06d}.tar"
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".shard-", suffix=".tar.tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; shards are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in range(start, stop):
-                    key = scene_key(split, i)
-                    for ext, data in render_sample(
-                        seed=seed, split=split, index=i, size=size, modalities=modalities
-                    ).items():
-                        tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        with open(tmp, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_open(path, "wb") as fh,
+        tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        for i in range(start, stop):
+            key = scene_key(split, i)
+            for ext, data in render_sample(
+                seed=seed, split=split, index=i, size=size, modalities=modalities
+            ).items():
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     return {"path": rel, "count": stop - start, "sha256": digest}
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_args(
@@ -692,7 +672,7 @@ def generate_world(
         "sample_rate": SAMPLE_RATE,
         "video_frames": VIDEO_FRAMES,
     }
-    _write_json_atomic(root / "manifest.json", manifest)
+    _write_json(root / "manifest.json", manifest)
     return manifest
 
 
@@ -734,3 +714,7 @@ def shard_paths(root: str | Path, split: str) -> list[Path]:
         )
     base = Path(root) if Path(root).suffix != ".json" else Path(root).parent
     return [base / s["path"] for s in manifest["splits"][split]["shards"]]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from polysense.config import ConfigError, ModelConfig, RunConfig, dumps, from_di
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
+from polysense.fileio import atomic_path, atomic_write_text
 from polysense.models.text import build_text_tower
 from polysense.models.vit import VisionTransformer
 
@@ -199,17 +198,6 @@ def build_model(run_cfg: RunConfig, *, texts: Iterable[str] | None = None) -> CL
     return CLIP(cfg=run_cfg.model, tokenizer=tokenizer)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(model: CLIP, run_cfg: RunConfig, ckpt_dir: str | Path) -> Path:
     """Write `config.json`, `model.safetensors` and `tokenizer.json` into `ckpt_dir`, each
     atomically; config.json goes last, so its presence marks a complete checkpoint.
@@ -219,18 +207,12 @@ def save_checkpoint(model: CLIP, run_cfg: RunConfig, ckpt_dir: str | Path) -> Pa
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, ckpt_dir / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(ckpt_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save(ckpt_dir / TOKENIZER_FILE)
     cfg = dataclasses.replace(run_cfg, model=model.cfg)
-    _atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")
+    atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")
     return ckpt_dir
 
 
