@@ -1,0 +1,343 @@
+"""The embedding index: counts, exact search vs a numpy reference, add == rebuild, crash safety,
+reopen, dedup, argument errors, approximate-index recall."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_pairs, tiny_config
+from polysense.data.readers import read_samples
+from polysense.data.world import generate_world
+from polysense.errors import DataError, PolysenseError
+from polysense.index import MAX_K, EmbeddingIndex, Hit, ann, build_index, store
+from polysense.models.clip import build_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, n=400, seed=0, modalities=("image", "text"), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    # mean pooling keeps a random model's embeddings apart (cls/eot pooling nearly collapses them)
+    pools = ("model.vision.pool=mean", "model.text.pool=mean", "model.text.context_length=32")
+    cfg = tiny_config("clip-tiny", *pools)
+    return save_checkpoint(build_model(cfg), cfg, tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, ckpt, world) -> EmbeddingIndex:
+    out = tmp_path_factory.mktemp("idx") / "index"
+    return build_index(ckpt, world, out, split="test", batch_size=16, progress=False)
+
+
+def _queries(dim: int, n: int = 6, seed: int = 0) -> np.ndarray:
+    q = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)  # (n, D)
+
+
+def _check_against_bruteforce(idx: EmbeddingIndex, queries: np.ndarray, k: int, modality: str):
+    """Every result list is an exact top-k of inner products over the stored embeddings."""
+    emb = np.asarray(idx.embeddings(modality))  # (N, D)
+    results = idx.search(queries, k=k, modality=modality)
+    for q, hits in zip(queries, results, strict=True):
+        ref = emb @ q  # (N,)
+        top = np.sort(ref)[::-1][: min(k, len(emb))]
+        rows = [h.row for h in hits]
+        assert len(rows) == len(top) and len(set(rows)) == len(rows)
+        np.testing.assert_allclose([h.score for h in hits], top, atol=1e-5)
+        np.testing.assert_allclose([h.score for h in hits], ref[rows], atol=1e-5)
+        assert all(h.modality == modality for h in hits)
+
+
+def test_every_item_and_caption_is_indexed(index, world):
+    samples = list(read_samples(world, split="test"))
+    assert len(index) == len(samples) > 0
+    assert index.n_texts == sum(len(s["text"]) for s in samples)
+    assert index.meta["counts"] == {"items": len(samples), "texts": index.n_texts}
+    for s in samples:
+        item = index.item(s["key"])
+        assert item["captions"] == s["text"] and item["objects"] == s["objects"]
+        png = Image.open(io.BytesIO(index.image_bytes(s["key"])))
+        assert png.format == "PNG" and np.array_equal(np.asarray(png), np.asarray(s["image"]))
+    assert index.item("no-such-key") is None and index.image_bytes("no-such-key") is None
+    # Stored rows are the model's embeddings of those very samples, in reading order.
+    with torch.inference_mode():
+        img = index.model.encode_image([s["image"] for s in samples[:5]]).numpy()
+        txt = index.model.encode_text(samples[0]["text"]).numpy()
+    np.testing.assert_allclose(index.embeddings("image")[:5], img, atol=1e-5)
+    np.testing.assert_allclose(index.embeddings("text")[: len(txt)], txt, atol=1e-5)
+    assert (Path(index.directory) / "rejects.jsonl").read_text() == ""
+
+
+def test_search_equals_numpy_bruteforce(index):
+    for modality in ("image", "text"):
+        _check_against_bruteforce(index, _queries(index.dim), 7, modality)
+    # k above the index size returns everything, still sorted
+    _check_against_bruteforce(index, _queries(index.dim, 2), MAX_K, "image")
+    # text queries go through the model, then the same search
+    with torch.inference_mode():
+        q = index.model.encode_text(["a red circle", "two blue squares"]).numpy()
+    assert index.search_text(["a red circle", "two blue squares"], k=5) == index.search(q, k=5)
+    hits = index.search_text("a red circle", k=5, modality="text")[0]
+    for h in hits:  # a text hit carries the caption it matched, owned by its key
+        assert h.caption in index.item(h.key)["captions"]
+    image = Image.open(io.BytesIO(index.image_bytes(hits[0].key)))
+    top = index.search_image([image], k=1)[0][0]  # an image finds itself first
+    assert top.key == hits[0].key and top.score == pytest.approx(1.0, abs=1e-5)
+
+
+def _assert_same_results(a: EmbeddingIndex, b: EmbeddingIndex, modality: str) -> None:
+    """Both indexes rank every row alike: same rows, keys, captions, scores (to 1e-5)."""
+    q = _queries(a.dim, 4, seed=1)
+    n = len(a.embeddings(modality))
+    for hits_a, hits_b in zip(*(x.search(q, k=n, modality=modality) for x in (a, b)), strict=True):
+        by_row = {h.row: h for h in hits_b}
+        assert sorted(by_row) == sorted(h.row for h in hits_a) == list(range(n))
+        for h in hits_a:
+            other = by_row[h.row]
+            assert (h.key, h.caption) == (other.key, other.caption)
+            assert h.score == pytest.approx(other.score, abs=1e-5)
+        in_b = [by_row[h.row].score for h in hits_a]  # a's order, b's scores: still descending
+        assert all(x >= y - 1e-5 for x, y in itertools.pairwise(in_b))
+
+
+def test_add_equals_full_rebuild(tmp_path, ckpt, world):
+    added = build_index(ckpt, world, tmp_path / "a", split="val", progress=False)
+    before = added.search(_queries(added.dim), k=5)
+    n_test = sum(1 for _ in read_samples(world, split="test"))
+    assert added.add(world, split="test", batch_size=8, progress=False) == n_test
+    # the union of both splits as one folder of tar shards, val first
+    union = tmp_path / "union"
+    union.mkdir()
+    for i, split in enumerate(("val", "test")):
+        for shard in sorted((world / split).glob("*.tar")):
+            shutil.copy(shard, union / f"{i}-{shard.name}")
+    rebuilt = build_index(ckpt, union, tmp_path / "b", progress=False)
+    assert (len(added), added.n_texts) == (len(rebuilt), rebuilt.n_texts)
+    for modality in ("image", "text"):
+        np.testing.assert_allclose(
+            added.embeddings(modality), rebuilt.embeddings(modality), atol=1e-5
+        )
+        _assert_same_results(added, rebuilt, modality)
+        _check_against_bruteforce(added, _queries(added.dim), 5, modality)
+    assert len(EmbeddingIndex.open(tmp_path / "a")) == len(rebuilt)
+    assert [s["split"] for s in added.meta["sources"]] == ["val", "test"]
+    # adding the same data again adds nothing new: every key is a duplicate
+    with pytest.raises(DataError, match=f"duplicate_key: {n_test}"):
+        added.add(world, split="test", progress=False)
+    assert added.search(_queries(added.dim), k=5) != before  # the new rows do take part
+
+
+def test_failed_build_or_add_keeps_previous_index(tmp_path, ckpt, world, monkeypatch):
+    out = tmp_path / "index"
+    first = build_index(ckpt, world, out, split="test", limit=12, progress=False)
+    expected = first.search(_queries(first.dim), k=5)
+
+    def crash(tmp, out):
+        assert (tmp / "meta.json").is_file()  # the new index was completely written
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(store, "_swap_in", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index(ckpt, world, out, split="val", progress=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        first.add(world, split="val", progress=False)
+    assert first.search(_queries(first.dim), k=5) == expected  # the open index still answers
+    reopened = EmbeddingIndex.open(out)
+    assert len(reopened) == 12 and reopened.search(_queries(first.dim), k=5) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary left over
+
+
+def test_kill_between_renames_recovers(tmp_path, ckpt, world, monkeypatch):
+    out = tmp_path / "index"
+    first = build_index(ckpt, world, out, split="test", limit=12, progress=False)
+    expected = first.search(_queries(first.dim), k=5)
+    calls = []
+    real_rename = os.rename
+
+    def rename(src, dst):  # the live index moves aside, then the process "dies"
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ckpt, world, out, split="val", progress=False)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not out.exists() and (tmp_path / ".index.old" / "meta.json").is_file()
+    recovered = EmbeddingIndex.open(out)
+    assert recovered.search(_queries(first.dim), k=5) == expected
+    # the other half: new index in place, old one not yet removed
+    shutil.copytree(out, tmp_path / ".index.old")
+    assert len(EmbeddingIndex.open(out)) == 12 and not (tmp_path / ".index.old").exists()
+
+
+def test_reopen_gives_same_results(index):
+    reopened = EmbeddingIndex.open(index.directory)  # model loaded lazily from the checkpoint
+    for modality in ("image", "text"):
+        q = _queries(index.dim, 3)
+        assert reopened.search(q, k=6, modality=modality) == index.search(q, k=6, modality=modality)
+    assert reopened.search_text(["a small red circle"], k=4) == index.search_text(
+        ["a small red circle"], k=4
+    )
+    assert reopened.meta["checkpoint"] == str(Path(index.meta["checkpoint"]).resolve())
+
+
+def _reference_dedup(emb: np.ndarray, q: np.ndarray, k: int, threshold: float) -> list[float]:
+    """Greedy suppression over the full exact ranking: the scores of the kept rows."""
+    scores = emb @ q
+    kept: list[int] = []
+    for row in np.argsort(-scores, kind="stable"):
+        if all(float(emb[row] @ emb[j]) < threshold for j in kept):
+            kept.append(row)
+        if len(kept) == k:
+            break
+    return [float(scores[r]) for r in kept]
+
+
+def test_dedup_suppresses_near_duplicates(index):
+    emb = np.asarray(index.embeddings("text"))  # (M, D)
+    row = int((emb @ emb.T >= 0.95).sum(1).argmax())  # the caption with most near-duplicates
+    q = emb[row]
+    plain = index.search(q[None], k=5, modality="text")[0]
+    vecs = emb[[h.row for h in plain]]
+    assert (vecs @ vecs.T - 2 * np.eye(5)).max() >= 0.95  # without dedup they come back
+    for threshold in (0.95, 0.5, 0.05):
+        hits = index.search(q[None], k=5, modality="text", dedup=threshold)[0]
+        vecs = emb[[h.row for h in hits]]
+        assert (vecs @ vecs.T - 2 * np.eye(len(hits))).max() < threshold
+        ref = _reference_dedup(emb, q, 5, threshold)  # over all captions, not just 4k fetched
+        np.testing.assert_allclose([h.score for h in hits], ref, atol=1e-5)
+        if threshold == 0.95:
+            assert len(hits) == 5  # enough distinct captions exist: k results
+    caption = index.search(q[None], k=1, modality="text")[0][0].caption
+    assert index.search_text(caption, k=5, modality="text", dedup=0.95) == index.search(
+        q[None], k=5, modality="text", dedup=0.95
+    )
+
+
+def test_argument_errors(index, tmp_path):
+    q = _queries(index.dim, 1)
+    for k in (0, -1, MAX_K + 1, 2.5, True, "5"):
+        with pytest.raises(PolysenseError, match="k="):
+            index.search(q, k=k)
+    with pytest.raises(PolysenseError, match="modality='audio'"):
+        index.search(q, k=1, modality="audio")
+    for dedup in (0, 1.5, float("nan"), -0.2):
+        with pytest.raises(PolysenseError, match="dedup="):
+            index.search(q, k=1, dedup=dedup)
+    with pytest.raises(PolysenseError, match=f"\\(Q, {index.dim}\\)"):
+        index.search(np.zeros((1, index.dim + 1), np.float32), k=1)
+    with pytest.raises(PolysenseError, match="NaN"):
+        index.search(np.full((1, index.dim), np.nan, np.float32), k=1)
+    with pytest.raises(PolysenseError, match="non-empty strings"):
+        index.search_text([""], k=1)
+    with pytest.raises(DataError, match=str(tmp_path / "nothing")):
+        EmbeddingIndex.open(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is not a polysense index"):
+        EmbeddingIndex.open(tmp_path / "empty")
+    with pytest.raises(PolysenseError, match="index_type='annoy'"):
+        build_index("x", "y", tmp_path / "z", index_type="annoy")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(PolysenseError, match="refusing to replace"):
+        build_index(index.meta["checkpoint"], "y", tmp_path / "mine")
+    broken = tmp_path / "broken"
+    shutil.copytree(index.directory, broken)
+    (broken / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"meta\.json: not valid JSON"):
+        EmbeddingIndex.open(broken)
+
+
+def test_bad_samples_go_to_rejects(tmp_path, ckpt):
+    data = make_pairs(tmp_path / "pairs", 6)
+    lines = data.read_text().splitlines()
+    lines[1] = json.dumps({"image": "gone.png", "caption": "a lost image"})
+    lines.append(json.dumps({"key": "dup", "image": "2.png", "caption": "first"}))
+    lines.append(json.dumps({"key": "dup", "image": "3.png", "caption": "second"}))
+    data.write_text("\n".join(lines) + "\n")
+    idx = build_index(ckpt, data, tmp_path / "index", progress=False)
+    rejects = [
+        json.loads(x) for x in (tmp_path / "index" / "rejects.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["reason"] for r in rejects) == ["duplicate_key", "missing_file"]
+    assert len(idx) == 6 and idx.item("dup")["captions"] == ["first"]
+    assert idx.meta["sources"][0]["rejected"] == 2
+
+
+def _mixture(n: int, d: int, seed: int) -> np.ndarray:
+    """Unit vectors around 50 random centres (clustered, like real embeddings)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((50, d)).astype(np.float32)
+    x = centers[rng.integers(0, 50, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)  # (n, d)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_recall(kind):
+    points = _mixture(20_300, 32, 0)
+    data, queries = points[:20_000], points[20_000:]  # held-out queries, same distribution
+    index, params = ann.create(data, kind)
+    params = ann.tune(index, params, data)
+    assert params["tuned_recall"] >= ann.TARGET_RECALL
+    exact, _ = ann.exact_topk(data, queries, 10)
+    approx, ids = ann.search(index, params, queries, 10)
+    assert (ids >= 0).all()
+    # the held-out recall is an estimate of the same quantity the tuning measured
+    assert ann.recall_at_k(approx, exact, 10) >= ann.TARGET_RECALL - 0.02
+    cheapest = {**params, "nprobe": 1, "ef_search": 1}  # untuned falls short: tuning mattered
+    assert ann.recall_at_k(ann.search(index, cheapest, queries, 10)[0], exact, 10) < 0.93
+
+
+def test_tuning_covers_queries_from_the_other_modality():
+    points = _mixture(12_000, 32, 0)
+    shifted = _mixture(300, 32, 0) + 0.7  # same clusters, displaced: a "modality gap"
+    shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
+    index, params = ann.create(points, "ivf")
+    tuned = ann.tune(index, params, points, cross_queries=shifted)
+    exact, _ = ann.exact_topk(points, shifted, 10)
+    assert ann.recall_at_k(ann.search(index, tuned, shifted, 10)[0], exact, 10) >= 0.95
+    assert ann.choose_type(ann.FLAT_MAX) == "flat" and ann.choose_type(ann.FLAT_MAX + 1) == "ivf"
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_end_to_end(tmp_path, ckpt, world, kind):
+    idx = build_index(ckpt, world, tmp_path / "i", split="test", index_type=kind, progress=False)
+    assert idx.add(world, split="val", progress=False) == sum(
+        1 for _ in read_samples(world, split="val")
+    )
+    assert {p["type"] for p in idx.meta["index"].values()} == {kind}
+    # image -> text queries, the cross-modal set the re-tuning after `add` covered
+    emb, q = np.asarray(idx.embeddings("text")), np.asarray(idx.embeddings("image"))
+    exact, _ = ann.exact_topk(emb, q, 10)
+    hits = idx.search(q, k=10, modality="text")
+    approx = np.array([[h.score for h in row] for row in hits])
+    assert ann.recall_at_k(approx, exact, 10) >= ann.TARGET_RECALL
+
+
+def test_hit_is_frozen_and_import_is_light():
+    hit = Hit(key="a", score=0.5, caption=None, modality="image", row=0)
+    with pytest.raises(AttributeError):
+        hit.key = "b"  # type: ignore[misc]
+    code = "import sys, polysense, polysense.index; print('faiss' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
