@@ -165,7 +165,7 @@ def own_model(family: str) -> CLIP:
     vision = VisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4)
     text = TextConfig(vocab_size=300, context_length=12, width=32, layers=2, heads=4)
     cfg = ModelConfig(embed_dim=24, vision=vision, text=text)
-    if family == "siglip":  # the siglip-tiny recipe at test size
+    if family == "siglip":  # the HF-exportable SigLIP architecture (see presets.siglip_tiny)
         cfg = dataclasses.replace(
             cfg,
             family="siglip",

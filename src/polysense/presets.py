@@ -81,20 +81,23 @@ def siglip_tiny() -> RunConfig:
     """`polysense train siglip-tiny --data runs/world --out runs/siglip-tiny`."""
     base = clip_tiny()
     # SigLIP's architecture: vision without cls token or pre-LayerNorm, pooled by a MAP head that
-    # is the embedding itself (no projection); bidirectional text over padded rows, pooled at the
-    # last position, biased head. The conv stem comes from clip-tiny; with
-    # `--set model.vision.stem=patch` the model exports to an HF `SiglipModel`.
+    # is the embedding itself (no projection); bidirectional text with a biased head. Departures
+    # for a model trained from scratch on the CPU: the conv stem of clip-tiny, and text pooled by
+    # masked mean, because pooling at the last (padding) position, as HF SigLIP does, collapsed
+    # to the constant-logit solution (loss ln 127 + 1) in our runs. For an HF `SiglipModel`
+    # export: --set model.vision.stem=patch --set model.text.pool=last
+    # --set model.text.mask_padding=false. A lower lr than CLIP's 2e-3 keeps it stable.
     model = dataclasses.replace(
         base.model,
         family="siglip",
         vision=dataclasses.replace(base.model.vision, pool="map", ln_pre=False, patch_bias=True),
-        text=dataclasses.replace(base.model.text, causal=False, pool="last", mask_padding=False),
+        text=dataclasses.replace(base.model.text, causal=False, pool="mean"),
         vision_proj="none",
         text_proj="linear_bias",
         init_logit_scale=2.302585092994046,  # ln 10
         init_logit_bias=-10.0,
     )
-    return dataclasses.replace(base, model=model)
+    return dataclasses.replace(base, model=model, train=dataclasses.replace(base.train, lr=1e-3))
 
 
 @register("lit-minilm")
