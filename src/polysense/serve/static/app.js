@@ -132,12 +132,6 @@ fileInput.addEventListener("change", () => {
   fileInput.value = ""; // choosing the same file again still fires change
 });
 
-dropZone.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" || event.key === " ") {
-    event.preventDefault();
-    fileInput.click();
-  }
-});
 ["dragenter", "dragover"].forEach((name) =>
   dropZone.addEventListener(name, (event) => {
     event.preventDefault();
