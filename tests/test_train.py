@@ -278,3 +278,51 @@ def test_torchrun_two_processes_matches_one_process(pairs_jsonl, tmp_path):
     )
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("train.precision=bf16",),
+        ("train.grad_checkpointing=true",),
+        ("train.loss_chunk=5",),
+        ("train.grad_accum=2",),
+    ],
+)
+def test_training_options_run_and_learn(pairs_jsonl, tmp_path, extra):
+    cfg = tiny_config(
+        "siglip-tiny", "train.steps=20", "train.lr=3e-3", "train.ckpt_every=0", *extra
+    )
+    train(cfg, data=pairs_jsonl, out=tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert sum(r["loss"] for r in rows[-4:]) < sum(r["loss"] for r in rows[:4]), extra
+
+
+def test_time_budget_stops_early_with_an_annealed_schedule(pairs_jsonl, tmp_path):
+    cfg = tiny_config(
+        "clip-tiny", "train.steps=100000", "train.max_minutes=0.05", "train.ckpt_every=0"
+    )
+    result = train(cfg, data=pairs_jsonl, out=tmp_path, progress=False)
+    assert result.stopped_early and result.steps < 100000
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the schedule followed the clock: the last logged lr is far below the peak
+    assert rows[-1]["lr"] < 0.5 * cfg.train.lr
+
+
+def test_periodic_evaluation_joins_the_log(pairs_jsonl, tmp_path):
+    calls = []
+
+    def evaluate(model):
+        calls.append(model.training)
+        return {"probe": float(len(calls))}
+
+    cfg = tiny_config("clip-tiny", "train.eval_every=4", "train.ckpt_every=0")
+    train(cfg, data=pairs_jsonl, out=tmp_path, progress=False, evaluate=evaluate)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["probe"]) for r in rows if "probe" in r] == [
+        (4, 1.0),
+        (8, 2.0),
+        (12, 3.0),
+    ]
+    assert len([r for r in rows if "loss" in r]) == 12

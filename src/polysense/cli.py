@@ -248,7 +248,21 @@ def _train_and_evaluate(
     from polysense.models.clip import load_model
     from polysense.train.loop import train
 
-    result = train(cfg, data=data, out=out, resume=resume)
+    evaluate = None
+    if cfg.train.eval_every and detect_format(data) == "world":
+        from polysense.data.readers import read_samples
+        from polysense.data.world import load_manifest
+        from polysense.eval.zeroshot import zeroshot_eval
+
+        classes = load_manifest(data)["classes"]
+        val = [s for s in read_samples(data, split="val") if s.get("label") in classes]
+
+        def evaluate(model) -> dict[str, float]:
+            return {
+                "val_zeroshot_top1": zeroshot_eval(model, val, classnames=classes)["zeroshot_top1"]
+            }
+
+    result = train(cfg, data=data, out=out, resume=resume, evaluate=evaluate)
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: rank 0 evaluates and reports, the others stop
@@ -382,7 +396,10 @@ def quickstart(
     start = time.perf_counter()
     manifest = _load_world(world, n)
     _print_world_summary(manifest, world)
-    cfg = apply_overrides(get_preset("clip-tiny"), [f"train.max_minutes={minutes}", *(set_ or [])])
+    cfg = apply_overrides(
+        get_preset("clip-tiny"),
+        [f"train.max_minutes={minutes}", "train.eval_every=200", *(set_ or [])],
+    )
     ckpt = out / "ckpt"
     metrics = _train_and_evaluate(
         cfg, data=world, out=ckpt, resume=False, eval_splits=("test", "test_novel")
@@ -439,12 +456,26 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
     from polysense.fileio import atomic_open
 
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_zeroshot_top1" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    if val_rows:
+        acc = ax.twinx()
+        acc.plot(
+            [r["step"] for r in val_rows],
+            [r["val_zeroshot_top1"] for r in val_rows],
+            color="tab:orange",
+            marker="o",
+            label="val zero-shot top-1",
+        )
+        acc.set_ylabel("val zero-shot top-1")
+        acc.set_ylim(0, 1)
+        fig.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     with atomic_open(png, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)

@@ -128,7 +128,7 @@ class TrainConfig:
     loss_chunk: int = 0  # 0 = dense loss; >0 = chunked loss with this chunk size
     log_every: int = 10
     ckpt_every: int = 200
-    eval_every: int = 0
+    eval_every: int = 0  # evaluate on a world's val split every N steps (0 = only at the end)
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
 
 

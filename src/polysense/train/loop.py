@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     pairs: PairData | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `cfg` on the image-caption pairs at `data` (any supported source; a world's train
-    split), writing `state.pt`, `metrics.jsonl` and the exported model to `out`."""
+    split), writing `state.pt`, `metrics.jsonl` and the exported model to `out`.
+
+    `evaluate(model) -> {name: value}` runs every `train.eval_every` steps on rank 0 and its
+    figures join `metrics.jsonl` (e.g. validation zero-shot accuracy as training goes)."""
     from polysense.models.clip import CLIP, save_checkpoint
 
     tc = cfg.train
@@ -272,6 +277,16 @@ def train(
                 }
                 append_metrics(out, record)
                 bar.update(done, loss=loss_value, lr=record["lr"], rate=rate)
+            if evaluate and tc.eval_every and done % tc.eval_every == 0 and rank == 0:
+                figures = evaluate(model)
+                append_metrics(
+                    out,
+                    {
+                        "step": done,
+                        **figures,
+                        "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                    },
+                )
             if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
                 save(done, elapsed_before + time.perf_counter() - t_start)
         else:
