@@ -161,23 +161,22 @@ class MicroBatcher:
     ) -> None:
         try:
             rows = await loop.run_in_executor(self.executor, self.encode, [x for x, _ in live])
+            if len(rows) != len(live):
+                raise RuntimeError(f"encode returned {len(rows)} rows for {len(live)} queries")
         except Exception as exc:
             if len(live) > 1:  # one bad query must not fail the others: retry them one by one
                 for one in live:
                     await self._run(loop, [one])
                 return
             log.exception("encoding a query failed")
-            rows, error = None, exc
-        else:
-            self.calls += 1
-            self.items += len(live)
-        for i, (_, future) in enumerate(live):
-            if future.done():
-                continue
-            if rows is None:
-                future.set_exception(error)
-            else:
-                future.set_result(rows[i])
+            if not live[0][1].done():
+                live[0][1].set_exception(exc)
+            return
+        self.calls += 1
+        self.items += len(live)
+        for (_, future), row in zip(live, rows, strict=True):
+            if not future.done():  # the client may have gone away meanwhile
+                future.set_result(row)
 
 
 # --- request parsing ----------------------------------------------------------------------------
