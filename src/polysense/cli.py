@@ -413,6 +413,29 @@ def quickstart(
     )
 
 
+@app.command("serve")
+def serve_cmd(
+    index: Annotated[Path, typer.Option(help="Index directory (from `polysense index build`).")],
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; loopback by default.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve an index over HTTP: POST /search, GET /items/KEY/image, GET /health, and a search
+    page at / (FastAPI + uvicorn; needs the `serve` extra).
+
+    Example: `polysense serve --index runs/index --port 8000` then open http://127.0.0.1:8000/
+    """
+    try:
+        from polysense.serve.app import serve
+    except ImportError as exc:
+        raise PolysenseError(
+            f"polysense serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'polysense[serve]'"
+        ) from None
+    serve(index, host=host, port=port)
+
+
 @app.command("import-hf")
 def import_hf_cmd(
     src: Annotated[Path, typer.Argument(help="A Hugging Face CLIPModel or SiglipModel directory.")],

@@ -219,8 +219,11 @@ def train(
                     stopped_early = True
                     break
             apply_locks(step)
-            factor = lr_factor(
-                schedule_step, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio
+            factor = lr_factor(  # warmup always counts real steps; the decay may follow time
+                step if step < tc.warmup_steps else schedule_step,
+                warmup=tc.warmup_steps,
+                total=tc.steps,
+                min_ratio=tc.min_lr_ratio,
             )
             set_lr(optimizer, factor)
             images, ids = batches.batch(step)
