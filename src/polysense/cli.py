@@ -30,10 +30,14 @@ world_app = typer.Typer(help="The embedded procedural multimodal dataset.", no_a
 data_app = typer.Typer(help="Read, inspect and curate datasets.", no_args_is_help=True)
 demo_app = typer.Typer(help="Small runnable examples from the tutorials.", no_args_is_help=True)
 tok_app = typer.Typer(help="Train and inspect text tokenizers.", no_args_is_help=True)
+index_app = typer.Typer(
+    help="Embedding indexes for retrieval (faiss + SQLite).", no_args_is_help=True
+)
 app.add_typer(world_app, name="world")
 app.add_typer(data_app, name="data")
 app.add_typer(demo_app, name="demo")
 app.add_typer(tok_app, name="tokenizer")
+app.add_typer(index_app, name="index")
 
 SPLITS = ("train", "val", "test", "test_novel")
 
@@ -411,6 +415,105 @@ def quickstart(
     console.print(
         f"wrote {out / 'metrics.json'} and {out / 'loss.png'} in {metrics['wall_seconds']:.0f} s"
     )
+
+
+@index_app.command("build")
+def index_build(
+    ckpt: Annotated[Path, typer.Option(help="Checkpoint directory whose model embeds the data.")],
+    data: Annotated[str, typer.Option(help="World dir or any readable source.")],
+    out: Annotated[Path, typer.Option(help="Index directory to write (replaced atomically).")],
+    split: Annotated[str | None, typer.Option(help="World split to index.")] = None,
+    index_type: Annotated[
+        str, typer.Option(help="auto (exact up to ~100k vectors, IVF beyond), flat, ivf or hnsw.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Embedding batch size.")] = 256,
+    limit: Annotated[int | None, typer.Option(help="Index at most this many samples.")] = None,
+) -> None:
+    """Embed every image and caption of a dataset and write a searchable index.
+
+    Example: `polysense index build --ckpt runs/quickstart/ckpt --data runs/world --split test --out runs/index`
+    """
+    from polysense.index import build_index
+
+    index = build_index(
+        ckpt, data, out, split=split, index_type=index_type, batch_size=batch_size, limit=limit
+    )
+    console.print(f"indexed {len(index)} items -> {out}")
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Option(help="Existing index directory.")],
+    data: Annotated[str, typer.Option(help="World dir or any readable source with new samples.")],
+    split: Annotated[str | None, typer.Option(help="World split to add.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Embedding batch size.")] = 256,
+) -> None:
+    """Append new samples to an index without re-embedding the old ones.
+
+    Example: `polysense index add --index runs/index --data runs/world --split val`
+    """
+    from polysense.index import EmbeddingIndex
+
+    added = EmbeddingIndex.open(index).add(data, split=split, batch_size=batch_size)
+    console.print(f"added {added} items to {index}")
+
+
+@app.command("search")
+def search_cmd(
+    index: Annotated[Path, typer.Option(help="Index directory.")],
+    query: Annotated[str | None, typer.Argument(help="Text query.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file to query with instead.")] = None,
+    k: Annotated[int, typer.Option(help="Number of results.")] = 10,
+    modality: Annotated[str, typer.Option(help="What to return: image or text.")] = "image",
+    dedup: Annotated[
+        float | None, typer.Option(help="Drop results whose cosine to a better one is >= this.")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+) -> None:
+    """Search an index: text->image (default), image->image, image->text, text->text.
+
+    Example: `polysense search --index runs/index "a red circle" --k 5`
+    """
+    import json
+
+    from PIL import Image, UnidentifiedImageError
+
+    from polysense.index import EmbeddingIndex
+
+    if (query is None) == (image is None):
+        raise PolysenseError("give either a text QUERY or --image PATH (exactly one)")
+    idx = EmbeddingIndex.open(index)
+    if image is not None:
+        if not image.is_file():
+            raise PolysenseError(f"{image} does not exist")
+        try:
+            picture = Image.open(image).convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise PolysenseError(f"{image}: not a readable image ({exc})") from None
+        hits = idx.search_image([picture], k=k, modality=modality, dedup=dedup)[0]
+    else:
+        hits = idx.search_text([query], k=k, modality=modality, dedup=dedup)[0]
+    if json_out:
+        print(
+            json.dumps(
+                [
+                    {"key": h.key, "score": h.score, "caption": h.caption, "modality": h.modality}
+                    for h in hits
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{query or image} -> {modality}")
+    table.add_column("#", justify="right")
+    table.add_column("key")
+    table.add_column("score", justify="right")
+    table.add_column("caption")
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), hit.key, f"{hit.score:.4f}", hit.caption)
+    console.print(table)
 
 
 @app.command("serve")
