@@ -296,24 +296,27 @@ def _mixture(n: int, d: int, seed: int) -> np.ndarray:
 def test_approximate_index_recall(kind):
     points = _mixture(20_300, 32, 0)
     data, queries = points[:20_000], points[20_000:]  # held-out queries, same distribution
-    index, params = ann.create(data, kind)
-    params = ann.tune(index, params, data)
-    assert params["tuned_recall"] >= ann.TARGET_RECALL
-    exact, _ = ann.exact_topk(data, queries, 10)
+    index, params = ann.build(data, kind)
+    assert index.ntotal == len(data) and params["tuned_recall"] >= ann.TARGET_RECALL
+    exact, exact_ids = ann.exact_topk(data, queries, 10)
     approx, ids = ann.search(index, params, queries, 10)
     assert (ids >= 0).all()
-    # the held-out recall is an estimate of the same quantity the tuning measured
-    assert ann.recall_at_k(approx, exact, 10) >= ann.TARGET_RECALL - 0.02
-    cheapest = {**params, "nprobe": 1, "ef_search": 1}  # untuned falls short: tuning mattered
-    assert ann.recall_at_k(ann.search(index, cheapest, queries, 10)[0], exact, 10) < 0.93
+    # tuned with a margin on held-out stored vectors: fresh queries still reach the target
+    assert ann.recall_at_k(approx, exact, 10) >= ann.TARGET_RECALL
+    # faiss ids are rows: an exhaustive setting returns exactly the brute-force ids
+    everything = {**params, "nprobe": params.get("nlist"), "ef_search": 1024}
+    exhaustive_ids = ann.search(index, everything, queries, 10)[1]
+    assert (exhaustive_ids[:, 0] == exact_ids[:, 0]).mean() > 0.99
+    if kind == "ivf":  # one list is not enough here: the tuning had something to do
+        cheapest = {**params, "nprobe": 1}
+        assert ann.recall_at_k(ann.search(index, cheapest, queries, 10)[0], exact, 10) < 0.9
 
 
 def test_tuning_covers_queries_from_the_other_modality():
     points = _mixture(12_000, 32, 0)
     shifted = _mixture(300, 32, 0) + 0.7  # same clusters, displaced: a "modality gap"
     shifted /= np.linalg.norm(shifted, axis=1, keepdims=True)
-    index, params = ann.create(points, "ivf")
-    tuned = ann.tune(index, params, points, cross_queries=shifted)
+    index, tuned = ann.build(points, "ivf", cross_queries=shifted)
     exact, _ = ann.exact_topk(points, shifted, 10)
     assert ann.recall_at_k(ann.search(index, tuned, shifted, 10)[0], exact, 10) >= 0.95
     assert ann.choose_type(ann.FLAT_MAX) == "flat" and ann.choose_type(ann.FLAT_MAX + 1) == "ivf"

@@ -373,19 +373,9 @@ def _load_emb(path: Path, n: int, dim: int) -> np.ndarray:
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
 
 
-def _write_faiss(
-    directory: Path,
-    modality: str,
-    index: Any,
-    params: dict[str, Any],
-    vectors: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    """Tune an approximate index on its own vectors and the other modality's, and save it."""
-    if params["type"] != "flat":
-        other = vectors["text" if modality == "image" else "image"]
-        params = ann.tune(index, params, vectors[modality], cross_queries=other)
-    ann.faiss_module().write_index(index, str(directory / _faiss_file(modality)))
-    return params
+def _others(vectors: dict[str, np.ndarray], modality: str) -> np.ndarray:
+    """The other modality's embeddings: the cross-modal queries an index is tuned for."""
+    return vectors["text" if modality == "image" else "image"]
 
 
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
@@ -425,6 +415,7 @@ def build_index(
 
     ann.choose_type(0, index_type)
     _check_common(batch_size, limit)
+    faiss = ann.faiss_module()
     out = Path(out)
     recover(out)
     _check_out(out)
@@ -448,8 +439,10 @@ def build_index(
         params = {}
         for modality, n in sizes.items():
             kind = ann.choose_type(n, index_type) if n > 0 else "flat"
-            index, p = ann.create(vectors[modality], kind)
-            params[modality] = _write_faiss(tmp, modality, index, p, vectors)
+            index, params[modality] = ann.build(
+                vectors[modality], kind, cross_queries=_others(vectors, modality)
+            )
+            faiss.write_index(index, str(tmp / _faiss_file(modality)))
         del vectors
         ref = _checkpoint_ref(ckpt)
         meta = {
@@ -598,6 +591,7 @@ class EmbeddingIndex:
         `add` on a copy), swap the result in, and return the number of items added. Keys already
         in the index are rejected to `rejects.jsonl`. An approximate index is re-tuned."""
         _check_common(batch_size, limit)
+        faiss = ann.faiss_module()
         model = self.model
         out = self.directory
         tmp = _temp_sibling(out)
@@ -623,10 +617,15 @@ class EmbeddingIndex:
             vectors = {m: _load_emb(tmp / _emb_file(m), n, self.dim) for m, n in sizes.items()}
             params = {}
             for modality, old_n in (("image", len(self)), ("text", self.n_texts)):
-                index = ann.faiss_module().read_index(str(out / _faiss_file(modality)))
-                ann.add(index, vectors[modality][old_n:])  # (added, D)
-                p = self.meta["index"][modality]
-                params[modality] = _write_faiss(tmp, modality, index, p, vectors)
+                index = faiss.read_index(str(out / _faiss_file(modality)))  # the live one: a copy
+                params[modality] = ann.extend(
+                    index,
+                    self.meta["index"][modality],
+                    vectors[modality],
+                    old_n,
+                    cross_queries=_others(vectors, modality),
+                )
+                faiss.write_index(index, str(tmp / _faiss_file(modality)))
             del vectors
             meta = {
                 **self.meta,
