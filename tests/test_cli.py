@@ -68,6 +68,15 @@ def test_every_command_has_help_with_an_example():
         ["tokenizer", "train"],
         ["quickstart"],
         ["presets"],
+        ["train"],
+        ["eval"],
+        ["index", "build"],
+        ["index", "add"],
+        ["search"],
+        ["serve"],
+        ["bench", "retrieval"],
+        ["import-hf"],
+        ["export-hf"],
     ):
         result = polysense(*args, "--help")
         assert result.returncode == 0, (args, result.stderr)

@@ -30,6 +30,9 @@ world_app = typer.Typer(help="The embedded procedural multimodal dataset.", no_a
 data_app = typer.Typer(help="Read, inspect and curate datasets.", no_args_is_help=True)
 demo_app = typer.Typer(help="Small runnable examples from the tutorials.", no_args_is_help=True)
 tok_app = typer.Typer(help="Train and inspect text tokenizers.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: each writes DIR/NAME.json, .md and .png.", no_args_is_help=True
+)
 index_app = typer.Typer(
     help="Embedding indexes for retrieval (faiss + SQLite).", no_args_is_help=True
 )
@@ -38,6 +41,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(demo_app, name="demo")
 app.add_typer(tok_app, name="tokenizer")
 app.add_typer(index_app, name="index")
+app.add_typer(bench_app, name="bench")
 
 SPLITS = ("train", "val", "test", "test_novel")
 
@@ -514,6 +518,28 @@ def search_cmd(
     for rank, hit in enumerate(hits, 1):
         table.add_row(str(rank), hit.key, f"{hit.score:.4f}", hit.caption)
     console.print(table)
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(
+    out: Annotated[Path, typer.Option(help="Output directory for retrieval.json/.md/.png.")],
+    quick: Annotated[
+        bool, typer.Option(help="Small sizes (2k, 20k) instead of 1e4, 1e5, 1e6.")
+    ] = False,
+    index: Annotated[
+        Path | None, typer.Option(help="Also measure the HTTP service over this index.")
+    ] = None,
+) -> None:
+    """Flat vs IVF vs HNSW on synthetic embeddings: build time, memory, p50/p99 latency,
+    recall@10 against exact search; with --index, server latency vs in-process search.
+
+    Example: `polysense bench retrieval --out runs/bench --index runs/index`
+    """
+    from polysense.bench.retrieval import DEFAULT_SIZES, QUICK_SIZES, run_retrieval_bench
+
+    run_retrieval_bench(out, sizes=QUICK_SIZES if quick else DEFAULT_SIZES, index_dir=index)
+    console.print(f"wrote {out / 'retrieval.json'}, retrieval.md and retrieval.png")
+    console.print((out / "retrieval.md").read_text(), markup=False, highlight=False)
 
 
 @app.command("serve")

@@ -9,12 +9,9 @@ RSS growth, single-query latency p50/p99, batched throughput, and recall@k again
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,32 +220,6 @@ def _percentiles(ms: Sequence[float]) -> tuple[float | None, float | None]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-@contextlib.contextmanager
-def _uvicorn_thread(app: Any, *, timeout: float = 20.0) -> Iterator[str]:
-    """Serve `app` with uvicorn in a daemon thread on a free 127.0.0.1 port; yield its URL.
-
-    The socket is made with IPPROTO_TCP as uvicorn's own would be: asyncio sets TCP_NODELAY
-    only on such sockets, and without it every response stalls ~40 ms (Nagle + delayed ACK)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise PolysenseError(f"the search service did not start within {timeout} s")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-
-
 def server_latency(
     index_dir: str | Path,
     *,
@@ -274,7 +245,7 @@ def server_latency(
 
     from polysense.index import EmbeddingIndex
     from polysense.models.clip import bootstrap_captions
-    from polysense.serve.app import Batching, create_app
+    from polysense.serve.app import Batching, create_app, serve_in_thread
 
     if n_requests < 1 or concurrency < 1 or time_limit_s <= 0:
         raise PolysenseError("server_latency: n_requests, concurrency, time_limit_s must be > 0")
@@ -293,7 +264,7 @@ def server_latency(
     deadline = time.monotonic() + time_limit_s
     batching = Batching() if max_wait_ms is None else Batching(max_wait_ms=max_wait_ms)
     with (
-        _uvicorn_thread(create_app(index, batching=batching)) as url,
+        serve_in_thread(create_app(index, batching=batching)) as url,
         httpx.Client(base_url=url, timeout=30.0) as client,
     ):
 

@@ -656,7 +656,9 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run `app` under uvicorn in a background thread on a free port; yields its base URL and
     shuts the server down on exit (for tests and notebooks)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP as in uvicorn's own sockets: asyncio sets TCP_NODELAY only on those, and
+    # without it every response stalls ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
