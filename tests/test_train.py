@@ -326,3 +326,20 @@ def test_periodic_evaluation_joins_the_log(pairs_jsonl, tmp_path):
         (12, 3.0),
     ]
     assert len([r for r in rows if "loss" in r]) == 12
+
+
+def test_bad_training_samples_are_skipped_and_listed(pairs_jsonl, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    lines = pairs_jsonl.read_text().splitlines()
+    base = pairs_jsonl.parent
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row["image"] = str(base / row["image"])
+    rows.append({"image": str(base / "missing.png"), "caption": "a red circle"})
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = tiny_config("clip-tiny", "train.steps=2", "train.ckpt_every=0")
+    train(cfg, data=data, out=tmp_path / "run", progress=False)
+    rejects = [
+        json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()
+    ]
+    assert [r["reason"] for r in rejects] == ["missing_file"]

@@ -60,17 +60,17 @@ def load_pairs(
     """Read any supported source (world, webdataset, CSV/JSONL, COCO, image folder) into memory."""
     from polysense.data.readers import Rejects, read_samples
 
-    rejects = Rejects(path=rejects_path)
-    samples = read_samples(
-        path,
-        split=split,
-        image_key=image_key,
-        caption_key=caption_key,
-        rejects=rejects,
-        limit=limit,
-    )
     where = f"{path}" + (f" (split {split})" if split else "")
-    return collect_pairs(samples, image_size=image_size, source=where)
+    with Rejects(path=rejects_path) as rejects:  # closing moves the rejects file into place
+        samples = read_samples(
+            path,
+            split=split,
+            image_key=image_key,
+            caption_key=caption_key,
+            rejects=rejects,
+            limit=limit,
+        )
+        return collect_pairs(samples, image_size=image_size, source=where)
 
 
 def normalize(

@@ -18,7 +18,7 @@ from torch import nn
 
 from polysense.config import TextConfig
 from polysense.errors import PolysenseError
-from polysense.models.vit import Block, init_linear, run_blocks
+from polysense.models.vit import init_linear, make_blocks, run_blocks
 
 
 @contextlib.contextmanager
@@ -53,17 +53,7 @@ class TextTransformer(nn.Module):
         w = cfg.width
         self.token_embed = nn.Embedding(cfg.vocab_size, w)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, w) * 0.01)
-        self.blocks = nn.ModuleList(
-            Block(
-                width=w,
-                heads=cfg.heads,
-                mlp_ratio=cfg.mlp_ratio,
-                act=cfg.act,
-                ln_eps=cfg.ln_eps,
-                dropout=cfg.dropout,
-            )
-            for _ in range(cfg.layers)
-        )
+        self.blocks = make_blocks(cfg)
         self.ln_final = nn.LayerNorm(w, eps=cfg.ln_eps)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         self.apply(init_linear)

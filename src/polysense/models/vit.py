@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from polysense.config import VisionConfig
+from polysense.config import TextConfig, VisionConfig
 from polysense.errors import PolysenseError
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_pytorch_tanh")
@@ -99,6 +99,21 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
+
+
+def make_blocks(cfg: VisionConfig | TextConfig) -> nn.ModuleList:
+    """`cfg.layers` pre-norm blocks of `cfg.width` (shared by the image and text towers)."""
+    return nn.ModuleList(
+        Block(
+            width=cfg.width,
+            heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            act=cfg.act,
+            ln_eps=cfg.ln_eps,
+            dropout=cfg.dropout,
+        )
+        for _ in range(cfg.layers)
+    )
 
 
 def run_blocks(
@@ -198,17 +213,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, w) * w**-0.5) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, w) * 0.02)
         self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps) if cfg.ln_pre else nn.Identity()
-        self.blocks = nn.ModuleList(
-            Block(
-                width=w,
-                heads=cfg.heads,
-                mlp_ratio=cfg.mlp_ratio,
-                act=cfg.act,
-                ln_eps=cfg.ln_eps,
-                dropout=cfg.dropout,
-            )
-            for _ in range(cfg.layers)
-        )
+        self.blocks = make_blocks(cfg)
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
         self.head = (
             MAPHead(
