@@ -74,10 +74,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Batching:
-    """Micro-batching of queries: wait up to `max_wait_ms` for up to `max_items` queries."""
+    """Micro-batching of queries: each model call takes up to `max_items` queries, namely all
+    that queued while the previous call ran, then waits up to `max_wait_ms` for more (0: no
+    extra wait, so a lone query is never delayed and concurrent ones still share calls)."""
 
     max_items: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
 
 
 class ApiError(PolysenseError):
@@ -92,8 +94,8 @@ class ApiError(PolysenseError):
 class MicroBatcher:
     """Groups concurrent queries into one model call.
 
-    Requests wait in an asyncio queue; a worker takes the first, then whatever arrives within
-    `max_wait_ms` (up to `max_items`), runs `encode` once on the whole batch in `executor`, and
+    Requests wait in an asyncio queue; a worker takes every queued request (up to `max_items`),
+    then whatever arrives within `max_wait_ms`, runs `encode` once on the batch in `executor`, and
     hands each request its row. `calls` and `items` count model calls and queries served.
     """
 
@@ -141,6 +143,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await queue.get()]
+            while len(batch) < self.batching.max_items and not queue.empty():
+                batch.append(queue.get_nowait())  # what queued while the last call ran
             deadline = loop.time() + self.batching.max_wait_ms / 1000
             while len(batch) < self.batching.max_items:
                 timeout = deadline - loop.time()
