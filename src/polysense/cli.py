@@ -249,30 +249,17 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 def _train_and_evaluate(
     cfg, *, data: Path, out: Path, resume: bool, eval_splits: tuple[str, ...]
 ) -> dict:
+    import torch.distributed as dist
+
     from polysense.config import to_dict
     from polysense.data.readers import detect_format
-    from polysense.eval.suite import evaluate_splits
+    from polysense.eval.suite import evaluate_splits, val_zeroshot
     from polysense.fileio import atomic_write_json
     from polysense.models.clip import load_model
     from polysense.train.loop import train
 
-    evaluate = None
-    if cfg.train.eval_every and detect_format(data) == "world":
-        from polysense.data.readers import read_samples
-        from polysense.data.world import load_manifest
-        from polysense.eval.zeroshot import zeroshot_eval
-
-        classes = load_manifest(data)["classes"]
-        val = [s for s in read_samples(data, split="val") if s.get("label") in classes]
-
-        def evaluate(model) -> dict[str, float]:
-            return {
-                "val_zeroshot_top1": zeroshot_eval(model, val, classnames=classes)["zeroshot_top1"]
-            }
-
+    evaluate = val_zeroshot(data) if cfg.train.eval_every else None
     result = train(cfg, data=data, out=out, resume=resume, evaluate=evaluate)
-    import torch.distributed as dist
-
     if dist.is_initialized():  # under torchrun: rank 0 evaluates and reports, the others stop
         rank = dist.get_rank()
         dist.destroy_process_group()

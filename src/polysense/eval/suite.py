@@ -8,6 +8,7 @@ carry a `label` (an image folder's class).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,19 @@ def evaluate_splits(
     for split in rest:
         result[split] = evaluate(model, data, split=split, **kwargs)
     return result
+
+
+def val_zeroshot(data: str | Path) -> Callable[[Any], dict[str, float]] | None:
+    """For a world: a probe that scores zero-shot top-1 on its val split's single-object scenes,
+    for the trainer to call every `train.eval_every` steps (None for other data)."""
+    if detect_format(data) != "world":
+        return None
+    from polysense.data.world import load_manifest
+
+    classes = list(load_manifest(data)["classes"])
+    val = [s for s in read_samples(data, split="val") if s.get("label") in set(classes)]
+
+    def probe(model: Any) -> dict[str, float]:
+        return {"val_zeroshot_top1": zeroshot_eval(model, val, classnames=classes)["zeroshot_top1"]}
+
+    return probe
