@@ -655,9 +655,7 @@ class EmbeddingIndex:
         """Top-k `modality` items by inner product for each row of `query_emb` (Q, D), best
         first. Fewer than k when the index holds fewer. With `dedup` (a cosine in (0, 1]), a
         candidate whose similarity to an already kept result is >= dedup is dropped."""
-        modality = _check_modality(modality)
-        k = _check_k(k)
-        dedup = _check_dedup(dedup)
+        k, modality, dedup = _check_search(k, modality, dedup)
         queries = _check_queries(query_emb, self.dim)  # (Q, D)
         n = len(self._emb[modality])
         if n == 0 or len(queries) == 0:
@@ -735,9 +733,7 @@ class EmbeddingIndex:
         bad = [t for t in texts if not isinstance(t, str) or not t.strip()]
         if bad:
             raise PolysenseError(f"search text must be non-empty strings, got {bad[0]!r}")
-        _check_modality(modality)
-        _check_k(k)
-        _check_dedup(dedup)
+        _check_search(k, modality, dedup)  # before paying for the embedding
         if not texts:
             return []
         queries = _embed_texts(self.model, texts, batch_size)  # (Q, D)
@@ -757,9 +753,7 @@ class EmbeddingIndex:
         bad = [im for im in images if not isinstance(im, Image.Image)]
         if bad:
             raise PolysenseError(f"search_image takes PIL images, got {type(bad[0]).__name__}")
-        _check_modality(modality)
-        _check_k(k)
-        _check_dedup(dedup)
+        _check_search(k, modality, dedup)  # before paying for the embedding
         if not images:
             return []
         queries = _embed_images(self.model, images, batch_size)  # (Q, D)
@@ -807,6 +801,12 @@ def _greedy_keep(vectors: np.ndarray, threshold: float, k: int) -> list[int]:
         if len(keep) == k:
             break
     return keep
+
+
+def _check_search(k: Any, modality: str, dedup: Any) -> tuple[int, str, float | None]:
+    """The validated (k, modality, dedup) of a search call."""
+    modality = _check_modality(modality)  # checked first, as before
+    return _check_k(k), modality, _check_dedup(dedup)
 
 
 def _check_modality(modality: str) -> str:
