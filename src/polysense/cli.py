@@ -286,6 +286,12 @@ def _train_and_evaluate(
     return metrics
 
 
+def _family_eval_tasks() -> list[str]:
+    from polysense.eval import FAMILY_TASKS
+
+    return list(FAMILY_TASKS)
+
+
 @app.command("train")
 def train_cmd(
     preset: Annotated[str, typer.Argument(help="Preset name (see `polysense presets`).")],
@@ -315,49 +321,70 @@ def train_cmd(
     Example: `polysense train clip-tiny --data runs/world --out runs/clip-tiny --set train.steps=500`
     """
     from polysense.config import apply_overrides
-    from polysense.presets import get_preset
+    from polysense.presets import get_preset, get_runner
 
     cfg = apply_overrides(get_preset(preset), set_ or [])
-    metrics = _train_and_evaluate(
+    runner = get_runner(preset) or _train_and_evaluate
+    metrics = runner(
         cfg,
         data=data,
         out=out,
         resume=resume,
         eval_splits=tuple(s for s in eval_splits.split(",") if s),
     )
-    if "n_samples" in metrics:
+    if "zeroshot_top1" in metrics or "i2t_r1" in metrics:
         console.print(_metrics_table(metrics, f"{preset} on {data}"))
     console.print(f"wrote {out / 'metrics.json'}")
 
 
 @app.command("eval")
 def eval_cmd(
-    task: Annotated[str, typer.Argument(help="zeroshot or retrieval (or all).")],
+    task: Annotated[
+        str,
+        typer.Argument(
+            help="zeroshot, retrieval or all (contrastive checkpoints); "
+            "or a task of another family: " + ", ".join(sorted(_family_eval_tasks())) + "."
+        ),
+    ],
     ckpt: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     data: Annotated[str, typer.Option(help="World dir or any readable source.")],
     split: Annotated[str | None, typer.Option(help="World split (default test).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many samples.")] = None,
+    clip: Annotated[
+        Path | None,
+        typer.Option(help="A contrastive checkpoint that scores another model (eval t2i)."),
+    ] = None,
 ) -> None:
-    """Evaluate a checkpoint: zero-shot top-1/top-5, or image<->text Recall@1/5/10.
+    """Evaluate a checkpoint: zero-shot top-1/top-5, image<->text Recall@1/5/10, or a task of
+    another model family (captioning, VQA, hallucination, ...).
 
     Example: `polysense eval zeroshot --ckpt runs/quickstart/ckpt --data runs/world --split test_novel`
     """
     import json
 
     from polysense.data.readers import detect_format
+    from polysense.eval import get_task
     from polysense.eval.suite import TASKS, evaluate
     from polysense.fileio import atomic_write_json
     from polysense.models.clip import load_model
 
-    tasks = TASKS if task == "all" else (task,)
     if split is None and detect_format(data) == "world":
         split = "test"
-    model = load_model(str(ckpt))
-    metrics = evaluate(model, data, split=split, tasks=tasks, batch_size=batch_size, limit=limit)
-    metrics["split"] = split or "all"
-    console.print(_metrics_table(metrics, f"{ckpt} on {data}"))
+    family_task = get_task(task) if task not in (*TASKS, "all") else None
+    if family_task is not None:
+        metrics = family_task(
+            ckpt=ckpt, data=data, split=split, batch_size=batch_size, limit=limit, clip=clip
+        )
+    else:
+        tasks = TASKS if task == "all" else (task,)
+        model = load_model(str(ckpt))
+        metrics = evaluate(
+            model, data, split=split, tasks=tasks, batch_size=batch_size, limit=limit
+        )
+        metrics["split"] = split or "all"
+        console.print(_metrics_table(metrics, f"{ckpt} on {data}"))
     if json_out:
         atomic_write_json(json_out, metrics)
         console.print(f"wrote {json_out}")
@@ -622,6 +649,24 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
     with atomic_open(png, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
+
+
+# The commands of the other areas (fusion, multimodal LM, curation, audio/video, text-to-image)
+# live in polysense/commands/, one module each, and attach themselves to the apps above.
+_AREA_COMMANDS: tuple[str, ...] = ("fusion", "vlm", "curate", "av", "t2i")
+
+
+def _load_area_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for area in _AREA_COMMANDS:
+        module = f"polysense.commands.{area}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+_load_area_commands()
 
 
 def main() -> None:

@@ -1,13 +1,21 @@
-"""The preset registry: name -> RunConfig, in plain Python.
+"""The preset registry: name -> run config, in plain Python.
 
-Each preset names the command that runs it. Add one with `@register("name")` on a function that
-returns a `RunConfig`; any field can still be changed with `--set key=value`.
+Add one with `@register("name")` on a function that returns a frozen run config; any field can
+still be changed with `--set key=value`. The contrastive presets (CLIP, SigLIP, LiT) live here and
+train with `polysense.train.loop`; the other model families keep their presets in a module of this
+package each (`presets/vlm.py`, ...), imported on first lookup so `import polysense` stays light.
+A preset of another family names its runner, "module:function", called by `polysense train` as
+`runner(cfg, data=Path, out=Path, resume=bool, eval_splits=tuple[str, ...]) -> dict` (the metrics,
+which the runner also writes to OUT/metrics.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 from polysense.config import (
     ConfigError,
@@ -19,27 +27,58 @@ from polysense.config import (
     VisionConfig,
 )
 
-_PRESETS: dict[str, Callable[[], RunConfig]] = {}
+_PRESETS: dict[str, Callable[[], Any]] = {}
+_RUNNERS: dict[str, str] = {}
+# One module per model family beyond contrastive alignment; missing ones are skipped.
+_FAMILY_MODULES: tuple[str, ...] = ("fusion", "vlm", "av", "t2i")
+_loaded = False
 
 
-def register(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
-    def wrap(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+def register(name: str, *, runner: str | None = None) -> Callable[[Callable[[], Any]], Callable]:
+    """Register a preset; `runner` ("module:function") trains it, default the contrastive loop."""
+
+    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
         if name in _PRESETS:
             raise ValueError(f"preset {name!r} registered twice")
         _PRESETS[name] = fn
+        if runner is not None:
+            _RUNNERS[name] = runner
         return fn
 
     return wrap
 
 
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for family in _FAMILY_MODULES:
+        module = f"{__name__}.{family}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
 def available_presets() -> list[str]:
+    _load_families()
     return sorted(_PRESETS)
 
 
-def get_preset(name: str) -> RunConfig:
+def get_preset(name: str) -> Any:
+    _load_families()
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
     return dataclasses.replace(_PRESETS[name](), name=name)
+
+
+def get_runner(name: str) -> Callable[..., dict] | None:
+    """The function that trains preset `name`, or None for the contrastive training loop."""
+    _load_families()
+    target = _RUNNERS.get(name)
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @register("clip-tiny")
