@@ -349,7 +349,7 @@ def test_one_failing_query_does_not_fail_its_batch():
 
     async def go() -> list:
         with ThreadPoolExecutor(1) as pool:
-            batcher = MicroBatcher(encode=encode, batching=Batching(max_wait_ms=50), executor=pool)
+            batcher = MicroBatcher(answer=encode, batching=Batching(max_wait_ms=50), executor=pool)
             out = await asyncio.gather(
                 *(batcher.submit(x) for x in ["a", "bad", "ccc"]), return_exceptions=True
             )

@@ -229,12 +229,13 @@ def server_latency(
     queries: Sequence[str] | None = None,
     time_limit_s: float = 120.0,
     max_wait_ms: float | None = None,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Loopback load on the search service over the index in `index_dir`: uvicorn in a
     background thread on a free 127.0.0.1 port, an httpx client posting text queries to /search.
 
-    Measures one request at a time (sequential p50), then `n_requests` requests from
-    `concurrency` threads: p50/p99, throughput, errors. Baselines in this process: the faiss
+    Measures one request at a time (sequential p50, `repeats` passes over the queries), then
+    `n_requests` requests from `concurrency` threads: p50/p99, throughput, errors. Baselines in this process: the faiss
     search alone (`index.search` on a ready embedding) and the same work without HTTP
     (`index.search_text`: encode + search). No request is sent after `time_limit_s`.
     `max_wait_ms` overrides the service's micro-batching wait (None: its default)."""
@@ -260,7 +261,6 @@ def server_latency(
     with torch.inference_mode():
         embs = index.model.encode_text(texts).float().numpy()  # (Q, D)
     search_ms = [timed(index.search, embs[i : i + 1], k=k) for i in range(len(texts))]
-    direct_ms = [timed(index.search_text, [t], k=k) for t in texts]
     deadline = time.monotonic() + time_limit_s
     batching = Batching() if max_wait_ms is None else Batching(max_wait_ms=max_wait_ms)
     with (
@@ -282,7 +282,15 @@ def server_latency(
 
         for i in range(10):  # warm-up: first-call costs stay out of the numbers
             request(i)
-        sequential = [r for r in map(request, range(len(texts))) if r is not None]
+            index.search_text([texts[i % len(texts)]], k=k)
+        # One at a time, each query in process (encode + search) then over HTTP, interleaved so
+        # that load from elsewhere on the machine hits both sides of the ratio alike.
+        direct_ms, sequential = [], []
+        for rep in range(repeats):
+            for i, text in enumerate(texts):
+                direct_ms.append(timed(index.search_text, [text], k=k))
+                if (answer := request(rep * len(texts) + i)) is not None:
+                    sequential.append(answer)
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             loaded = [r for r in pool.map(request, range(n_requests)) if r is not None]

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from polysense.errors import PolysenseError
 
 if TYPE_CHECKING:
-    from polysense.index import EmbeddingIndex
+    from polysense.index import EmbeddingIndex, Hit
 
 log = logging.getLogger("polysense.serve")
 
@@ -95,18 +95,19 @@ class MicroBatcher:
     """Groups concurrent queries into one model call.
 
     Requests wait in an asyncio queue; a worker takes every queued request (up to `max_items`),
-    then whatever arrives within `max_wait_ms`, runs `encode` once on the batch in `executor`, and
-    hands each request its row. `calls` and `items` count model calls and queries served.
+    then whatever arrives within `max_wait_ms`, runs `answer` once on the batch in `executor`
+    (one thread hop per batch: the model call and the index search happen together there), and
+    hands each request its answer. `calls` and `items` count model calls and queries served.
     """
 
     def __init__(
         self,
         *,
-        encode: Callable[[list[Any]], np.ndarray],
+        answer: Callable[[list[Any]], Sequence[Any]],
         batching: Batching,
         executor: Executor,
     ) -> None:
-        self.encode = encode
+        self.answer = answer
         self.batching = batching
         self.executor = executor
         self.calls = 0
@@ -115,14 +116,14 @@ class MicroBatcher:
         self._queue: asyncio.Queue[tuple[Any, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Any) -> np.ndarray:
-        """Encode one query; returns its (D,) embedding once its batch has run."""
+    async def submit(self, item: Any) -> Any:
+        """Answer one query; returns its answer once its batch has run."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():
             # first use, or a new event loop (a test client): start a worker on this loop
             self._loop, self._queue = loop, asyncio.Queue()
             self._task = loop.create_task(self._work(self._queue))
-        future: asyncio.Future[np.ndarray] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         assert self._queue is not None
         await self._queue.put((item, future))
         return await future
@@ -164,9 +165,9 @@ class MicroBatcher:
         live: list[tuple[Any, asyncio.Future[np.ndarray]]],
     ) -> None:
         try:
-            rows = await loop.run_in_executor(self.executor, self.encode, [x for x, _ in live])
+            rows = await loop.run_in_executor(self.executor, self.answer, [x for x, _ in live])
             if len(rows) != len(live):
-                raise RuntimeError(f"encode returned {len(rows)} rows for {len(live)} queries")
+                raise RuntimeError(f"answer returned {len(rows)} rows for {len(live)} queries")
         except Exception as exc:
             if len(live) > 1:  # one bad query must not fail the others: retry them one by one
                 for one in live:
@@ -441,14 +442,20 @@ def static_dir() -> Path:
     return Path(str(resources.files("polysense.serve") / "static"))
 
 
-def _encode_texts(model: Any, texts: Sequence[str]) -> np.ndarray:
+def _answer(index: EmbeddingIndex, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
+    """Encode a batch of queries of one kind (all text or all image) in one model call, then
+    search the index for each (k, modality and dedup may differ per query)."""
+    model = index.model
     with torch.inference_mode():
-        return model.encode_text(list(texts)).float().cpu().numpy()  # (B, D)
-
-
-def _encode_images(model: Any, images: Sequence[Image.Image]) -> np.ndarray:
-    with torch.inference_mode():
-        return model.encode_image(list(images)).float().cpu().numpy()  # (B, D)
+        if queries[0].text is not None:
+            emb = model.encode_text([q.text for q in queries])  # (B, D)
+        else:
+            emb = model.encode_image([q.image for q in queries])  # (B, D)
+    emb = emb.float().cpu().numpy()
+    return [
+        index.search(emb[i : i + 1], k=q.k, modality=q.modality, dedup=q.dedup)[0]
+        for i, q in enumerate(queries)
+    ]
 
 
 def _image_url(key: str) -> str:
@@ -471,14 +478,10 @@ def create_app(
     keeps memory flat); index reads (thread-safe) run in the default thread pool, so neither
     blocks the event loop."""
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polysense-model")
-    model = index.model  # loads the checkpoint now: a broken one fails at start, not per query
+    index.model  # noqa: B018  (loads the checkpoint now: a broken one fails at start, not per query)
     batchers = {
-        "text": MicroBatcher(
-            encode=lambda xs: _encode_texts(model, xs), batching=batching, executor=worker
-        ),
-        "image": MicroBatcher(
-            encode=lambda xs: _encode_images(model, xs), batching=batching, executor=worker
-        ),
+        kind: MicroBatcher(answer=lambda qs: _answer(index, qs), batching=batching, executor=worker)
+        for kind in ("text", "image")
     }
 
     @contextlib.asynccontextmanager
@@ -529,19 +532,14 @@ def create_app(
         start = time.perf_counter()
         query = await parse_search(request, limits)
         if query.text is not None:
-            embedding = await batchers["text"].submit(query.text)  # (D,)
+            hits = await batchers["text"].submit(query)  # fewer than k when the index holds fewer
             described: dict[str, Any] = {"text": query.text}
         else:
-            embedding = await batchers["image"].submit(query.image)  # (D,)
+            hits = await batchers["image"].submit(query)
             assert query.image is not None
             width, height = query.image.size
             described = {"image": {"width": width, "height": height, "bytes": query.image_bytes}}
         described.update(k=query.k, modality=query.modality, dedup=query.dedup)
-        emb = np.asarray(embedding, dtype=np.float32)[None, :]  # (1, D)
-        found = await asyncio.to_thread(
-            index.search, emb, k=query.k, modality=query.modality, dedup=query.dedup
-        )
-        hits = found[0]  # fewer than k when the index holds fewer
         results = [
             {
                 "key": hit.key,
