@@ -651,9 +651,10 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
     plt.close(fig)
 
 
-# The commands of the other areas (fusion, multimodal LM, curation, audio/video, text-to-image)
+# The commands of the other areas (fusion, multimodal LM, curation, audio/video, text-to-image,
+# performance benchmarks)
 # live in polysense/commands/, one module each, and attach themselves to the apps above.
-_AREA_COMMANDS: tuple[str, ...] = ("fusion", "vlm", "curate", "av", "t2i")
+_AREA_COMMANDS: tuple[str, ...] = ("fusion", "vlm", "curate", "av", "t2i", "perf")
 
 
 def _load_area_commands() -> None:
