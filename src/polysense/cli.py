@@ -652,8 +652,7 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
 
 
 # The commands of the other areas (fusion, multimodal LM, curation, audio/video, text-to-image,
-# performance benchmarks)
-# live in polysense/commands/, one module each, and attach themselves to the apps above.
+# performance) live in polysense/commands/, one module each, and attach themselves to the apps.
 _AREA_COMMANDS: tuple[str, ...] = ("fusion", "vlm", "curate", "av", "t2i", "perf")
 
 
