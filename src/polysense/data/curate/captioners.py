@@ -1,0 +1,88 @@
+"""Captioners for the recaption stage: `fn(images, metas) -> list[str | None]` (None: no caption).
+
+* "template": a caption built from the scene's object list (the world's ``objects``), e.g.
+  "a large red circle at the top left and a small blue star at the center"; None without objects;
+* "vlm:CKPT": the multimodal LM of `polysense.models.vlm`, prompted per image;
+* "module:function": any function of that signature.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any
+
+from PIL import Image
+
+from polysense.errors import PolysenseError
+
+Captioner = Callable[[Sequence[Image.Image | None], Sequence[dict[str, Any]]], list[str | None]]
+_COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def _object_phrase(obj: dict[str, Any]) -> str:
+    words = [obj.get("size"), obj.get("color"), obj.get("shape")]
+    phrase = "a " + " ".join(w for w in words if w)
+    position = obj.get("position")
+    if position:
+        phrase += " in the center" if position == "center" else f" at the {position}"
+    return phrase
+
+
+def template_caption(meta: dict[str, Any]) -> str | None:
+    """A caption from the object list: each object with size, colour, shape and position."""
+    objects = [o for o in meta.get("objects") or [] if isinstance(o, dict) and o.get("shape")]
+    if not objects:
+        return None
+    phrases = [_object_phrase(o) for o in objects]
+    if len(phrases) == 1:
+        return phrases[0]
+    head = f"{_COUNTS.get(len(phrases), str(len(phrases)))} shapes: "
+    return head + ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def template_captioner(
+    images: Sequence[Image.Image | None], metas: Sequence[dict[str, Any]]
+) -> list[str | None]:
+    return [template_caption(m) for m in metas]
+
+
+def _vlm_captioner(ckpt: str, prompt: str) -> Captioner:
+    try:
+        from polysense.models.vlm import load_vlm
+    except ImportError as exc:
+        raise PolysenseError(
+            f"recaption.captioner='vlm:{ckpt}' needs polysense.models.vlm ({exc}); "
+            "use recaption.captioner=template"
+        ) from exc
+    model = load_vlm(ckpt)
+
+    def caption(
+        images: Sequence[Image.Image | None], metas: Sequence[dict[str, Any]]
+    ) -> list[str | None]:
+        rows = [i for i, im in enumerate(images) if im is not None]
+        texts = model.generate([images[i] for i in rows], [prompt] * len(rows))
+        out: list[str | None] = [None] * len(images)
+        for i, text in zip(rows, texts, strict=True):
+            out[i] = text.strip() or None
+        return out
+
+    return caption
+
+
+@cache
+def get_captioner(spec: str, prompt: str = "Describe the image.") -> Captioner:
+    """The captioner named by `spec` (see the module docstring); one per process."""
+    if spec == "template":
+        return template_captioner
+    if spec.startswith("vlm:"):
+        return _vlm_captioner(spec.removeprefix("vlm:"), prompt)
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise PolysenseError(
+            f"recaption.captioner={spec!r}: not 'template', 'vlm:CKPT' or an importable "
+            f"'module:function' ({exc})"
+        ) from exc
