@@ -28,6 +28,7 @@ class DedupConfig:
 class FilterConfig:
     min_similarity: float | None = None  # image-caption cosine (needs `ckpt`); None = off
     top_fraction: float = 0.0  # keep the best-scoring fraction instead (0 = off)
+    max_captions: int = 3  # a sample's score: mean cosine over its first max_captions captions
     min_words: int = 2
     max_words: int = 64
     min_alpha: float = 0.6  # letters / non-space characters: a crude "is this language" check

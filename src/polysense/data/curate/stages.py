@@ -64,6 +64,7 @@ def scan_shard(task: Task) -> float:
         from polysense.data.curate.embed import embed_images, embed_texts
 
         sims = np.full(len(raws), np.nan, dtype=np.float32)
+        texts = [t[: cfg.filter.max_captions] for t in texts]
         rows = [i for i in range(len(raws)) if images[i] is not None and texts[i]]
         if rows:
             img = embed_images(cfg.ckpt, [images[i] for i in rows])  # (M, D)
