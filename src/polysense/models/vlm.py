@@ -1,0 +1,685 @@
+"""Multimodal language model (LLaVA / BLIP-2 recipe): vision encoder -> projector -> GPT decoder.
+
+- `GPT`: a small causal decoder (pre-norm blocks, learned positions, tied input/output
+  embeddings) with a KV cache, so generation costs one token's compute per step. Rows may be
+  left-padded: a key mask hides the padding and positions count only real tokens.
+- Projectors into the LM's embedding space: `linear`, `mlp2x` (Linear-GELU-Linear, LLaVA-1.5) and
+  `qformer` (K learned queries that self-attend and cross-attend to the image tokens, BLIP-2).
+- `VLM`: the image tokens replace the `<image>` placeholder of the chat template
+  `USER: <image>\\n{instruction}\\nASSISTANT: {response}[EOS]`. A wide image (the world's OCR
+  strips, 4:1) is cut into square tiles, each encoded separately, tokens concatenated in order.
+- The vision tower is the ViT of a polysense CLIP checkpoint (`VisionTransformer.forward_features`
+  gives its token sequence: cls + patches).
+
+A checkpoint directory holds `config.json` (an `LMRunConfig` or `VLMRunConfig`), `model.safetensors`
+and `tokenizer.json`; `load_vlm` reads either kind back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from torch import nn
+
+from polysense.config import ConfigError, VisionConfig, dumps, from_dict
+from polysense.data.transforms import images_to_tensor
+from polysense.errors import PolysenseError
+from polysense.fileio import atomic_path, atomic_write_text
+from polysense.models.vit import MLP, Attention, VisionTransformer, init_linear
+
+PAD, BOS, EOS, IMAGE = "[PAD]", "[BOS]", "[EOS]", "<image>"
+CAPTION_INSTRUCTION = "describe the image."
+OCR_INSTRUCTION = "what is written here?"
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+# (k, v) per layer, each (B, H, S, D)
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def chat_prompt(instruction: str) -> str:
+    """The chat template; the image tokens go where `<image>` stands."""
+    return f"USER: {IMAGE}\n{instruction}\nASSISTANT:"
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    family: Literal["lm"] = "lm"
+    vocab_size: int = 512
+    context_length: int = 128  # learned positions: the longest sequence, image tokens included
+    width: int = 192
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    family: Literal["vlm"] = "vlm"
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # copied from the CLIP checkpoint
+    projector: Literal["linear", "mlp2x", "qformer"] = "mlp2x"
+    num_queries: int = 16  # qformer: learned queries = image tokens the LM sees
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    max_tiles: int = 4  # a W:H = k:1 image is cut into k square tiles (k <= max_tiles)
+
+
+@dataclass(frozen=True)
+class VLMTrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    steps: int = 1000
+    max_minutes: float = 0.0  # wall-clock budget (0 = none); the schedule anneals within it
+    lr: float = 1e-3
+    lr_vision: float = 1e-4  # for the top ViT blocks when train_vision_top > 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    # What trains (everything else is frozen: requires_grad False, never in the optimiser).
+    train_lm: bool = True
+    train_projector: bool = True
+    train_vision_top: int = 0  # the last N ViT blocks (+ final LayerNorm) at lr_vision
+    # Stage mixture: fractions of a batch that are captions / QA / OCR (normalised).
+    mix_caption: float = 1.0
+    mix_qa: float = 0.0
+    mix_ocr: float = 0.0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (fast on CPUs with AMX)
+    log_every: int = 10
+    ckpt_every: int = 200
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    lm: str = ""  # an lm-tiny checkpoint: its GPT weights and tokenizer ("" = fresh)
+    vision: str = "runs/quickstart/ckpt"  # a polysense CLIP checkpoint: its ViT
+    vlm: str = ""  # a VLM checkpoint to continue from (stage 2 starts from stage 1)
+
+
+@dataclass(frozen=True)
+class LMRunConfig:
+    name: str = ""
+    model: LMConfig = field(default_factory=LMConfig)
+    train: VLMTrainConfig = field(default_factory=VLMTrainConfig)
+
+
+@dataclass(frozen=True)
+class VLMRunConfig:
+    name: str = ""
+    model: VLMConfig = field(default_factory=VLMConfig)
+    train: VLMTrainConfig = field(default_factory=VLMTrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+class ChatTokenizer:
+    """Byte-level BPE (case kept: OCR text is upper case) with [PAD]/[BOS]/[EOS] and `<image>`."""
+
+    def __init__(self, *, tokenizer: HFTokenizer) -> None:
+        self._tok = tokenizer
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (PAD, BOS, EOS, IMAGE) if t not in vocab]
+        if missing:
+            raise PolysenseError(f"tokenizer lacks the special tokens {missing}")
+        self.pad_id, self.bos_id, self.eos_id = vocab[PAD], vocab[BOS], vocab[EOS]
+        self.image_id = vocab[IMAGE]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Sequence[str], *, vocab_size: int = 512) -> ChatTokenizer:
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[PAD, BOS, EOS, IMAGE],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer=tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ChatTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise PolysenseError(f"{path} does not exist: the checkpoint has no tokenizer")
+        return cls(tokenizer=HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            self._tok.save(str(tmp))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# the language model
+
+
+def attention_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
+    """Causal mask over left-padded rows: key_mask (B, S) True on real tokens -> (B, 1, T, S).
+
+    The T queries are the last T of the S positions. Every query also sees itself, so a padding
+    query has a non-empty row (no NaN); real queries never see padding keys.
+    """
+    s = key_mask.shape[1]
+    q_pos = torch.arange(s - n_query, s, device=key_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(s, device=key_mask.device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal[None] & key_mask[:, None, :]  # (B, T, S)
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]  # (B, 1, T, S)
+
+
+def positions_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting real tokens only (left padding does not shift them): (B, S)."""
+    return (key_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with an optional past (k, v): new keys are appended to the cache."""
+
+    def __init__(self, *, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if width % heads:
+            raise PolysenseError(f"model.lm.width={width} is not divisible by heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, S, D)
+            v = torch.cat([past[1], v], dim=2)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)")), (k, v)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, *, cfg: LMConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width)
+        self.attn = CausalSelfAttention(width=cfg.width, heads=cfg.heads, dropout=cfg.dropout)
+        self.ln_2 = nn.LayerNorm(cfg.width)
+        hidden = round(cfg.width * cfg.mlp_ratio)
+        self.mlp = MLP(width=cfg.width, hidden=hidden, act="gelu", dropout=cfg.dropout)
+
+    def forward(self, x, mask, past):
+        a, kv = self.attn(self.ln_1(x), mask, past)
+        x = x + a  # (B, T, C)
+        return x + self.mlp(self.ln_2(x)), kv
+
+
+class GPT(nn.Module):
+    """Causal decoder over token embeddings; the output head is the token embedding (tied)."""
+
+    def __init__(self, *, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.width))
+        self.blocks = nn.ModuleList(DecoderBlock(cfg=cfg) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.width)
+        self.apply(init_linear)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        for block in self.blocks:  # GPT-2: residual projections scaled by depth
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / (2 * cfg.layers) ** 0.5)
+            nn.init.normal_(block.mlp.fc2.weight, std=0.02 / (2 * cfg.layers) ** 0.5)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        key_mask: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """embeds (B, T, C) of the new tokens; key_mask (B, S) over past + new tokens (True =
+        real). Returns logits (B, T, V) and the cache extended by these T tokens."""
+        t, s = embeds.shape[1], key_mask.shape[1]
+        if s > self.cfg.context_length:
+            raise PolysenseError(
+                f"sequence of {s} tokens exceeds model.lm.context_length="
+                f"{self.cfg.context_length}; shorten the prompt or max_new_tokens"
+            )
+        pos = positions_from_mask(key_mask)[:, s - t :]  # (B, T)
+        x = embeds + self.pos_embed[0, pos]  # (B, T, C)
+        mask = attention_mask(key_mask, t)
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, mask, cache[i] if cache is not None else None)
+            new_cache.append(kv)
+        logits = self.ln_f(x) @ self.token_embed.weight.T  # (B, T, V)
+        return logits, new_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# projectors
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, *, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """x (B, K, C) queries attend to ctx (B, N, C)."""
+        q = rearrange(self.q(x), "b k (h d) -> b h k d", h=self.heads)
+        k, v = rearrange(self.kv(ctx), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, K, D)
+        return self.proj(rearrange(out, "b h k d -> b k (h d)"))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, *, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2, self.ln_3 = (nn.LayerNorm(width) for _ in range(3))
+        self.self_attn = Attention(width=width, heads=heads)
+        self.cross_attn = CrossAttention(width=width, heads=heads)
+        self.mlp = MLP(width=width, hidden=4 * width, act="gelu")
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.ln_1(x))  # (B, K, C)
+        x = x + self.cross_attn(self.ln_2(x), ctx)
+        return x + self.mlp(self.ln_3(x))
+
+
+class QFormer(nn.Module):
+    """K learned queries read the image tokens through cross-attention (BLIP-2's Q-Former, without
+    its text branch): the LM sees K tokens whatever the number of patches."""
+
+    def __init__(self, *, in_width: int, width: int, queries: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, queries, width) * 0.02)
+        self.ctx_proj = nn.Linear(in_width, width)
+        self.layers = nn.ModuleList(QFormerLayer(width=width, heads=heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx_proj(tokens)  # (B, N, C)
+        x = self.queries.expand(tokens.shape[0], -1, -1)  # (B, K, C)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.out(self.ln(x))  # (B, K, C)
+
+
+def build_projector(cfg: VLMConfig) -> nn.Module:
+    vw, lw = cfg.vision.width, cfg.lm.width
+    if cfg.projector == "linear":
+        return nn.Linear(vw, lw)
+    if cfg.projector == "mlp2x":
+        return nn.Sequential(nn.Linear(vw, lw), nn.GELU(), nn.Linear(lw, lw))
+    if cfg.projector == "qformer":
+        return QFormer(
+            in_width=vw,
+            width=lw,
+            queries=cfg.num_queries,
+            layers=cfg.qformer_layers,
+            heads=cfg.qformer_heads,
+        )
+    raise ConfigError(f"model.projector={cfg.projector!r}; use one of 'linear', 'mlp2x', 'qformer'")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: images -> tiles, rows -> left-padded embeddings
+
+
+def image_tiles(image: Image.Image, *, size: int, max_tiles: int) -> list[Image.Image]:
+    """A W:H ~ k:1 image (1 <= k <= max_tiles) -> k square tiles of `size` px, left to right."""
+    image = image.convert("RGB")
+    w, h = image.size
+    k = max(1, min(max_tiles, round(w / h)))
+    if k == 1:
+        return [image]
+    strip = image.resize((k * size, size), resample=Image.Resampling.BICUBIC)
+    return [strip.crop((i * size, 0, (i + 1) * size, size)) for i in range(k)]
+
+
+@dataclass
+class Batch:
+    """One left-padded batch: embeds (B, T, C), key_mask (B, T), labels (B, T) (-100 = no loss;
+    labels[t] is the token that position t predicts)."""
+
+    embeds: torch.Tensor
+    key_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+class VLM(nn.Module):
+    """Vision tower + projector + GPT. `generate` / `score` take PIL images and prompt strings."""
+
+    def __init__(self, *, cfg: VLMConfig, tokenizer: ChatTokenizer) -> None:
+        super().__init__()
+        if tokenizer.vocab_size > cfg.lm.vocab_size:
+            raise PolysenseError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.lm.vocab_size="
+                f"{cfg.lm.vocab_size}; --set model.lm.vocab_size={tokenizer.vocab_size}"
+            )
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.visual = VisionTransformer(cfg=cfg.vision)
+        self.tile_embed = nn.Parameter(torch.zeros(cfg.max_tiles, cfg.vision.width))
+        self.projector = build_projector(cfg)
+        self.lm = GPT(cfg=cfg.lm)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tile_embed.device
+
+    # -- images ---------------------------------------------------------------------------
+    def pixels(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """PIL images -> per image a (k, 3, H, W) tensor of its k tiles, normalised. A tensor
+        (k, 3, H, W) is taken as already tiled and normalised."""
+        v = self.cfg.vision
+        out = []
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                out.append(image if image.ndim == 4 else image[None])
+                continue
+            tiles = image_tiles(image, size=v.image_size, max_tiles=self.cfg.max_tiles)
+            out.append(
+                images_to_tensor(tiles, size=v.image_size, mean=v.image_mean, std=v.image_std)
+            )
+        return out
+
+    def image_tokens(self, images: Sequence[Image.Image | torch.Tensor | None]) -> list:
+        """Per image its LM-space tokens (N, C), None stays None."""
+        pix = self.pixels([im for im in images if im is not None])
+        encoded = iter(self.encode_images(pix)) if pix else iter(())
+        return [None if im is None else next(encoded) for im in images]
+
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(B, k, 3, H, W) normalised tiles -> (B, N, C_lm) tokens for the LM."""
+        b, k = tiles.shape[:2]
+        frozen = not any(p.requires_grad for p in self.visual.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            tokens = self.visual.forward_features(
+                tiles.flatten(0, 1).to(self.device)
+            )  # (B*k, n, W)
+        tokens = rearrange(tokens, "(b k) n w -> b k n w", b=b, k=k) + self.tile_embed[:k, None]
+        tokens = rearrange(tokens, "b k n w -> b (k n) w")  # (B, k*n, W)
+        return self.projector(tokens)  # (B, k*n, C); qformer: (B, num_queries, C)
+
+    def encode_images(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image (k, 3, H, W) -> per image (N, C_lm); images with equal k go through together."""
+        out: list[torch.Tensor | None] = [None] * len(pixels)
+        by_k: dict[int, list[int]] = {}
+        for i, p in enumerate(pixels):
+            by_k.setdefault(p.shape[0], []).append(i)
+        for idx in by_k.values():
+            tokens = self.encode_tiles(torch.stack([pixels[i] for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = tokens[j]
+        return out  # type: ignore[return-value]
+
+    # -- token rows -----------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+
+    def response_ids(self, response: str) -> list[int]:
+        return [*self.tokenizer.encode(" " + response), self.tokenizer.eos_id]
+
+    def build_batch(
+        self,
+        rows: Sequence[Sequence[int]],
+        images: Sequence[torch.Tensor | None],
+        *,
+        n_prompt: Sequence[int] | None = None,
+    ) -> Batch:
+        """Token rows (each with at most one `<image>` id, replaced by that row's image tokens)
+        -> left-padded embeddings. With `n_prompt`, the first n tokens of a row are prompt
+        (no loss) and the rest are targets; without it there are no targets."""
+        embed = self.lm.token_embed
+        pieces, labels = [], []
+        for r, ids in enumerate(rows):
+            ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+            tgt = torch.full_like(ids_t, -100)
+            if n_prompt is not None:
+                tgt[n_prompt[r] - 1 : -1] = ids_t[n_prompt[r] :]  # position t predicts t + 1
+            e = embed(ids_t)  # (L, C)
+            at = (ids_t == self.tokenizer.image_id).nonzero().flatten().tolist()
+            if len(at) > 1:
+                raise PolysenseError(f"a prompt holds {len(at)} {IMAGE} placeholders; use one")
+            if at:
+                if images[r] is None:
+                    raise PolysenseError(f"a prompt has {IMAGE} but no image was given for it")
+                p, img = at[0], images[r].to(e.dtype)
+                e = torch.cat([e[:p], img, e[p + 1 :]])
+                tgt = torch.cat([tgt[:p], tgt.new_full((len(img),), -100), tgt[p + 1 :]])
+            elif images[r] is not None:
+                raise PolysenseError(f"an image was given but its prompt has no {IMAGE}")
+            pieces.append(e)
+            labels.append(tgt)
+        t = max(len(e) for e in pieces)
+        c = embed.weight.shape[1]
+        out = torch.zeros(len(rows), t, c, dtype=embed.weight.dtype, device=self.device)
+        key_mask = torch.zeros(len(rows), t, dtype=torch.bool, device=self.device)
+        lab = torch.full((len(rows), t), -100, dtype=torch.long, device=self.device)
+        for r, (e, y) in enumerate(zip(pieces, labels, strict=True)):
+            out[r, t - len(e) :], key_mask[r, t - len(e) :], lab[r, t - len(y) :] = e, True, y
+        return Batch(embeds=out, key_mask=key_mask, labels=lab)
+
+    def loss(self, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy over the target positions (mean, or sum)."""
+        logits, _ = self.lm(batch.embeds, batch.key_mask)  # (B, T, V)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            batch.labels.flatten(),
+            ignore_index=-100,
+            reduction=reduction,
+        )
+
+    # -- inference ------------------------------------------------------------------------
+    def _prefix(self, images: Sequence[Any], prompts: Sequence[str]) -> Batch:
+        tokens = self.image_tokens(images)
+        return self.build_batch([self.prompt_ids(p) for p in prompts], tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Image.Image | torch.Tensor | None],
+        prompts: Sequence[str],
+        **decode_args: Any,
+    ) -> list[str]:
+        """Decode a response per (image, prompt); `decode_args` go to `polysense.decoding.generate`
+        (strategy greedy/beam/sample, max_new_tokens, num_beams, temperature, top_p, seed)."""
+        from polysense.decoding import LMStepper, generate
+
+        if len(images) != len(prompts):
+            raise PolysenseError(f"{len(images)} images but {len(prompts)} prompts")
+        batch = self._prefix(images, prompts)
+        stepper = LMStepper(self.lm)
+        logits, state = stepper.start(batch.embeds, batch.key_mask)
+        ids = generate(stepper, logits, state, stop_ids=(self.tokenizer.eos_id,), **decode_args)
+        return [self.tokenizer.decode(row) for row in ids]
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: Sequence[Image.Image | torch.Tensor | None],
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        eos: bool = False,
+    ) -> torch.Tensor:
+        """Sum of log p(response tokens | image, prompt) per row: (B,). `eos` adds the end token."""
+        rows, n_prompt = [], []
+        for p, r in zip(prompts, responses, strict=True):
+            pi, ri = self.prompt_ids(p), self.response_ids(r)
+            rows.append(pi + (ri if eos else ri[:-1]))
+            n_prompt.append(len(pi))
+        batch = self.build_batch(rows, self.image_tokens(images), n_prompt=n_prompt)
+        logits, _ = self.lm(batch.embeds, batch.key_mask)
+        logp = logits.float().log_softmax(-1)  # (B, T, V)
+        keep = batch.labels != -100
+        picked = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
+        return (picked * keep).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _write(module: nn.Module, cfg: Any, tokenizer: ChatTokenizer, ckpt_dir: Path) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(ckpt_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tokenizer.save(ckpt_dir / TOKENIZER_FILE)
+    atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")  # last: marks it complete
+    return ckpt_dir
+
+
+def save_vlm(
+    model: VLM | GPT,
+    cfg: VLMRunConfig | LMRunConfig,
+    tokenizer: ChatTokenizer,
+    ckpt_dir: str | Path,
+) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json (each atomically)."""
+    return _write(model, cfg, tokenizer, Path(ckpt_dir))
+
+
+def read_config(ckpt_dir: str | Path) -> VLMRunConfig | LMRunConfig:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise PolysenseError(
+            f"{path} does not exist: {ckpt_dir} is not a checkpoint directory (train one with "
+            "`polysense train vlm-tiny-stage2 --data runs/world-all --out DIR`)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PolysenseError(f"{path}: not valid JSON ({exc})") from None
+    family = data.get("model", {}).get("family")
+    if family not in ("lm", "vlm"):
+        raise PolysenseError(
+            f"{path}: model.family is {family!r}, not a language model ('lm') or VLM ('vlm'); "
+            "pass the checkpoint of `polysense train lm-tiny` or `vlm-tiny-stage1/2`"
+        )
+    try:
+        return from_dict(LMRunConfig if family == "lm" else VLMRunConfig, data)
+    except ConfigError as exc:
+        raise PolysenseError(f"{path}: {exc}") from None
+
+
+def model_family(ckpt_dir: str | Path) -> str:
+    """'clip', 'siglip', 'lm' or 'vlm' from a checkpoint's config.json (no weights read)."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise PolysenseError(f"{path} does not exist: {ckpt_dir} is not a checkpoint directory")
+    return str(json.loads(path.read_text()).get("model", {}).get("family", ""))
+
+
+def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    path = ckpt_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise PolysenseError(f"{path} does not exist: the checkpoint in {ckpt_dir} is incomplete")
+    return load_file(path, device="cpu")
+
+
+def load_lm(ckpt_dir: str | Path) -> tuple[GPT, ChatTokenizer, LMRunConfig]:
+    """An lm-tiny checkpoint -> (GPT, tokenizer, run config), in eval mode."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = read_config(ckpt_dir)
+    if not isinstance(cfg, LMRunConfig):
+        raise PolysenseError(f"{ckpt_dir} holds a VLM, not a language model; use load_vlm")
+    model = GPT(cfg=cfg.model)
+    model.load_state_dict(_weights(ckpt_dir))
+    return model.eval(), ChatTokenizer.from_file(ckpt_dir / TOKENIZER_FILE), cfg
+
+
+def load_vlm(ckpt_dir: str | Path, *, device: str = "cpu") -> VLM:
+    """A VLM checkpoint directory -> the model (with `.run_cfg`), in eval mode."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = read_config(ckpt_dir)
+    if not isinstance(cfg, VLMRunConfig):
+        raise PolysenseError(
+            f"{ckpt_dir} holds a text-only language model (lm-tiny); captioning and VQA need a "
+            "VLM checkpoint from `polysense train vlm-tiny-stage1` or `vlm-tiny-stage2`"
+        )
+    model = VLM(cfg=cfg.model, tokenizer=ChatTokenizer.from_file(ckpt_dir / TOKENIZER_FILE))
+    try:
+        model.load_state_dict(_weights(ckpt_dir))
+    except RuntimeError as exc:
+        raise PolysenseError(
+            f"{ckpt_dir / WEIGHTS_FILE} does not match its config: {str(exc).splitlines()[0]}"
+        ) from None
+    model.run_cfg = cfg
+    return model.to(device).eval()
+
+
+def build_vlm(run: VLMRunConfig, *, texts: Sequence[str] | None = None) -> tuple[VLM, VLMRunConfig]:
+    """A VLM from its init sources: the ViT of the CLIP checkpoint `run.init.vision`, the GPT and
+    tokenizer of `run.init.lm` (or fresh, with a BPE trained on `texts`), or everything from
+    `run.init.vlm`. Returns the model and the run config with the model config it really has."""
+    from polysense.models.clip import load_model
+
+    init = run.init
+    if init.vlm:
+        prev = load_vlm(init.vlm)
+        cfg = dataclasses.replace(run, model=prev.cfg)
+        model = VLM(cfg=prev.cfg, tokenizer=prev.tokenizer)
+        model.load_state_dict(prev.state_dict())
+        return model.train(), cfg
+    if not init.vision:
+        raise ConfigError("init.vision is empty: a VLM needs a CLIP checkpoint for its ViT")
+    clip = load_model(init.vision)
+    lm_cfg = run.model.lm
+    lm_state = None
+    if init.lm:
+        gpt, tokenizer, lm_run = load_lm(init.lm)
+        lm_cfg, lm_state = lm_run.model, gpt.state_dict()
+    else:
+        if texts is None:
+            raise ConfigError("init.lm is empty and no texts were given to train a tokenizer")
+        tokenizer = ChatTokenizer.train(texts, vocab_size=lm_cfg.vocab_size)
+        lm_cfg = dataclasses.replace(lm_cfg, vocab_size=tokenizer.vocab_size)
+    model_cfg = dataclasses.replace(run.model, lm=lm_cfg, vision=clip.cfg.vision)
+    model = VLM(cfg=model_cfg, tokenizer=tokenizer)
+    model.visual.load_state_dict(clip.visual.state_dict())
+    if lm_state is not None:
+        model.lm.load_state_dict(lm_state)
+    return model.train(), dataclasses.replace(run, model=model_cfg)
