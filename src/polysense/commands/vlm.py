@@ -1,0 +1,136 @@
+"""`polysense caption`, `polysense ask` and `polysense chat`: talk to a VLM checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polysense.cli import app, console
+from polysense.errors import PolysenseError
+
+_CKPT = Annotated[Path, typer.Option(help="VLM checkpoint dir (polysense train vlm-tiny-stage2).")]
+_STRATEGY = Annotated[str, typer.Option(help="Decoding: greedy, beam or sample.")]
+_MAX_NEW = Annotated[int, typer.Option(help="Most tokens to generate.")]
+_BEAMS = Annotated[int, typer.Option(help="Beams for --strategy beam.")]
+_TEMP = Annotated[float, typer.Option(help="Temperature for --strategy sample.")]
+_TOP_P = Annotated[float, typer.Option(help="Nucleus mass for --strategy sample.")]
+_SEED = Annotated[int, typer.Option(help="Seed for --strategy sample.")]
+
+
+def _open(paths: list[Path]) -> list:
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        if not path.is_file():
+            raise PolysenseError(f"{path} does not exist; pass an image file (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except OSError as exc:
+            raise PolysenseError(f"{path}: not a readable image ({exc})") from None
+    return images
+
+
+def _decode_args(
+    strategy: str, max_new_tokens: int, beams: int, temperature: float, top_p: float, seed: int
+) -> dict:
+    if strategy not in ("greedy", "beam", "sample"):
+        raise PolysenseError(f"--strategy {strategy!r}: use greedy, beam or sample")
+    return {
+        "strategy": strategy,
+        "max_new_tokens": max_new_tokens,
+        "num_beams": beams,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+    }
+
+
+@app.command("caption")
+def caption_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    ckpt: _CKPT,
+    strategy: _STRATEGY = "greedy",
+    max_new_tokens: _MAX_NEW = 40,
+    beams: _BEAMS = 3,
+    temperature: _TEMP = 0.7,
+    top_p: _TOP_P = 0.9,
+    seed: _SEED = 0,
+) -> None:
+    """Describe each image with the VLM (one line per image).
+
+    Example: `polysense caption --ckpt runs/vlm/stage2 scene.png other.png`
+    """
+    import torch
+
+    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt, load_vlm
+
+    model = load_vlm(ckpt)
+    opened = _open(images)
+    args = _decode_args(strategy, max_new_tokens, beams, temperature, top_p, seed)
+    with torch.no_grad():
+        out = model.generate(opened, [chat_prompt(CAPTION_INSTRUCTION)] * len(opened), **args)
+    for path, text in zip(images, out, strict=True):
+        console.print(f"{path}: {text}", highlight=False, markup=False)
+
+
+@app.command("ask")
+def ask_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.")],
+    question: Annotated[
+        str, typer.Argument(help="The question, e.g. 'what color is the circle?'.")
+    ],
+    ckpt: _CKPT,
+    strategy: _STRATEGY = "greedy",
+    max_new_tokens: _MAX_NEW = 16,
+    beams: _BEAMS = 3,
+    temperature: _TEMP = 0.7,
+    top_p: _TOP_P = 0.9,
+    seed: _SEED = 0,
+) -> None:
+    """Answer one question about an image.
+
+    Example: `polysense ask --ckpt runs/vlm/stage2 scene.png "how many shapes are there?"`
+    """
+    import torch
+
+    from polysense.models.vlm import chat_prompt, load_vlm
+
+    model = load_vlm(ckpt)
+    args = _decode_args(strategy, max_new_tokens, beams, temperature, top_p, seed)
+    with torch.no_grad():
+        answer = model.generate(_open([image]), [chat_prompt(question)], **args)[0]
+    console.print(answer, highlight=False, markup=False)
+
+
+@app.command("chat")
+def chat_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.")],
+    ckpt: _CKPT,
+    max_new_tokens: _MAX_NEW = 40,
+) -> None:
+    """Ask questions about an image, one per line, until an empty line or end of input
+    (each turn sees the image and that question; the tiny model keeps no history).
+
+    Example: `polysense chat --ckpt runs/vlm/stage2 scene.png`
+    """
+    import torch
+
+    from polysense.models.vlm import chat_prompt, load_vlm
+
+    model = load_vlm(ckpt)
+    opened = _open([image])
+    console.print("ask about the image (empty line to quit)")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        with torch.no_grad():
+            reply = model.generate(opened, [chat_prompt(question)], max_new_tokens=max_new_tokens)
+        console.print(f"vlm> {reply[0]}", highlight=False, markup=False)
