@@ -166,16 +166,21 @@ def _range_pairs(search, queries: np.ndarray, chunk: int) -> tuple[np.ndarray, .
 
 
 def hamming_pairs(
-    queries: np.ndarray, database: np.ndarray, radius: int, *, chunk: int = 4096
+    queries: np.ndarray,
+    database: np.ndarray,
+    radius: int,
+    *,
+    flat_limit: int = 200_000,
+    chunk: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (q, d) with Hamming(query q, database d) <= radius; codes are (N, 8) uint8.
 
-    A flat binary index up to 200k codes; beyond, multi-index hashing (radius + 1 substrings,
+    A flat binary index up to `flat_limit` codes; beyond, multi-index hashing (radius + 1 substrings,
     so any pair within the radius agrees exactly on one of them: still exact, far fewer pairs).
     """
     import faiss
 
-    if len(database) <= 200_000:
+    if len(database) <= flat_limit:
         index = faiss.IndexBinaryFlat(64)
     else:
         nhash = min(radius + 1, 8)
