@@ -25,7 +25,7 @@ def lm_tiny() -> LMRunConfig:
     """`polysense train lm-tiny --data runs/world-all --out runs/vlm/lm`: GPT on world text."""
     return LMRunConfig(
         model=LMConfig(vocab_size=512, context_length=128, width=192, layers=4, heads=4),
-        train=VLMTrainConfig(batch_size=64, steps=300, lr=2e-3, warmup_steps=30, max_minutes=3.0),
+        train=VLMTrainConfig(batch_size=64, steps=300, lr=2e-3, warmup_steps=30, max_minutes=2.5),
     )
 
 
@@ -58,7 +58,7 @@ def vlm_tiny_stage2() -> VLMRunConfig:
         train=VLMTrainConfig(
             batch_size=64,
             steps=1200,
-            max_minutes=13.0,
+            max_minutes=12.0,
             lr=1e-3,
             warmup_steps=50,
             train_lm=True,
