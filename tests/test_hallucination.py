@@ -75,7 +75,6 @@ def test_pope_scores_by_hand() -> None:
 
 
 def test_chair_by_hand() -> None:
-    vocab = ObjectVocabulary.world()
     captions = [
         "a red circle and a blue square",  # both right
         "two shapes: a red circle and a green star",  # green star hallucinated

@@ -181,7 +181,9 @@ def test_batched_generation_equals_one_at_a_time(tokenizer) -> None:
     images = [Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 30, 200), (9, 9, 9))]
     prompts = [chat_prompt(q) for q in ("what?", "how many squares are there?", "describe")]
     together = model.generate(images, prompts, max_new_tokens=6)
-    alone = [model.generate([i], [p], max_new_tokens=6)[0] for i, p in zip(images, prompts)]
+    alone = [
+        model.generate([i], [p], max_new_tokens=6)[0] for i, p in zip(images, prompts, strict=True)
+    ]
     assert together == alone
     beams = model.generate(images, prompts, max_new_tokens=6, strategy="beam", num_beams=3)
     assert len(beams) == 3
