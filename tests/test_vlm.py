@@ -296,3 +296,17 @@ def test_commands_caption_ask_chat(world, clip_ckpt, tmp_path) -> None:
     with pytest.raises(PolysenseError, match="not a language model"):
         load_vlm(clip_ckpt)
     assert CAPTION_INSTRUCTION in chat_prompt(CAPTION_INSTRUCTION)
+
+
+def test_multi_turn_rows_target_every_answer_and_nothing_else(world, tokenizer) -> None:
+    model = _tiny_vlm(tokenizer)
+    data = load_split(world, "val", image_size=32)
+    ex = train_vlm.Example(0, "qa", [("what color is the circle?", "red"), ("how many?", "two")])
+    batch = train_vlm.vlm_batch(model, data, [ex])
+    targets = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert targets == model.response_ids("red") + model.response_ids("two")
+    tc = VLMTrainConfig(batch_size=16, mix_caption=0.0, mix_qa=1.0, qa_turns=3)
+    for e in train_vlm.sample_examples(data, tc, step=5):
+        qa = {(q["question"], q["answer"]) for q in data.qa[e.index]}
+        assert 1 <= len(e.turns) <= 3 and set(e.turns) <= qa
+        assert len(set(e.turns)) == len(e.turns)

@@ -112,17 +112,18 @@ def chat_cmd(
     ckpt: _CKPT,
     max_new_tokens: _MAX_NEW = 40,
 ) -> None:
-    """Ask questions about an image, one per line, until an empty line or end of input
-    (each turn sees the image and that question; the tiny model keeps no history).
+    """Ask questions about an image, one per line, until an empty line or end of input; each
+    turn sees the image and the conversation so far (the chat template, turn after turn).
 
     Example: `polysense chat --ckpt runs/vlm/stage2 scene.png`
     """
     import torch
 
-    from polysense.models.vlm import chat_prompt, load_vlm
+    from polysense.models.vlm import conversation, load_vlm
 
     model = load_vlm(ckpt)
     opened = _open([image])
+    history: list[tuple[str, str]] = []
     console.print("ask about the image (empty line to quit)")
     while True:
         try:
@@ -132,5 +133,7 @@ def chat_cmd(
         if not question:
             break
         with torch.no_grad():
-            reply = model.generate(opened, [chat_prompt(question)], max_new_tokens=max_new_tokens)
-        console.print(f"vlm> {reply[0]}", highlight=False, markup=False)
+            prompt = conversation(history, question)
+            reply = model.generate(opened, [prompt], max_new_tokens=max_new_tokens)[0]
+        history.append((question, reply))
+        console.print(f"vlm> {reply}", highlight=False, markup=False)

@@ -53,6 +53,19 @@ def chat_prompt(instruction: str) -> str:
     return f"USER: {IMAGE}\n{instruction}\nASSISTANT:"
 
 
+def chat_turn(instruction: str) -> str:
+    """A further turn of the conversation, after the previous answer and its [EOS]."""
+    return f"\nUSER: {instruction}\nASSISTANT:"
+
+
+def conversation(turns: Sequence[tuple[str, str]], question: str) -> str:
+    """A prompt holding earlier (question, answer) turns, then `question` (chat history)."""
+    text = ""
+    for k, (q, a) in enumerate(turns):
+        text += (chat_prompt(q) if k == 0 else chat_turn(q)) + f" {a}{EOS}"
+    return text + (chat_prompt(question) if not turns else chat_turn(question))
+
+
 # ---------------------------------------------------------------------------------------------
 # configs
 
@@ -102,6 +115,9 @@ class VLMTrainConfig:
     mix_caption: float = 1.0
     mix_qa: float = 0.0
     mix_ocr: float = 0.0
+    # QA rows hold up to this many questions about their image as one conversation (LLaVA's
+    # multi-turn packing: one image prefix serves several answers).
+    qa_turns: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (fast on CPUs with AMX)
     log_every: int = 10
     ckpt_every: int = 200
@@ -467,17 +483,22 @@ class VLM(nn.Module):
         images: Sequence[torch.Tensor | None],
         *,
         n_prompt: Sequence[int] | None = None,
+        targets: Sequence[Sequence[bool]] | None = None,
     ) -> Batch:
         """Token rows (each with at most one `<image>` id, replaced by that row's image tokens)
-        -> left-padded embeddings. With `n_prompt`, the first n tokens of a row are prompt
-        (no loss) and the rest are targets; without it there are no targets."""
+        -> left-padded embeddings. Which tokens are predicted (get a loss): `targets`, a flag
+        per token (several answer spans: a multi-turn conversation), or `n_prompt`, the first n
+        tokens being prompt and the rest targets; neither: no targets."""
         embed = self.lm.token_embed
         pieces, labels = [], []
         for r, ids in enumerate(rows):
             ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
             tgt = torch.full_like(ids_t, -100)
-            if n_prompt is not None:
-                tgt[n_prompt[r] - 1 : -1] = ids_t[n_prompt[r] :]  # position t predicts t + 1
+            if targets is not None:
+                flag = torch.tensor(targets[r], dtype=torch.bool, device=self.device)
+                tgt[:-1] = torch.where(flag[1:], ids_t[1:], -100)  # position t predicts t + 1
+            elif n_prompt is not None:
+                tgt[n_prompt[r] - 1 : -1] = ids_t[n_prompt[r] :]
             e = embed(ids_t)  # (L, C)
             at = (ids_t == self.tokenizer.image_id).nonzero().flatten().tolist()
             if len(at) > 1:

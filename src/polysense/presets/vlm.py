@@ -68,6 +68,7 @@ def vlm_tiny_stage2() -> VLMRunConfig:
             mix_caption=0.35,
             mix_qa=0.5,
             mix_ocr=0.15,
+            qa_turns=4,
         ),
         init=InitConfig(vlm="runs/vlm/stage1", vision="runs/quickstart/ckpt"),
     )

@@ -46,6 +46,8 @@ from polysense.models.vlm import (
     VLMTrainConfig,
     build_vlm,
     chat_prompt,
+    chat_turn,
+    conversation,
     load_lm,
     load_vlm,
     save_vlm,
@@ -127,6 +129,10 @@ def world_texts(data: SplitData) -> list[str]:
         texts += caps
         texts += [_text_only(CAPTION_INSTRUCTION, c) for c in caps]
         texts += [_text_only(q["question"], q["answer"]) for q in qa]
+        if len(qa) > 1:  # QA of the scene as one conversation (4 turns fit any context)
+            turns = [(q["question"], q["answer"]) for q in qa[:4]]
+            chat = conversation(turns[:-1], turns[-1][0]) + " " + turns[-1][1]
+            texts.append(chat.replace(IMAGE, "").replace(": \n", ":\n"))
         if ocr:
             texts.append(_text_only(OCR_INSTRUCTION, ocr))
     return texts
@@ -146,10 +152,11 @@ def tile_pixels(strips: torch.Tensor, size: int, mean: Any, std: Any) -> torch.T
 
 @dataclass
 class Example:
+    """One training row: a scene (or its OCR strip) and its (instruction, response) turns."""
+
     index: int
     task: str  # caption / qa / ocr
-    instruction: str
-    response: str
+    turns: list[tuple[str, str]]
 
 
 def sample_examples(data: SplitData, tc: VLMTrainConfig, step: int) -> list[Example]:
@@ -168,12 +175,13 @@ def sample_examples(data: SplitData, tc: VLMTrainConfig, step: int) -> list[Exam
             task = "caption"
         if task == "caption":
             caps = data.captions[i]
-            out.append(Example(i, task, CAPTION_INSTRUCTION, caps[gen.integers(len(caps))]))
+            out.append(Example(i, task, [(CAPTION_INSTRUCTION, caps[gen.integers(len(caps))])]))
         elif task == "qa":
-            q = data.qa[i][gen.integers(len(data.qa[i]))]
-            out.append(Example(i, task, q["question"], q["answer"]))
+            order = gen.permutation(len(data.qa[i]))[: max(1, tc.qa_turns)]
+            qa = [(data.qa[i][j]["question"], data.qa[i][j]["answer"]) for j in order]
+            out.append(Example(i, task, qa))
         else:
-            out.append(Example(i, task, OCR_INSTRUCTION, data.ocr_text[i]))
+            out.append(Example(i, task, [(OCR_INSTRUCTION, data.ocr_text[i])]))
     return out
 
 
@@ -191,13 +199,21 @@ def vlm_batch(model: VLM, data: SplitData, examples: list[Example]) -> Any:
         x = tile_pixels(data.ocr[strips], v.image_size, v.image_mean, v.image_std)
         for i, t in zip(strips, model.encode_tiles(x), strict=True):
             pix[("ocr", i)] = t
-    rows, n_prompt, tokens = [], [], []
+    rows, targets, tokens = [], [], []
     for e in examples:
-        p = model.prompt_ids(chat_prompt(e.instruction))
-        rows.append(p + model.response_ids(e.response))
-        n_prompt.append(len(p))
+        row, flags = [], []
+        for k, (instruction, response) in enumerate(e.turns):
+            if k == 0:
+                p = model.prompt_ids(chat_prompt(instruction))
+            else:
+                p = model.tokenizer.encode(chat_turn(instruction))
+            a = model.response_ids(response)
+            row += p + a
+            flags += [False] * len(p) + [True] * len(a)
+        rows.append(row)
+        targets.append(flags)
         tokens.append(pix[("ocr" if e.task == "ocr" else "scene", e.index)])
-    return model.build_batch(rows, tokens, n_prompt=n_prompt)
+    return model.build_batch(rows, tokens, targets=targets)
 
 
 def lm_batch(lm: GPT, tok: ChatTokenizer, texts: list[str]) -> tuple[torch.Tensor, ...]:
