@@ -438,9 +438,9 @@ def _autocast(precision: str) -> Any:
 
 
 def _vlm_loss(model: VLM, data: SplitData, examples: list[Example], precision: str) -> torch.Tensor:
-    """Mean answer-token loss; OCR rows (4 tiles: long) and scene rows run as two micro-batches
-    so that short rows are not padded to the OCR length."""
-    groups = [[e for e in examples if e.task == "ocr"], [e for e in examples if e.task != "ocr"]]
+    """Mean answer-token loss; each task's rows run as their own micro-batch, so that short
+    rows (captions) are not padded to the length of long ones (OCR: 4 tiles; QA: 4 turns)."""
+    groups = [[e for e in examples if e.task == task] for task in ("caption", "qa", "ocr")]
     total, count = None, 0
     for group in groups:
         if not group:
