@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from polysense.cli import app, console
+from polysense.cli import app, bench_app, console
 from polysense.errors import PolysenseError
 
 _CKPT = Annotated[Path, typer.Option(help="VLM checkpoint dir (polysense train vlm-tiny-stage2).")]
@@ -137,3 +137,95 @@ def chat_cmd(
             reply = model.generate(opened, [prompt], max_new_tokens=max_new_tokens)[0]
         history.append((question, reply))
         console.print(f"vlm> {reply}", highlight=False, markup=False)
+
+
+@bench_app.command("vlm")
+def bench_vlm_cmd(
+    ckpt: _CKPT,
+    data: Annotated[Path, typer.Option(help="World dir with the split to draw examples from.")],
+    out: Annotated[Path, typer.Option(help="Output dir for vlm.json, vlm.md and vlm.png.")],
+    split: Annotated[str, typer.Option(help="World split.")] = "test",
+    examples: Annotated[int, typer.Option(help="Scenes shown in the figure.")] = 6,
+) -> None:
+    """Example generations (image, caption, a question and its answer) drawn to a PNG, beside the
+    results table of CKPT/metrics.json (written by `polysense train vlm-tiny-stage2`).
+
+    Example: `polysense bench vlm --ckpt runs/vlm/stage2 --data runs/world-all --out runs/vlm/bench`
+    """
+    import json
+    import textwrap
+
+    import torch
+
+    from polysense.bench.report import write_report
+    from polysense.eval.captioning import generate_captions, scene_pixels
+    from polysense.eval.vqa import answer_questions
+    from polysense.models.vlm import load_vlm
+    from polysense.train.vlm import load_split
+
+    model = load_vlm(ckpt)
+    scenes = load_split(data, split, image_size=model.cfg.vision.image_size, limit=examples)
+    with torch.no_grad():
+        captions = generate_captions(model, scenes.images)
+        qa = [q[0] if q else {"question": "", "answer": ""} for q in scenes.qa]
+        pix = scene_pixels(model.cfg.vision, scenes.images)
+        answers = answer_questions(model, pix, [q["question"] for q in qa])
+    rows_out = [
+        {
+            "key": k,
+            "generated": c,
+            "reference": refs[0],
+            "question": q["question"],
+            "answer": q["answer"],
+            "predicted": a,
+        }
+        for k, c, refs, q, a in zip(
+            scenes.keys, captions, scenes.captions, qa, answers, strict=True
+        )
+    ]
+    metrics_path = ckpt / "metrics.json"
+    table = []
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        for name, src in (
+            ("VLM (greedy)", m),
+            ("nearest-neighbour caption", m.get("baseline_nn", {})),
+            ("most frequent caption", m.get("baseline_most_frequent", {})),
+        ):
+            table.append(
+                {"model": name}
+                | {k: src.get(k) for k in ("bleu1", "bleu4", "cider")}
+                | {k: m.get(k) if name.startswith("VLM") else None for k in _VLM_KEYS}
+            )
+
+    def plot(ax) -> None:
+        ax.axis("off")
+        cols = 3
+        nrows = (len(rows_out) + cols - 1) // cols
+        for j, (row, img) in enumerate(zip(rows_out, scenes.images, strict=True)):
+            r, c = divmod(j, cols)
+            x0, y0 = c / cols, 1 - (r + 1) / nrows
+            inset = ax.inset_axes([x0 + 0.01, y0 + 0.5 / nrows, 0.12, 0.45 / nrows])
+            inset.imshow(img.numpy(), interpolation="nearest")
+            inset.axis("off")
+            text = "\n".join(
+                textwrap.wrap(f"gen: {row['generated']}", 34)
+                + textwrap.wrap(f"ref: {row['reference']}", 34)
+                + textwrap.wrap(f"Q: {row['question']}", 34)
+                + [f"A: {row['predicted']} (truth: {row['answer']})"]
+            )
+            ax.text(x0 + 0.005, y0 + 0.49 / nrows, text, fontsize=5.5, va="top", family="monospace")
+
+    write_report(
+        out,
+        "vlm",
+        {"ckpt": str(ckpt), "split": split, "examples": rows_out},
+        table or rows_out,
+        plot,
+        title="VLM: example generations and results",
+        notes=f"Checkpoint {ckpt}, world split {split}; captions by greedy decoding.",
+    )
+    console.print(f"wrote {out / 'vlm.json'}, vlm.md and vlm.png")
+
+
+_VLM_KEYS = ("vqa_accuracy", "pope_f1", "chair_i", "chair_s", "ocr_exact_match")
