@@ -13,22 +13,42 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from polysense.bench.report import write_report
 from polysense.data.curate import (
     ContaminationConfig,
     CurateConfig,
     FilterConfig,
     RecaptionConfig,
+    SafetyConfig,
     run_curate,
+    train_probe,
 )
-from polysense.data.noisy import build_noisy_corpus, read_truth, score_dedup, score_leaks
+from polysense.data.noisy import (
+    build_noisy_corpus,
+    probe_examples,
+    read_truth,
+    score_dedup,
+    score_leaks,
+)
 
 DEFAULTS = {"n_base": 8000, "steps": 900, "max_minutes": 5.0}
 
 
-def curate_config(corpus: Path, out: Path, *, ckpt: str, world: str, workers: int) -> CurateConfig:
+def curate_config(
+    corpus: Path,
+    out: Path,
+    *,
+    ckpt: str,
+    world: str,
+    workers: int,
+    probe: str = "",
+    probe_threshold: float = 0.5,
+) -> CurateConfig:
     """The bench's curation: every stage, the image-caption filter at cosine 0.8 with the given
-    checkpoint (trained on clean data: the role a public CLIP plays for web data)."""
+    checkpoint (trained on clean data: the role a public CLIP plays for web data), the safety
+    probe when one is given."""
     return CurateConfig(
         name="bench-curation",
         source=str(corpus),
@@ -36,6 +56,7 @@ def curate_config(corpus: Path, out: Path, *, ckpt: str, world: str, workers: in
         ckpt=ckpt,
         workers=workers,
         filter=FilterConfig(min_similarity=0.8),
+        safety=SafetyConfig(probe=probe, threshold=probe_threshold),
         recaption=RecaptionConfig(captioner="template", mix_ratio=0.3),
         contamination=ContaminationConfig(eval_source=world, eval_splits=("test", "test_novel")),
     )
@@ -83,20 +104,60 @@ def run_curation_bench(
     t0 = time.perf_counter()
     summary = build_noisy_corpus(world, corpus, n_base=n_base)
     corpus_seconds = time.perf_counter() - t0
-    cfg = curate_config(corpus, out / "curated", ckpt=ckpt, world=world, workers=workers)
+    from polysense.data.curate.embed import embed_images
+
+    images, labels = probe_examples(world)  # val split: disjoint from the corpus
+    half = len(images) // 2
+    embeddings = embed_images(ckpt, images)
+    probe = train_probe(embeddings[:half], labels[:half])
+    # the threshold: at most 1 % of the clean training images flagged
+    train_scores = probe(images[:half], embeddings[:half])
+    threshold = float(np.quantile(train_scores[labels[:half] == 0], 0.99)) + 1e-6
+    held_out = probe(images[half:], embeddings[half:]) >= threshold
+    probe_quality = {
+        "threshold": threshold,
+        "recall": float(held_out[labels[half:] == 1].mean()),
+        "false_positive_rate": float(held_out[labels[half:] == 0].mean()),
+        "n_train": half,
+        "n_test": len(images) - half,
+    }
+    probe.save(out / "probe.npz")
+    cfg = curate_config(
+        corpus,
+        out / "curated",
+        ckpt=ckpt,
+        world=world,
+        workers=workers,
+        probe=str(out / "probe.npz"),
+        probe_threshold=threshold,
+    )
     report = run_curate(cfg)
     truth = read_truth(corpus)
     rejects = [json.loads(x) for x in (out / "curated" / "rejects.jsonl").read_text().splitlines()]
     by_stage: dict[str, set[str]] = {}
+    by_reason: dict[str, set[str]] = {}
     for r in rejects:
         by_stage.setdefault(r["stage"], set()).add(r["key"])
+        by_reason.setdefault(r["reason"], set()).add(r["key"])
     # contamination is scored on the samples that reached it (earlier stages may drop leaks)
     reached = set(by_stage.get("contamination", set()))
     dropped_before = set().union(*(v for k, v in by_stage.items() if k != "contamination"))
     leak_truth = [t for t in truth if t["key"] not in dropped_before]
+    safety_truth = [
+        t
+        for t in truth
+        if t["key"] not in by_stage.get("dedup", set()) | by_stage.get("filter", set())
+    ]
     quality = {
         "dedup": score_dedup(truth, by_stage.get("dedup", set())),
         "contamination": score_leaks(leak_truth, reached),
+        "safety_blocklist": score_leaks(
+            safety_truth, by_reason.get("blocklist", set()), "blocklist"
+        ),
+        "safety_probe": score_leaks(
+            safety_truth, by_reason.get("unsafe_image", set()), "unsafe_image"
+        ),
+        "probe_held_out": probe_quality,
     }
     runs = {}
     for name, data in (("raw", corpus), ("curated", out / "curated")):

@@ -5,7 +5,8 @@ From the world's train split it takes scenes that are unique by their metadata (
 and no test scene, with the same objects within 2 px: the world itself holds such near-copies,
 which would blur what was injected), then injects: shuffled captions (caption sets moved to
 other images), near-duplicates (exact copies, JPEG re-encodes, brightness, noise, blur),
-blocklisted words in captions, non-language captions, and test-set leaks (test scenes, copied
+blocklisted words in captions, non-language captions, "unsafe" images (a black X drawn across:
+a stand-in for content an image classifier should flag), and test-set leaks (test scenes, copied
 or re-encoded). `truth.jsonl` says, per key, the kind and the original (``of``).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance
 
 from polysense.data.curate import shards as sh
 from polysense.data.curate.stages import read_blocklist
@@ -49,6 +50,26 @@ def perturb(im: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image
         small = im.resize((max(1, w * 3 // 4), max(1, h * 3 // 4)), Image.BILINEAR)
         return small.resize((w, h), Image.BILINEAR)
     raise PolysenseError(f"unknown perturbation {kind!r}; choose from {PERTURBATIONS}")
+
+
+def mark_unsafe(im: Image.Image) -> Image.Image:
+    """The stand-in for unsafe content: a 2 px black X from corner to corner."""
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    w, h = im.size
+    draw.line([(0, 0), (w - 1, h - 1)], fill=(0, 0, 0), width=2)
+    draw.line([(0, h - 1), (w - 1, 0)], fill=(0, 0, 0), width=2)
+    return im
+
+
+def probe_examples(world: str | Path, n: int = 1000) -> tuple[list[Image.Image], np.ndarray]:
+    """Labelled images for the safety probe from the world's val split (disjoint from the
+    corpus): every other one marked (label 1)."""
+    from polysense.data.readers import read_samples
+
+    samples = list(read_samples(world, split="val", limit=n))
+    images = [mark_unsafe(s["image"]) if i % 2 else s["image"] for i, s in enumerate(samples)]
+    return images, np.asarray([i % 2 for i in range(len(samples))], dtype=np.float32)
 
 
 def _layout(sample: dict[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -95,6 +116,7 @@ def build_noisy_corpus(
     near_dups: float = 0.2,
     blocklisted: float = 0.03,
     garbage: float = 0.02,
+    unsafe: float = 0.02,
     leaks: float = 0.03,
     seed: int = 0,
     shard_size: int = 1000,
@@ -135,15 +157,16 @@ def build_noisy_corpus(
             ("shuffled", shuffled),
             ("blocklist", blocklisted),
             ("garbage", garbage),
+            ("unsafe_image", unsafe),
             ("near_dup", near_dups),
             ("leak", leaks),
         )
     }
-    if counts["shuffled"] + counts["blocklist"] + counts["garbage"] + counts["near_dup"] > n:
+    if sum(counts.values()) - counts["leak"] > n:
         raise PolysenseError("the injected fractions of base samples add up to more than 1")
     order = rng.permutation(n)
-    cut = np.cumsum([counts["shuffled"], counts["blocklist"], counts["garbage"]])
-    shuf, block, junk, clean = np.split(order, cut)
+    cut = np.cumsum([counts[k] for k in ("shuffled", "blocklist", "garbage", "unsafe_image")])
+    shuf, block, junk, marked, clean = np.split(order, cut)
     captions = [list(s["text"]) for s in base]
     kind = ["clean"] * n
     # shuffled: a cyclic shift of caption sets over a random order has no fixed point
@@ -157,10 +180,13 @@ def build_noisy_corpus(
     for j, i in enumerate(junk):
         captions[i] = [_GARBAGE[j % len(_GARBAGE)].format(n=int(rng.integers(10_000)))]
         kind[i] = "garbage"
+    images = [s["image"] for s in base]
+    for i in marked:
+        images[i], kind[i] = mark_unsafe(images[i]), "unsafe_image"
     rows: list[tuple[sh.Raw, dict[str, Any]]] = []
     for i, s in enumerate(base):
         truth = {"kind": kind[i], "of": None, "source_key": s["key"]}
-        rows.append((_raw("", s["image"], s, captions[i]), truth))
+        rows.append((_raw("", images[i], s, captions[i]), truth))
     for j, i in enumerate(rng.choice(clean, counts["near_dup"], replace=False)):
         how = PERTURBATIONS[j % len(PERTURBATIONS)]
         image = perturb(base[i]["image"], how, rng)
@@ -230,9 +256,12 @@ def score_dedup(truth: Sequence[dict[str, Any]], dropped: set[str]) -> dict[str,
     }
 
 
-def score_leaks(truth: Sequence[dict[str, Any]], flagged: set[str]) -> dict[str, float]:
-    """Recall of injected test-set leaks and false-positive rate among the other samples."""
-    leaks = {t["key"] for t in truth if t["kind"] == "leak"}
+def score_leaks(
+    truth: Sequence[dict[str, Any]], flagged: set[str], kind: str = "leak"
+) -> dict[str, float]:
+    """Recall of the injected `kind` (test-set leaks by default) among the flagged keys, and
+    the false-positive rate among the other samples."""
+    leaks = {t["key"] for t in truth if t["kind"] == kind}
     others = len(truth) - len(leaks)
     return {
         "recall": len(flagged & leaks) / len(leaks) if leaks else 1.0,

@@ -32,7 +32,8 @@ class EmbeddingProbe:
                 f"safety.probe expects {len(self.weight)}-d embeddings, the checkpoint gives "
                 f"{embeddings.shape[1]}-d: train the probe on the same checkpoint"
             )
-        return 1.0 / (1.0 + np.exp(-(embeddings @ self.weight + self.bias)))  # (N,)
+        logits = embeddings @ self.weight + self.bias  # (N,)
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow
 
     def save(self, path: str | Path) -> None:
         with atomic_open(path, "wb") as fh:
@@ -47,7 +48,7 @@ class EmbeddingProbe:
 
 
 def train_probe(
-    embeddings: np.ndarray, labels: np.ndarray, *, l2: float = 1e-3, steps: int = 200
+    embeddings: np.ndarray, labels: np.ndarray, *, l2: float = 1e-4, steps: int = 200
 ) -> EmbeddingProbe:
     """Fit the probe with L-BFGS on the (class-balanced) logistic loss plus an L2 penalty."""
     x = torch.as_tensor(embeddings, dtype=torch.float32)  # (N, D)
