@@ -132,6 +132,9 @@ def run_curation_bench(
         probe_threshold=threshold,
     )
     report = run_curate(cfg)
+    import resource
+
+    curate_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     truth = read_truth(corpus)
     rejects = [json.loads(x) for x in (out / "curated" / "rejects.jsonl").read_text().splitlines()]
     by_stage: dict[str, set[str]] = {}
@@ -176,6 +179,7 @@ def run_curation_bench(
         "corpus": summary | {"build_seconds": corpus_seconds},
         "budget": {"steps": steps, "max_minutes": max_minutes, "batch_size": 128},
         "curate_wall_seconds": report["wall_seconds"],
+        "curate_peak_rss_gib": curate_peak_gib,
         "total_seconds": time.perf_counter() - started,
     }
     table = [
