@@ -71,6 +71,61 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    """AST-style audio tower: log-mel spectrogram (torch STFT + mel filterbank), patches, ViT."""
+
+    sample_rate: int = 16000  # the loader resamples every clip to this rate
+    clip_seconds: float = 1.0  # clips are cropped (centre) or zero-padded to this length
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 64
+    f_min: float = 0.0
+    f_max: float = 0.0  # 0 = sample_rate / 2
+    # log-mel (dB) is standardised with fixed statistics (AST's dataset mean / std), not per clip:
+    # loudness carries meaning (object size in the world).
+    norm_mean: float = -40.0
+    norm_std: float = 20.0
+    patch_freq: int = 16  # patch height in mel bins
+    patch_time: int = 16  # patch width in frames
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pool: Literal["cls", "mean"] = "cls"
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+    act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Video ViT: per-frame patches (+ temporal embedding), joint or divided space-time attention."""
+
+    num_frames: int = 8  # frames sampled uniformly from each clip
+    image_size: int = 32
+    patch_size: int = 8
+    in_channels: int = 3
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # "joint": every token attends to every token of every frame (cost ~ (T N)^2);
+    # "divided": TimeSformer, temporal attention (same patch across frames) then spatial (~ T N^2).
+    attention: Literal["joint", "divided"] = "divided"
+    pool: Literal["cls", "mean"] = "cls"
+    stem: Literal["patch", "conv"] = "patch"
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+    act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
+    ln_pre: bool = True
+    patch_bias: bool = False
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # A polysense image checkpoint (CLIP dir) whose vision tower initialises the spatial weights.
+    init_from_image: str = ""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     family: Literal["clip", "siglip"] = "clip"
     embed_dim: int = 128
@@ -83,6 +138,20 @@ class ModelConfig:
     # (SigLIP's text head) or "none" (SigLIP's vision tower: the MAP head output is the embedding).
     vision_proj: Literal["linear", "linear_bias", "none"] = "linear"
     text_proj: Literal["linear", "linear_bias", "none"] = "linear"
+    # Towers built into one model: any of image, text, audio, video. Two towers are aligned with
+    # each other; more are each aligned with `anchor` (ImageBind-style, image as the anchor).
+    towers: tuple[str, ...] = ("image", "text")
+    anchor: str = "image"
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio_proj: Literal["linear", "linear_bias"] = "linear"
+    video_proj: Literal["linear", "linear_bias"] = "linear"
+
+    def loss_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (a, b) modality pairs trained contrastively (image is the usual anchor)."""
+        if len(self.towers) == 2:
+            return ((self.towers[0], self.towers[1]),)
+        return tuple((self.anchor, t) for t in self.towers if t != self.anchor)
 
 
 @dataclass(frozen=True)
@@ -203,6 +272,9 @@ def _coerce(text: str, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}={text!r}: expected {tp}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()]
+        return tuple(_coerce(p, args[0], key) for p in parts)
     if origin is tuple:
         parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
         if len(parts) != len(args):

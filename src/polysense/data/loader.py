@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,3 +143,178 @@ class PairBatches:
         """(images (b, 3, H, W) float32, ids (b, L) long) for this rank at `step`."""
         idx, caption_idx = self.indices(step)
         return normalize(self.data.images[idx], self.mean, self.std), self.ids[caption_idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# more than images and captions: the data of a multi-tower model (audio, video, ImageBind-style)
+
+
+@dataclass
+class TowerData:
+    """N samples holding every modality a multi-tower model trains on (None where unused).
+
+    `images` (N, H, W, 3) uint8; `audio` (N, S) float16 at the model's rate (half the memory of
+    float32; 16-bit PCM sources lose nothing); `video` (N, T, H, W, 3) uint8; `captions` one list
+    per sample (empty lists when the model has no text tower)."""
+
+    keys: list[str]
+    captions: list[list[str]]
+    images: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    video: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def collect_towers(
+    samples: Iterable[dict],
+    *,
+    modalities: tuple[str, ...],
+    image_size: int = 32,
+    audio_samples: int = 16000,
+    video_frames: int = 8,
+    video_size: int = 32,
+    source: str = "data",
+) -> TowerData:
+    """Keep the samples that have every modality in `modalities`; audio is centre-cropped or
+    padded to `audio_samples` (already at the model's rate), videos are `video_frames` frames
+    (sampled uniformly) resized to `video_size`."""
+    from polysense.data.readers import fit_clip, sample_frame_indices
+
+    keys: list[str] = []
+    captions: list[list[str]] = []
+    cols: dict[str, list[np.ndarray]] = {m: [] for m in ("image", "audio", "video")}
+    for sample in samples:
+        texts = [t for t in sample.get("text") or [] if t and t.strip()]
+        if ("text" in modalities and not texts) or any(
+            sample.get(m) is None for m in modalities if m != "text"
+        ):
+            continue
+        keys.append(sample["key"])
+        captions.append(texts if "text" in modalities else [])
+        if "image" in modalities:
+            cols["image"].append(np.asarray(resize_center_crop(sample["image"], image_size)))
+        if "audio" in modalities:
+            cols["audio"].append(fit_clip(sample["audio"], audio_samples).astype(np.float16))
+        if "video" in modalities:
+            video = sample["video"]
+            video = video[sample_frame_indices(len(video), video_frames)]  # (T, H, W, 3)
+            if video.shape[1:3] != (video_size, video_size):
+                from PIL import Image
+
+                video = np.stack(
+                    [np.asarray(resize_center_crop(Image.fromarray(f), video_size)) for f in video]
+                )
+            cols["video"].append(video)
+    if not keys:
+        raise DataError(f"{source}: no samples with all of {', '.join(modalities)}")
+
+    def stack(name: str) -> torch.Tensor | None:
+        return torch.from_numpy(np.stack(cols[name])) if cols[name] else None
+
+    return TowerData(
+        keys=keys,
+        captions=captions,
+        images=stack("image"),
+        audio=stack("audio"),
+        video=stack("video"),
+    )
+
+
+def load_towers(
+    path: str | Path,
+    *,
+    split: str | None,
+    model: Any,
+    caption_key: str = "caption",
+    image_key: str = "image",
+    rejects_path: Path | None = None,
+    limit: int | None = None,
+) -> TowerData:
+    """Read any supported source into memory for the towers of `model` (a `ModelConfig`)."""
+    from polysense.data.readers import Rejects, read_samples
+
+    where = f"{path}" + (f" (split {split})" if split else "")
+    audio, video = model.audio, model.video
+    with Rejects(path=rejects_path) as rejects:
+        samples = read_samples(
+            path,
+            split=split,
+            image_key=image_key,
+            caption_key=caption_key,
+            rejects=rejects,
+            limit=limit,
+            sample_rate=audio.sample_rate if "audio" in model.towers else None,
+        )
+        return collect_towers(
+            samples,
+            modalities=tuple(model.towers),
+            image_size=model.vision.image_size,
+            audio_samples=round(audio.sample_rate * audio.clip_seconds),
+            video_frames=video.num_frames,
+            video_size=video.image_size,
+            source=where,
+        )
+
+
+class TowerBatches(PairBatches):
+    """`PairBatches` for any set of towers: `batch(step)` -> {modality: tensor} for this rank.
+
+    The same (seed, step) -> samples and caption choice as `PairBatches`, so resuming is exact."""
+
+    def __init__(
+        self,
+        *,
+        data: TowerData,
+        tokenizer: Tokenizer | None,
+        batch_size: int,
+        seed: int,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+        video_mean: tuple[float, ...],
+        video_std: tuple[float, ...],
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        has_text = tokenizer is not None and any(data.captions)
+        pair_view = PairData(
+            keys=data.keys,
+            images=torch.empty(0),
+            captions=data.captions if has_text else [["-"] for _ in data.keys],
+        )
+        super().__init__(
+            data=pair_view,
+            tokenizer=tokenizer if has_text else _NoTokens(),
+            batch_size=batch_size,
+            seed=seed,
+            mean=image_mean,
+            std=image_std,
+            rank=rank,
+            world=world,
+        )
+        self.towers, self.has_text = data, has_text
+        self.video_mean, self.video_std = video_mean, video_std
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """{"image": (b, 3, H, W), "text": (b, L), "audio": (b, S), "video": (b, T, 3, H, W)}."""
+        idx, caption_idx = self.indices(step)
+        d, out = self.towers, {}
+        if d.images is not None:
+            out["image"] = normalize(d.images[idx], self.mean, self.std)
+        if self.has_text:
+            out["text"] = self.ids[caption_idx]
+        if d.audio is not None:
+            out["audio"] = d.audio[idx].float()  # (b, S)
+        if d.video is not None:
+            b, t = d.video[idx].shape[:2]
+            frames = normalize(d.video[idx].flatten(0, 1), self.video_mean, self.video_std)
+            out["video"] = frames.view(b, t, *frames.shape[1:])  # (b, T, 3, H, W)
+        return out
+
+
+class _NoTokens:
+    """Stands in for a tokenizer when a model has no text tower (one dummy id per caption)."""
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        return torch.zeros(len(texts), 1, dtype=torch.long), 0

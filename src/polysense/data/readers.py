@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,7 @@ from polysense.errors import DataError
 SUPPORTED_FORMATS = ("world", "wds", "csv", "tsv", "jsonl", "coco", "imagefolder")
 WORLD_SPLITS = ("train", "val", "test", "test_novel")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")  # decoded with PyAV; ".npy" with numpy
 # Fields a reader sets itself; a CSV column or JSON field with one of these names is not copied.
 _RESERVED = frozenset(
     {"key", "source", "image", "text", "audio", "sample_rate", "video", "ocr_image", "image_path"}
@@ -112,6 +114,8 @@ class _Options:
     image_root: Path | None
     caption_template: str
     rejects: Rejects
+    sample_rate: int | None = None  # resample every clip to this rate (None: keep the file's)
+    num_frames: int | None = None  # sample this many frames from every video (None: keep all)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,23 +227,85 @@ def _decode_image(data: bytes | Path, reason: str = "undecodable_image") -> Imag
         raise _Skip(reason, f"{type(exc).__name__}: {exc}") from exc
 
 
-def _decode_audio(data: bytes | Path) -> tuple[np.ndarray, int]:
+def resample_audio(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """(S,) at `rate` -> about S * target / rate samples at `target` (polyphase filter)."""
+    if rate == target:
+        return wave
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(rate), int(target))
+    return resample_poly(wave, int(target) // g, int(rate) // g).astype(np.float32)
+
+
+def fit_clip(wave: np.ndarray, n: int) -> np.ndarray:
+    """Centre-crop or zero-pad a (S,) waveform to exactly n samples."""
+    if len(wave) >= n:
+        start = (len(wave) - n) // 2
+        return np.ascontiguousarray(wave[start : start + n], dtype=np.float32)
+    out = np.zeros(n, dtype=np.float32)
+    out[: len(wave)] = wave
+    return out
+
+
+def sample_frame_indices(
+    n_total: int, n: int, *, mode: str = "uniform", generator: np.random.Generator | None = None
+) -> np.ndarray:
+    """(n,) frame indices out of `n_total`, TSN-style: the clip is cut into n equal segments and
+    each gives its middle frame ("uniform") or a random one ("random"); short clips repeat frames."""
+    if n_total < 1 or n < 1:
+        raise DataError(f"frame sampling needs n_total >= 1 and n >= 1 (got {n_total}, {n})")
+    edges = np.linspace(0, n_total, n + 1)
+    if mode == "uniform":
+        pos = (edges[:-1] + edges[1:]) / 2
+    elif mode == "random":
+        rng = generator if generator is not None else np.random.default_rng()
+        pos = edges[:-1] + rng.random(n) * (edges[1:] - edges[:-1])
+    else:
+        raise DataError(f"frame sampling mode {mode!r}: use 'uniform' or 'random'")
+    return np.minimum(np.floor(pos).astype(np.int64), n_total - 1)
+
+
+def _decode_audio(data: bytes | Path, target_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """WAV/FLAC/OGG via soundfile, mixed down to mono, resampled to `target_rate` if given."""
     try:
         src = io.BytesIO(data) if isinstance(data, bytes) else data
         wave, rate = soundfile.read(src, dtype="float32", always_2d=True)  # (T, channels)
     except Exception as exc:
         raise _Skip("undecodable_audio", f"{type(exc).__name__}: {exc}") from exc
-    return np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32), int(rate)  # (T,)
+    mono = np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32)  # (T,)
+    if target_rate is not None and int(rate) != target_rate:
+        return resample_audio(mono, int(rate), target_rate), target_rate
+    return mono, int(rate)
 
 
-def _decode_video(data: bytes | Path) -> np.ndarray:
+def _decode_av(src: io.BytesIO | Path) -> np.ndarray:
+    """Every frame of the first video stream of a container file (mp4, webm ...) via PyAV."""
+    import av
+
+    with av.open(src if isinstance(src, io.BytesIO) else str(src)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError("the video stream has no frames")
+    return np.stack(frames)  # (T, H, W, 3)
+
+
+def _decode_video(
+    data: bytes | Path, suffix: str = ".npy", num_frames: int | None = None
+) -> np.ndarray:
+    """A (T, H, W, 3) uint8 clip from .npy or a container PyAV reads; `num_frames` sampled
+    uniformly when given."""
     try:
         src = io.BytesIO(data) if isinstance(data, bytes) else data
-        video = np.load(src, allow_pickle=False)
+        suffix = (data.suffix if isinstance(data, Path) else suffix).lower()
+        video = _decode_av(src) if suffix in VIDEO_EXTS else np.load(src, allow_pickle=False)
     except Exception as exc:
         raise _Skip("bad_video", f"{type(exc).__name__}: {exc}") from exc
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
         raise _Skip("bad_video", f"want uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
+    if num_frames is not None:
+        video = video[sample_frame_indices(len(video), num_frames)]
     return video  # (T, H, W, 3)
 
 
@@ -274,13 +340,13 @@ def _load_media(fields: dict[str, Any], base: Path, opts: _Options) -> dict[str,
     if cell not in (None, ""):
         path = _file(str(cell), base)
         if opts.decode:
-            out["audio"], out["sample_rate"] = _decode_audio(path)
+            out["audio"], out["sample_rate"] = _decode_audio(path, opts.sample_rate)
         else:
             out["audio"] = str(path)
     cell = fields.get("video")
     if cell not in (None, ""):
         path = _file(str(cell), base)
-        out["video"] = _decode_video(path) if opts.decode else str(path)
+        out["video"] = _decode_video(path, num_frames=opts.num_frames) if opts.decode else str(path)
     if not out:
         raise _Skip("missing_image", f"no '{opts.image_key}' (or audio/video) value in this row")
     return out
@@ -478,13 +544,14 @@ def _decode_member(suffix: str, data: bytes, sample: dict[str, Any], opts: _Opti
         sample["ocr_image"] = _decode_image(data, "undecodable_ocr_image") if opts.decode else data
     elif "." + last in IMAGE_EXTS and (opts.image_key in ("image", suffix)):
         sample["image"] = _decode_image(data) if opts.decode else data
-    elif last in ("wav", "flac"):
+    elif last in ("wav", "flac", "ogg"):
         if opts.decode:
-            sample["audio"], sample["sample_rate"] = _decode_audio(data)
+            sample["audio"], sample["sample_rate"] = _decode_audio(data, opts.sample_rate)
         else:
             sample["audio"] = data
-    elif last == "npy":
-        sample["video"] = _decode_video(data) if opts.decode else data
+    elif last == "npy" or "." + last in VIDEO_EXTS:
+        decoded = _decode_video(data, "." + last, opts.num_frames) if opts.decode else data
+        sample["video"] = decoded
     elif suffix == "json":
         try:
             meta = json.loads(data.decode("utf-8"))
@@ -620,12 +687,16 @@ def read_samples(
     decode: bool = True,
     image_root: str | Path | None = None,
     caption_template: str = "a photo of a {label}",
+    sample_rate: int | None = None,
+    num_frames: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Stream the samples of any supported source (format from :func:`detect_format`).
 
     ``split`` picks a world split (default ``train``) or a split folder of tar shards.
     ``decode=False`` leaves images/audio/video undecoded: file paths (tabular, image folder) or
     raw bytes (tars). ``limit`` stops after that many good samples. Bad samples go to ``rejects``.
+    ``sample_rate`` resamples every audio clip to that rate; ``num_frames`` samples that many
+    frames (uniformly) from every video, .npy or a container PyAV decodes (mp4, webm ...).
     """
     fmt = detect_format(path)
     if split is not None and fmt not in ("world", "wds"):
@@ -638,6 +709,8 @@ def read_samples(
         image_root=Path(image_root) if image_root is not None else None,
         caption_template=caption_template,
         rejects=rejects if rejects is not None else Rejects(),
+        sample_rate=sample_rate,
+        num_frames=num_frames,
     )
     readers: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
         "world": lambda: _read_world(Path(path), opts),

@@ -16,6 +16,7 @@ import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,24 @@ def _sync_with_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Model
     return dataclasses.replace(cfg, text=text)
 
 
+TOWERS = ("image", "text", "audio", "video")
+
+
+def _check_towers(cfg: ModelConfig) -> None:
+    towers = tuple(cfg.towers)
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown or len(set(towers)) != len(towers) or len(towers) < 2:
+        raise PolysenseError(
+            f"model.towers={','.join(towers)}: give two or more distinct towers out of "
+            f"{', '.join(TOWERS)}, e.g. --set model.towers=image,text,audio"
+        )
+    if len(towers) > 2 and cfg.anchor not in towers:
+        raise PolysenseError(
+            f"model.anchor={cfg.anchor!r} is not one of model.towers ({', '.join(towers)}); "
+            "the anchor is the tower every other one is aligned with"
+        )
+
+
 class CLIP(nn.Module):
     """Image and text towers projected to a shared, L2-normalised embedding space.
 
@@ -79,26 +98,53 @@ class CLIP(nn.Module):
 
     def __init__(self, *, cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
         super().__init__()
-        cfg = _sync_with_tokenizer(cfg, tokenizer)
+        _check_towers(cfg)
+        if "text" in cfg.towers:
+            cfg = _sync_with_tokenizer(cfg, tokenizer)
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.visual = VisionTransformer(cfg=cfg.vision)
-        self.text = build_text_tower(cfg.text)
-        self.image_proj = _projection(
-            cfg.vision_proj, self.visual.width, cfg.embed_dim, "vision_proj"
-        )
-        self.text_proj = _projection(cfg.text_proj, self.text.width, cfg.embed_dim, "text_proj")
+        towers = cfg.towers
+        # Construction order (and so the seeded initialisation) of an image-text model is unchanged.
+        if "image" in towers:
+            self.visual = VisionTransformer(cfg=cfg.vision)
+        if "text" in towers:
+            self.text = build_text_tower(cfg.text)
+        if "image" in towers:
+            self.image_proj = _projection(
+                cfg.vision_proj, self.visual.width, cfg.embed_dim, "vision_proj"
+            )
+        if "text" in towers:
+            self.text_proj = _projection(cfg.text_proj, self.text.width, cfg.embed_dim, "text_proj")
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         bias = cfg.init_logit_bias
         self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
+        if "audio" in towers:
+            from polysense.models.audio import AudioTransformer
+
+            self.audio = AudioTransformer(cfg=cfg.audio)
+            self.audio_proj = _projection(
+                cfg.audio_proj, cfg.audio.width, cfg.embed_dim, "audio_proj"
+            )
+        if "video" in towers:
+            from polysense.models.video import VideoTransformer
+
+            self.video = VideoTransformer(cfg=cfg.video)
+            self.video_proj = _projection(
+                cfg.video_proj, cfg.video.width, cfg.embed_dim, "video_proj"
+            )
 
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
 
+    def towers(self) -> dict[str, nn.Module]:
+        """Modality -> its encoder, for the towers this model has."""
+        names = {"image": "visual", "text": "text", "audio": "audio", "video": "video"}
+        return {m: getattr(self, names[m]) for m in self.cfg.towers}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+        for tower in self.towers().values():
+            tower.set_grad_checkpointing(enable)
 
     def clamped_logit_scale(self) -> torch.Tensor:
         """log of the temperature multiplier, clamped at `max_logit_scale` (ln 100 by default)."""
@@ -132,11 +178,72 @@ class CLIP(nn.Module):
         x = self.text_proj(self.text(ids.to(self.device)))  # (B, D)
         return F.normalize(x, dim=-1)
 
+    def encode_audio(
+        self, waves: torch.Tensor | Sequence[Any], *, sample_rate: int | None = None
+    ) -> torch.Tensor:
+        """Waveforms -> (B, D) unit vectors. A tensor must be (B, S) at `cfg.audio.sample_rate`;
+        a list of 1-D arrays at `sample_rate` (default the model's) is resampled and cropped."""
+        self._need("audio")
+        if not isinstance(waves, torch.Tensor):
+            from polysense.models.audio import waves_to_tensor
+
+            rate = sample_rate or self.cfg.audio.sample_rate
+            waves = waves_to_tensor(list(waves), [rate] * len(waves), self.cfg.audio)
+        elif sample_rate not in (None, self.cfg.audio.sample_rate):
+            raise PolysenseError(
+                f"audio at {sample_rate} Hz given as a tensor; the model takes "
+                f"{self.cfg.audio.sample_rate} Hz: pass a list of arrays to resample them"
+            )
+        x = self.audio_proj(self.audio(waves.to(self.device)))  # (B, D)
+        return F.normalize(x, dim=-1)
+
+    def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
+        """Clips -> (B, D) unit vectors: uint8 (B, T', H, W, 3) (frames sampled uniformly to
+        `cfg.video.num_frames`, then normalised) or normalised float (B, T, 3, H, W)."""
+        self._need("video")
+        if videos.dtype == torch.uint8:
+            from polysense.models.video import sample_frame_indices, videos_to_tensor
+
+            idx = sample_frame_indices(videos.shape[1], self.cfg.video.num_frames)
+            videos = videos_to_tensor(videos[:, torch.from_numpy(idx)], self.cfg.video)
+        x = self.video_proj(self.video(videos.to(self.device)))  # (B, D)
+        return F.normalize(x, dim=-1)
+
+    def encode(self, modality: str, x: Any) -> torch.Tensor:
+        """(B, D) unit embeddings of one modality: image, text, audio or video."""
+        fn = {
+            "image": self.encode_image,
+            "text": self.encode_text,
+            "audio": self.encode_audio,
+            "video": self.encode_video,
+        }
+        if modality not in fn:
+            raise PolysenseError(f"unknown modality {modality!r}; use one of {list(fn)}")
+        return fn[modality](x)
+
+    def _need(self, modality: str) -> None:
+        if modality not in self.cfg.towers:
+            raise PolysenseError(
+                f"this model has no {modality} tower (towers: {', '.join(self.cfg.towers)}); "
+                f"train a preset with one, e.g. `polysense train av-tiny`"
+            )
+
     def forward(
-        self, images: torch.Tensor | Sequence[Image.Image], ids: torch.Tensor | Sequence[str]
-    ) -> dict[str, torch.Tensor | None]:
+        self,
+        images: torch.Tensor | Sequence[Image.Image] | None = None,
+        ids: torch.Tensor | Sequence[str] | None = None,
+        *,
+        inputs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Both embeddings plus `logit_scale`, the multiplier exp(clamped log scale) (not its
-        log), and `logit_bias` (None for CLIP)."""
+        log), and `logit_bias` (None for CLIP). With `inputs` ({modality: batch}) instead:
+        `{"embeds": {modality: (B, D)}, "logit_scale", "logit_bias"}` for any set of towers."""
+        if inputs is not None:
+            return {
+                "embeds": {m: self.encode(m, x) for m, x in inputs.items()},
+                "logit_scale": self.clamped_logit_scale().exp(),
+                "logit_bias": self.logit_bias,
+            }
         return {
             "image_embeds": self.encode_image(images),  # (B, D)
             "text_embeds": self.encode_text(ids),  # (B', D)

@@ -24,7 +24,14 @@ import torch.distributed as dist
 from torch import nn
 
 from polysense.config import RunConfig, to_dict
-from polysense.data.loader import PairBatches, PairData, load_pairs
+from polysense.data.loader import (
+    PairBatches,
+    PairData,
+    TowerBatches,
+    TowerData,
+    load_pairs,
+    load_towers,
+)
 from polysense.data.readers import detect_format
 from polysense.data.tokenizer import Tokenizer
 from polysense.errors import PolysenseError
@@ -71,10 +78,13 @@ def build_tokenizer(cfg: RunConfig, captions: list[list[str]]) -> Tokenizer:
 
 
 def _towers(model: nn.Module) -> dict[str, nn.Module]:
-    return {"image": model.visual, "text": model.text}
+    found = {"image": getattr(model, "visual", None), "text": getattr(model, "text", None)}
+    return {name: tower for name, tower in found.items() if tower is not None}
 
 
 def _set_locked(model: nn.Module, tower: str, locked: bool) -> None:
+    if tower not in _towers(model):
+        return
     for p in _towers(model)[tower].parameters():
         p.requires_grad_(not locked)
 
@@ -86,6 +96,22 @@ def _embed(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, precision:
     return out["image_embeds"].float(), out["text_embeds"].float(), out
 
 
+def _tower_loss(
+    net: nn.Module,
+    loss_fn: ContrastiveLoss,
+    inputs: dict[str, torch.Tensor],
+    pairs: tuple[tuple[str, str], ...],
+    precision: str,
+) -> torch.Tensor:
+    """Sum of the contrastive losses of the aligned modality pairs (one shared temperature)."""
+    device = next(iter(inputs.values())).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = net(inputs=inputs)
+    emb = {m: e.float() for m, e in out["embeds"].items()}
+    scale, bias = out["logit_scale"].log(), out["logit_bias"]
+    return sum(loss_fn(emb[a], emb[b], scale, bias) for a, b in pairs)
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -93,14 +119,18 @@ def train(
     out: Path,
     resume: bool = False,
     progress: bool = True,
-    pairs: PairData | None = None,
+    pairs: PairData | TowerData | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `cfg` on the image-caption pairs at `data` (any supported source; a world's train
     split), writing `state.pt`, `metrics.jsonl` and the exported model to `out`.
 
     `evaluate(model) -> {name: value}` runs every `train.eval_every` steps on rank 0 and its
-    figures join `metrics.jsonl` (e.g. validation zero-shot accuracy as training goes)."""
+    figures join `metrics.jsonl` (e.g. validation zero-shot accuracy as training goes).
+
+    A model with other towers than image + text (`model.towers`, e.g. audio,text or
+    image,text,audio) trains the same way on `TowerData`: each step sums the contrastive loss of
+    every aligned pair (`ModelConfig.loss_pairs`, image as the anchor beyond two towers)."""
     from polysense.models.clip import CLIP, save_checkpoint
 
     tc = cfg.train
@@ -114,6 +144,12 @@ def train(
             f"train.grad_accum={tc.grad_accum} must be >= 1 and divide train.batch_size="
             f"{tc.batch_size}"
         )
+    multi = tuple(cfg.model.towers) != ("image", "text")
+    if multi and tc.grad_accum > 1:
+        raise PolysenseError(
+            f"train.grad_accum > 1 supports image-text models only (towers: "
+            f"{','.join(cfg.model.towers)}); use 1 and a smaller train.batch_size"
+        )
     if world > 1 and tc.grad_accum > 1:
         raise PolysenseError("train.grad_accum > 1 is not supported under torchrun yet; use 1")
     if world > 1 and max(tc.unlock_image_at, tc.unlock_text_at) >= 0:
@@ -123,7 +159,16 @@ def train(
         )
 
     state = load_state(out) if resume else None
-    if pairs is None:
+    if pairs is None and multi:
+        pairs = load_towers(
+            data,
+            split="train" if detect_format(data) == "world" else None,
+            model=cfg.model,
+            image_key=cfg.data.image_key,
+            caption_key=cfg.data.caption_key,
+            rejects_path=out / "rejects.jsonl" if rank == 0 else None,
+        )
+    elif pairs is None:
         pairs = load_pairs(
             data,
             split="train" if detect_format(data) == "world" else None,
@@ -132,15 +177,19 @@ def train(
             caption_key=cfg.data.caption_key,
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
         )
-    if state is not None and (out / "tokenizer.json").exists():
+    tokenizer: Tokenizer | None = None
+    if "text" not in cfg.model.towers:
+        pass
+    elif state is not None and (out / "tokenizer.json").exists():
         tokenizer = Tokenizer.from_file(
             out / "tokenizer.json", context_length=cfg.model.text.context_length
         )
     else:
         tokenizer = build_tokenizer(cfg, pairs.captions)
-    # The model's vocabulary is the tokenizer's (a BPE on little text may stop short of the target).
-    text_cfg = dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text_cfg))
+    if tokenizer is not None:
+        # The model's vocabulary is the tokenizer's (a BPE on little text may stop short).
+        text_cfg = dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text_cfg))
 
     torch.manual_seed(tc.seed)
     model = CLIP(cfg=cfg.model, tokenizer=tokenizer).to(device)
@@ -156,19 +205,37 @@ def train(
         torch.set_rng_state(state["rng"])
         if rank == 0:
             trim_metrics(out, start_step)
-    elif rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        if "video" in cfg.model.towers and cfg.model.video.init_from_image:
+            model.video.load_image_weights(cfg.model.video.init_from_image)
+        if rank == 0:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    batches = PairBatches(
-        data=pairs,
-        tokenizer=tokenizer,
-        batch_size=tc.batch_size,
-        seed=tc.seed,
-        mean=cfg.model.vision.image_mean,
-        std=cfg.model.vision.image_std,
-        rank=rank,
-        world=world,
-    )
+    batches: PairBatches
+    if isinstance(pairs, TowerData):
+        batches = TowerBatches(
+            data=pairs,
+            tokenizer=tokenizer,
+            batch_size=tc.batch_size,
+            seed=tc.seed,
+            image_mean=cfg.model.vision.image_mean,
+            image_std=cfg.model.vision.image_std,
+            video_mean=cfg.model.video.image_mean,
+            video_std=cfg.model.video.image_std,
+            rank=rank,
+            world=world,
+        )
+    else:
+        batches = PairBatches(
+            data=pairs,
+            tokenizer=tokenizer,
+            batch_size=tc.batch_size,
+            seed=tc.seed,
+            mean=cfg.model.vision.image_mean,
+            std=cfg.model.vision.image_std,
+            rank=rank,
+            world=world,
+        )
 
     def apply_locks(step: int) -> None:
         for tower, locked, unlock_at in (
@@ -226,17 +293,24 @@ def train(
                 min_ratio=tc.min_lr_ratio,
             )
             set_lr(optimizer, factor)
-            images, ids = batches.batch(step)
-            images, ids = images.to(device), ids.to(device)
             optimizer.zero_grad(set_to_none=True)
             finite = True
-            if tc.grad_accum == 1:
-                img, txt, o = _embed(net, images, ids, tc.precision)
+            if multi:  # any towers: the summed loss of the aligned pairs
+                inputs = {m: x.to(device) for m, x in batches.batch(step).items()}
+                loss = _tower_loss(net, loss_fn, inputs, cfg.model.loss_pairs(), tc.precision)
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+            elif tc.grad_accum == 1:
+                images, ids = batches.batch(step)
+                img, txt, o = _embed(net, images.to(device), ids.to(device), tc.precision)
                 loss = loss_fn(img, txt, o["logit_scale"].log(), o["logit_bias"])
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     loss.backward()
             else:
+                images, ids = batches.batch(step)
+                images, ids = images.to(device), ids.to(device)
                 loss, finite = _accumulated_step(net, loss_fn, images, ids, micro, tc.precision)
             if world > 1:
                 flag = torch.tensor([0.0 if finite else 1.0], device=device)
