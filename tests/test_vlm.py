@@ -54,7 +54,7 @@ def clip_ckpt(tmp_path_factory) -> Path:
 
 
 def _run(clip: Path, **train) -> VLMRunConfig:
-    base = {"batch_size": 8, "steps": 3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2}
+    base = {"batch_size": 4, "steps": 3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2}
     return VLMRunConfig(
         name="vlm-test",
         model=VLMConfig(lm=TINY_LM, projector="mlp2x"),
@@ -230,16 +230,16 @@ def test_stage2_trains_the_lm_and_only_the_top_vision_block(world, clip_ckpt, tm
 
 
 def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -> None:
-    run = _run(clip_ckpt, steps=4, mix_qa=1.0)
+    run = _run(clip_ckpt, steps=3, mix_qa=1.0)  # checkpoint every 2 steps
     train_stage(run, data=world, out=tmp_path / "full", progress=False)
     original = train_vlm.sample_examples
 
-    def killed_at_3(data, tc, step):
-        if step == 3:
+    def killed_at_2(data, tc, step):  # killed after the checkpoint of step 2
+        if step == 2:
             raise KeyboardInterrupt
         return original(data, tc, step)
 
-    monkeypatch.setattr(train_vlm, "sample_examples", killed_at_3)
+    monkeypatch.setattr(train_vlm, "sample_examples", killed_at_2)
     with pytest.raises(KeyboardInterrupt):
         train_stage(run, data=world, out=tmp_path / "killed", progress=False)
     monkeypatch.setattr(train_vlm, "sample_examples", original)
@@ -247,7 +247,7 @@ def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -
     a, b = load_vlm(tmp_path / "full"), load_vlm(tmp_path / "killed")
     assert _equal(_state(a), _state(b))
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").open()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -269,7 +269,9 @@ def test_runner_writes_the_design_metric_keys(world, clip_ckpt, tmp_path) -> Non
         "ocr_exact_match",
         "ocr_cer",
     ):
-        assert key in on_disk and 0.0 <= on_disk[key] <= (10.0 if key == "cider" else 1.5)
+        assert key in on_disk and on_disk[key] >= 0.0
+        if key not in ("cider", "ocr_cer"):  # CIDEr is on a 0-10 scale, CER can pass 1
+            assert on_disk[key] <= 1.0
     assert "bleu4" in metrics["baseline_nn"] and "bleu4" in metrics["baseline_most_frequent"]
     for s in ("random", "popular", "adversarial"):
         assert f"pope_{s}_f1" in on_disk
