@@ -362,3 +362,34 @@ def test_config_errors_name_the_field(tmp_path):
         run_curate(dataclasses.replace(cfg, stages=("filter",)))
     with pytest.raises(PolysenseError, match="last stage"):
         run_curate(CurateConfig(source="x", out=str(tmp_path), stages=("shard", "dedup")))
+
+
+def test_resume_after_interruption_while_reading(tmp_path, monkeypatch):
+    import polysense.data.readers as readers
+    from helpers import make_pairs
+
+    pairs = make_pairs(tmp_path / "pairs", 50)
+    with pairs.open("a") as fh:  # two bad lines: the reader's rejects must not double on resume
+        fh.write('{"image": "missing.png", "caption": "a red circle"}\nnot json\n')
+    cfg = CurateConfig(source=str(pairs), out=str(tmp_path / "ref"), stages=("safety",))
+    cfg = dataclasses.replace(cfg, shard_size=8)
+    reference = run_curate(cfg)
+    real = readers.read_samples
+
+    def dies_after_20(*args, **kwargs):
+        for n, sample in enumerate(real(*args, **kwargs)):
+            if n == 20:
+                raise KeyboardInterrupt("simulated kill")
+            yield sample
+
+    monkeypatch.setattr(readers, "read_samples", dies_after_20)
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        run_curate(cut)
+    assert len(list((tmp_path / "cut" / "work" / "00-read").glob("*.done.json"))) == 2
+    monkeypatch.setattr(readers, "read_samples", real)
+    resumed = run_curate(cut)
+    assert resumed["input"] == reference["input"] == 52
+    assert resumed["stages"]["read"]["dropped"] == {"bad_json": 1, "missing_file": 1}
+    assert tar_keys(tmp_path / "cut") == tar_keys(tmp_path / "ref")
+    assert len(tar_keys(tmp_path / "cut")) == 50
