@@ -393,3 +393,15 @@ def test_resume_after_interruption_while_reading(tmp_path, monkeypatch):
     assert resumed["stages"]["read"]["dropped"] == {"bad_json": 1, "missing_file": 1}
     assert tar_keys(tmp_path / "cut") == tar_keys(tmp_path / "ref")
     assert len(tar_keys(tmp_path / "cut")) == 50
+
+
+def test_plan_filter_threshold_and_top_fraction():
+    keys = ["a", "b", "c", "d", "e"]
+    sims = np.array([0.9, 0.2, np.nan, 0.5, 0.7], dtype=np.float32)
+    fixed = st.plan_filter(keys, sims, CurateConfig(filter=FilterConfig(min_similarity=0.6)))
+    assert fixed.keys == ["b", "d"] and fixed.reasons == ["low_similarity"] * 2
+    np.testing.assert_allclose(fixed.scores, [0.2, 0.5])
+    # the best half of the 4 scored samples: 0.9 and 0.7 (no score, no verdict: "c" stays)
+    top = st.plan_filter(keys, sims, CurateConfig(filter=FilterConfig(top_fraction=0.5)))
+    assert top.keys == ["b", "d"]
+    assert 0.5 < top.threshold <= 0.7
