@@ -79,8 +79,7 @@ class TextTransformer(nn.Module):
             mask = mask | torch.eye(L, dtype=torch.bool, device=ids.device)
         return mask
 
-    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
-        """Ids (B, L), L <= context_length -> tokens (B, L, W) after the final LayerNorm."""
+    def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.ndim != 2 or ids.shape[1] > self.cfg.context_length:
             raise PolysenseError(
                 f"token ids of shape {tuple(ids.shape)} do not fit model.text "
@@ -92,22 +91,58 @@ class TextTransformer(nn.Module):
                 f"token id {int(ids.max())} is outside model.text.vocab_size={self.cfg.vocab_size}; "
                 "the ids come from a different tokenizer than the model's"
             )
+
+    def _encode(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, *, causal: bool = False
+    ) -> torch.Tensor:
+        """Embeddings + blocks + final LayerNorm: ids (B, L) -> tokens (B, L, W)."""
         x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]  # (B, L, W)
-        x = run_blocks(
-            self.blocks, x, self.attn_mask(ids), grad_ckpt=self.grad_checkpointing and self.training
-        )
+        grad_ckpt = self.grad_checkpointing and self.training
+        x = run_blocks(self.blocks, x, mask, grad_ckpt=grad_ckpt, causal=causal)
         return self.ln_final(x)  # (B, L, W)
+
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids (B, L), L <= context_length -> tokens (B, L, W) after the final LayerNorm."""
+        self._check_ids(ids)
+        return self._encode(ids, self.attn_mask(ids))
+
+    def _fast_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+        """For the pooled output only: (ids without the trailing padding columns no row needs,
+        whether SDPA's `is_causal` flag can replace the mask), or None when neither is exact.
+
+        Exact because the pooled position of every row is kept and no kept position attends to a
+        dropped one: a causal tower never looks right; a padding-masked one never looks at padding.
+        With causal attention and padding only at the end of rows, the padding mask changes only
+        padding queries, which are never pooled; so `is_causal` (no mask tensor) gives the same
+        pooled vector at a fraction of the attention cost."""
+        cfg = self.cfg
+        if cfg.pool == "last" or not (cfg.causal or cfg.mask_padding) or ids.shape[1] == 0:
+            return None
+        real = ids != cfg.pad_id  # (B, L)
+        L = ids.shape[1]
+        cols = torch.arange(1, L + 1, device=ids.device)  # (L,)
+        need = int((real * cols).amax())  # last non-padding column + 1
+        if cfg.pool == "eot":  # the pooled column itself may be a padding id (pad == eot)
+            need = max(need, int(self._pool_positions(ids).amax()) + 1)
+        ids = ids[:, : max(need, 1)]
+        # trailing padding only: once a row hits padding it stays padding
+        real = real[:, : ids.shape[1]]
+        trailing = bool((real[:, 1:] <= real[:, :-1]).all())
+        return ids, cfg.causal and (trailing or not cfg.mask_padding)
+
+    def _pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) the eot position of each row."""
+        if self.cfg.eot_id < 0:  # OpenAI CLIP: eot is the highest id in the row
+            return ids.argmax(dim=-1)
+        # the first eot (padding may use the same id, as in HF CLIP tokenizers)
+        return (ids == self.cfg.eot_id).int().argmax(dim=-1)
 
     def pool(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Tokens (B, L, W) -> (B, W) by the configured pooling."""
         pool = self.cfg.pool
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         if pool == "eot":
-            if self.cfg.eot_id < 0:  # OpenAI CLIP: eot is the highest id in the row
-                pos = ids.argmax(dim=-1)
-            else:  # the first eot (padding may use the same id, as in HF CLIP tokenizers)
-                pos = (ids == self.cfg.eot_id).int().argmax(dim=-1)
-            return tokens[rows, pos]
+            return tokens[rows, self._pool_positions(ids)]
         if pool == "last":
             return tokens[:, -1]
         if pool == "cls":
@@ -115,7 +150,15 @@ class TextTransformer(nn.Module):
         return masked_mean(tokens, ids != self.cfg.pad_id)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(ids), ids)  # (B, W)
+        """Ids (B, L) -> pooled (B, W); skips the padding columns no row needs (see
+        `_fast_inputs`), which equals pooling `forward_features(ids)`."""
+        self._check_ids(ids)
+        fast = self._fast_inputs(ids)
+        if fast is None:
+            return self.pool(self._encode(ids, self.attn_mask(ids)), ids)
+        ids, causal_only = fast
+        mask = None if causal_only else self.attn_mask(ids)
+        return self.pool(self._encode(ids, mask, causal=causal_only), ids)  # (B, W)
 
 
 class MiniLMText(nn.Module):

@@ -57,12 +57,52 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C); mask (B, 1, T, T) bool, True where a query may attend to a key."""
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False
+    ) -> torch.Tensor:
+        """x (B, T, C); mask (B, 1, T, T) bool, True where a query may attend to a key; `causal`
+        (with no mask) lets SDPA apply the lower-triangular mask itself, without a mask tensor."""
+        B, T, C = x.shape
+        # views, no copies: (B, T, 3C) -> (3, B, H, T, D)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))  # (B, T, C)
+        causal = causal and mask is None
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            out = low_precision_attention(q, k, v, mask, dropout_p=p, causal=causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+            )  # (B, H, T, D)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+def low_precision_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Attention written out for bf16/fp16 on CPU: q, k, v (B, H, T, D) -> (B, H, T, D).
+
+    PyTorch's CPU flash-attention kernel is 3-6x slower in bf16 than in fp32 at our sequence
+    lengths (its backward dominates a bf16 training step; docs/performance.md), while the two
+    batched matmuls here run on the bf16 matrix units. The softmax is taken in float32."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if causal:
+        T, S = scores.shape[-2:]
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:  # bool (True = attend) or additive float, as SDPA takes it
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        )
+    probs = scores.softmax(dim=-1).to(v.dtype)  # (B, H, T, S)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -96,8 +136,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width=width, hidden=mlp_dim(width, mlp_ratio), act=act, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)  # (B, T, C)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, causal=causal)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,14 +159,20 @@ def make_blocks(cfg: VisionConfig | TextConfig) -> nn.ModuleList:
 
 
 def run_blocks(
-    blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None, *, grad_ckpt: bool
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    grad_ckpt: bool,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """Apply the blocks in order; with `grad_ckpt`, recompute activations in backward to save memory."""
+    """Apply the blocks in order; with `grad_ckpt`, recompute activations in backward to save memory.
+    `causal` (only with mask=None) asks SDPA for its built-in causal mask."""
     for block in blocks:
         if grad_ckpt and torch.is_grad_enabled():
-            x = checkpoint(block, x, mask, use_reentrant=False)
+            x = checkpoint(block, x, mask, causal=causal, use_reentrant=False)
         else:
-            x = block(x, mask)
+            x = block(x, mask, causal=causal)
     return x
 
 
@@ -246,7 +294,7 @@ class VisionTransformer(nn.Module):
                 f"polysense.data.transforms.images_to_tensor(images, size={size})"
             )
         x = self.patch_embed(x.to(self.pos_embed.dtype))  # (B, W, h, w)
-        x = rearrange(x, "b c h w -> b (h w) c")  # (B, N, W)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, W), a view
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, W)
         x = self.ln_pre(x + self.pos_embed)
