@@ -1,0 +1,540 @@
+"""Training and evaluation of fusion models on the world's tasks (VQA, ITM, sound).
+
+Each step draws one sub-batch per task (shares `train.task_mix`), runs the model on each and
+sums the losses: cross-entropy over `ANSWERS` for VQA and the sound task, a logistic loss for
+image–text matching. Batches are a pure function of (seed, step), so a resumed run sees the same
+data as an uninterrupted one; `state.pt` (model, optimiser, step, RNG) is written atomically.
+
+Missing modalities: `modality_dropout` hides each present modality of a sample with probability
+`train.modality_dropout` (never all of them) and the model sees its learned missing token
+instead. `evaluate(..., condition=)` measures every task with all inputs, with one modality
+removed (`no_image`, `no_text`, `no_audio`) or replaced by noise (`noise_image`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polysense.config import from_dict
+from polysense.data.loader import normalize
+from polysense.data.tasks import (
+    ANSWERS,
+    ITM_GROUPS,
+    QUESTION_TYPES,
+    SOUND_QUESTION,
+    SOUND_SAMPLES,
+    TASKS,
+    WorldTasks,
+)
+from polysense.data.tokenizer import Tokenizer
+from polysense.errors import PolysenseError
+from polysense.fileio import atomic_path, atomic_write_json, atomic_write_text
+from polysense.models.fusion import (
+    MODALITIES,
+    FusionModel,
+    FusionRunConfig,
+    build_fusion,
+    count_params,
+)
+from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
+from polysense.train.optim import NO_DECAY_NAMES, lr_factor
+
+CONDITIONS: tuple[str, ...] = (
+    "all",
+    *(f"no_{m}" for m in MODALITIES),
+    *(f"noise_{m}" for m in MODALITIES),
+)
+# Which modalities each task has: VQA and ITM are image + text, the sound task all three.
+TASK_MODALITIES: dict[str, tuple[str, ...]] = {
+    "vqa": ("image", "text"),
+    "itm": ("image", "text"),
+    "sound": ("image", "text", "audio"),
+}
+_NO_DECAY = (*NO_DECAY_NAMES, "missing", "modality_embed", "media_embed", "pos_")
+
+
+@dataclass
+class TaskBatch:
+    """One task's inputs and targets; `answer` is -100 and `label` -1 where they do not apply."""
+
+    task: str
+    images: torch.Tensor  # (B, 3, H, W) float, normalised
+    ids: torch.Tensor  # (B, L) long
+    audio: torch.Tensor  # (B, T) float
+    present: torch.Tensor  # (B, 3) bool, MODALITIES order
+    answer: torch.Tensor  # (B,) long
+    label: torch.Tensor  # (B,) float
+    index: torch.Tensor  # (B,) long: item index within its task
+
+
+def modality_dropout(
+    present: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Hide each present modality with probability `p`, independently per sample; a sample that
+    would lose all of them keeps one, drawn uniformly among those it had. (B, M) bool -> same."""
+    if not 0.0 <= p <= 1.0:
+        raise PolysenseError(f"train.modality_dropout={p}: must be in [0, 1]")
+    if p == 0.0:
+        return present.clone()
+    drop = torch.rand(present.shape, generator=generator) < p
+    kept = present & ~drop
+    empty = present.any(dim=1) & ~kept.any(dim=1)  # (B,)
+    if empty.any():
+        score = torch.rand(present.shape, generator=generator).masked_fill(~present, -1.0)
+        rescue = F.one_hot(score.argmax(dim=1), present.shape[1]).bool()  # (B, M)
+        kept = torch.where(empty[:, None], rescue, kept)
+    return kept
+
+
+class TaskData:
+    """A split's tasks with their texts tokenised once, turned into `TaskBatch`es on demand."""
+
+    def __init__(self, *, tasks: WorldTasks, tokenizer: Tokenizer, mean: tuple, std: tuple) -> None:
+        self.tasks, self.tokenizer, self.mean, self.std = tasks, tokenizer, mean, std
+        self.vqa_ids, n1 = tokenizer.encode(tasks.vqa_text)
+        self.itm_ids, n2 = tokenizer.encode(tasks.itm_text)
+        self.sound_ids = tokenizer([SOUND_QUESTION])[0]
+        self.n_truncated = n1 + n2
+        self.sizes = {"vqa": len(tasks.vqa_text), "itm": len(tasks.itm_text)}
+        self.sizes["sound"] = len(tasks.sound_answer)
+
+    def batch(self, task: str, idx: torch.Tensor) -> TaskBatch:
+        t = self.tasks
+        b = len(idx)
+        present = torch.ones(b, len(MODALITIES), dtype=torch.bool)
+        answer = torch.full((b,), -100, dtype=torch.long)
+        label = torch.full((b,), -1.0)
+        audio = torch.zeros(b, SOUND_SAMPLES)
+        if task == "vqa":
+            scene, ids, answer = t.vqa_scene[idx], self.vqa_ids[idx], t.vqa_answer[idx]
+            present[:, 2] = False
+        elif task == "itm":
+            scene, ids = t.itm_scene[idx], self.itm_ids[idx]
+            label = t.itm_label[idx].float()
+            present[:, 2] = False
+        elif task == "sound":
+            scene, answer, audio = t.sound_scene[idx], t.sound_answer[idx], t.sound_audio[idx]
+            ids = self.sound_ids.expand(b, -1).clone()
+        else:
+            raise PolysenseError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        images = normalize(t.images[scene], self.mean, self.std)
+        return TaskBatch(task, images, ids, audio, present, answer, label, idx)
+
+
+class TaskBatches:
+    """Deterministic training batches: at `step`, `task_mix` shares of `batch_size` from each
+    task, each task walking its own seeded permutation epoch after epoch."""
+
+    def __init__(
+        self, *, data: TaskData, batch_size: int, mix: tuple[float, ...], seed: int
+    ) -> None:
+        if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) <= 0:
+            raise PolysenseError(
+                f"train.task_mix={mix}: give {len(TASKS)} non-negative shares ({', '.join(TASKS)})"
+            )
+        sizes = [round(batch_size * m / sum(mix)) for m in mix[:-1]]
+        sizes.append(batch_size - sum(sizes))
+        self.sizes = {task: n for task, n in zip(TASKS, sizes, strict=True) if n > 0}
+        for task, n in self.sizes.items():
+            if data.sizes[task] < n:
+                raise PolysenseError(
+                    f"task {task} has {data.sizes[task]} items, fewer than its {n} per batch; "
+                    "lower train.batch_size or use a larger world"
+                )
+        self.data, self.seed = data, seed
+        self._perms: dict[tuple[str, int], torch.Tensor] = {}
+
+    def indices(self, task: str, step: int) -> torch.Tensor:
+        n, total = self.sizes[task], self.data.sizes[task]
+        per_epoch = total // n
+        epoch, j = divmod(step, per_epoch)
+        key = (task, epoch)
+        if key not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != task}
+            gen = torch.Generator().manual_seed(
+                self.seed * 1_000_003 + TASKS.index(task) * 7 + epoch
+            )
+            self._perms[key] = torch.randperm(total, generator=gen)
+        return self._perms[key][j * n : (j + 1) * n]
+
+    def batch(self, step: int) -> list[TaskBatch]:
+        return [self.data.batch(task, self.indices(task, step)) for task in self.sizes]
+
+
+def task_loss(out: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
+    """Summed (not averaged) loss of one sub-batch, so sub-batches add up to the batch's sum."""
+    if batch.task == "itm":
+        return F.binary_cross_entropy_with_logits(out["itm"], batch.label, reduction="sum")
+    return F.cross_entropy(out["answer"], batch.answer, reduction="sum")
+
+
+def _forward(model: nn.Module, batch: TaskBatch, present: torch.Tensor) -> dict[str, torch.Tensor]:
+    return model(batch.images, batch.ids, batch.audio, present)
+
+
+def apply_condition(
+    batch: TaskBatch, condition: str, *, vocab_size: int, generator: torch.Generator
+) -> TaskBatch:
+    """The batch as seen under an evaluation condition: `no_X` marks modality X absent (the model
+    uses its missing token); `noise_X` replaces X by noise: Gaussian pixels (in normalised units),
+    random word ids in the text's own positions, Gaussian audio of the clip's own RMS."""
+    if condition == "all":
+        return batch
+    kind, _, modality = condition.partition("_")
+    if modality not in MODALITIES or kind not in ("no", "noise"):
+        raise PolysenseError(f"unknown condition {condition!r}; choose from {list(CONDITIONS)}")
+    m = MODALITIES.index(modality)
+    if kind == "no":
+        present = batch.present.clone()
+        present[:, m] = False
+        return dataclasses.replace(batch, present=present)
+    if modality == "image":
+        noise = torch.randn(batch.images.shape, generator=generator)
+        return dataclasses.replace(batch, images=noise)
+    if modality == "text":
+        words = batch.ids > 2  # keep the special tokens (pad, bos, eot are ids 0-2)
+        rand = torch.randint(3, vocab_size, batch.ids.shape, generator=generator)
+        return dataclasses.replace(batch, ids=torch.where(words, rand, batch.ids))
+    rms = batch.audio.pow(2).mean(dim=1, keepdim=True).sqrt()  # (B, 1)
+    return dataclasses.replace(
+        batch, audio=torch.randn(batch.audio.shape, generator=generator) * rms
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: TaskData,
+    task: str,
+    *,
+    condition: str = "all",
+    batch_size: int = 256,
+    limit: int = 0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Answer predictions or ITM scores for the first `limit` items of a task (0 = all)."""
+    model.eval()
+    n = data.sizes[task] if not limit else min(limit, data.sizes[task])
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.cfg.vocab_size
+    outs: list[torch.Tensor] = []
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        batch = apply_condition(data.batch(task, idx), condition, vocab_size=vocab, generator=gen)
+        out = _forward(model, batch, batch.present)
+        outs.append(out["itm"] if task == "itm" else out["answer"].argmax(dim=-1))
+    return {"index": torch.arange(n), "output": torch.cat(outs) if outs else torch.zeros(0)}
+
+
+def itm_metrics(
+    scores: torch.Tensor, tasks: WorldTasks, n: int, threshold: float = 0.0
+) -> dict[str, Any]:
+    """Binary accuracy (score > threshold means "matches") overall and per group, and pairwise
+    accuracy (the true caption scores above its swapped twin) for the attr and rel groups."""
+    labels = tasks.itm_label[:n]
+    correct = ((scores > threshold).long() == labels).float()
+    groups = tasks.itm_group[:n]
+    out: dict[str, Any] = {"itm_accuracy": float(correct.mean())}
+    for g in ITM_GROUPS:
+        sel = torch.tensor([x == g for x in groups], dtype=torch.bool)
+        out[f"itm_{g}_accuracy"] = float(correct[sel].mean()) if sel.any() else None
+    pair = tasks.itm_pair[:n]
+    for g in ("attr", "rel"):
+        sel = torch.tensor([x == g for x in groups], dtype=torch.bool) & (pair >= 0)
+        pos, neg = {}, {}
+        for p, lab, s in zip(
+            pair[sel].tolist(), labels[sel].tolist(), scores[sel].tolist(), strict=True
+        ):
+            (pos if lab == 1 else neg)[p] = s
+        both = [p for p in pos if p in neg]
+        wins = [pos[p] > neg[p] for p in both]
+        out[f"itm_{g}_pairwise"] = sum(wins) / len(wins) if wins else None
+    return out
+
+
+def vqa_metrics(pred: torch.Tensor, tasks: WorldTasks, n: int) -> dict[str, Any]:
+    correct = (pred == tasks.vqa_answer[:n]).float()
+    out: dict[str, Any] = {"vqa_accuracy": float(correct.mean()) if n else None}
+    types = tasks.vqa_type[:n]
+    out["vqa_by_type"] = {}
+    for t in QUESTION_TYPES:
+        sel = torch.tensor([x == t for x in types], dtype=torch.bool)
+        out["vqa_by_type"][t] = float(correct[sel].mean()) if sel.any() else None
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    data: TaskData,
+    *,
+    condition: str = "all",
+    limit: int = 0,
+    tasks: tuple[str, ...] = TASKS,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """All metrics of a model on a split under one condition (see `apply_condition`)."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        if condition != "all" and condition.split("_", 1)[1] not in TASK_MODALITIES[task]:
+            continue  # removing audio from a task without audio changes nothing
+        res = predict(model, data, task, condition=condition, limit=limit, batch_size=batch_size)
+        n = len(res["index"])
+        if task == "vqa":
+            out.update(vqa_metrics(res["output"], data.tasks, n))
+        elif task == "itm":
+            out.update(itm_metrics(res["output"], data.tasks, n))
+        else:
+            correct = res["output"] == data.tasks.sound_answer[:n]
+            out["sound_accuracy"] = float(correct.float().mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on 0/1-D tensors, embeddings, position and missing tokens."""
+    decay, other = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim >= 2 and not any(k in name for k in _NO_DECAY):
+            decay.append(p)
+        else:
+            other.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "base_lr": lr},
+        {"params": other, "weight_decay": 0.0, "base_lr": lr},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def build_tokenizer(tasks: WorldTasks, cfg: FusionRunConfig) -> Tokenizer:
+    return Tokenizer.train(
+        tasks.texts(), vocab_size=cfg.model.vocab_size, context_length=cfg.model.context_length
+    )
+
+
+@dataclass
+class FusionTrainResult:
+    model: FusionModel
+    tokenizer: Tokenizer
+    cfg: FusionRunConfig
+    steps: int
+    seconds: float
+    train_samples_per_s: float
+    final_loss: float
+
+
+def train_fusion(
+    cfg: FusionRunConfig,
+    train_tasks: WorldTasks,
+    *,
+    out: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    tokenizer: Tokenizer | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> FusionTrainResult:
+    """Train `cfg` on `train_tasks` for `train.steps` steps or `train.max_seconds`, whichever
+    ends first. With `out`, checkpoint there every `train.ckpt_every` steps and at the end
+    (state.pt, model.safetensors, config.json, tokenizer.json, metrics.jsonl)."""
+    tc = cfg.train
+    state = None
+    if resume:
+        if out is None:
+            raise PolysenseError("resume needs an output directory")
+        state = load_state(out)
+        tokenizer = Tokenizer.from_file(
+            out / "tokenizer.json", context_length=cfg.model.context_length
+        )
+    if tokenizer is None:
+        tokenizer = build_tokenizer(train_tasks, cfg)
+    model_cfg = dataclasses.replace(
+        cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, n_answers=len(ANSWERS)
+    )
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    torch.manual_seed(tc.seed)
+    model = build_fusion(model_cfg)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
+    data = TaskData(
+        tasks=train_tasks, tokenizer=tokenizer, mean=model_cfg.image_mean, std=model_cfg.image_std
+    )
+    batches = TaskBatches(data=data, batch_size=tc.batch_size, mix=tc.task_mix, seed=tc.seed)
+    start, elapsed_before = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, elapsed_before = state["step"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        trim_metrics(out, start)
+    elif out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        tokenizer.save(out / "tokenizer.json")
+
+    def save(step: int, seconds: float) -> None:
+        if out is None:
+            return
+        save_state(
+            out,
+            {
+                "step": step,
+                "elapsed": seconds,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+        )
+        save_fusion(model, cfg, tokenizer, out)
+
+    from polysense.train.loop import _Bar
+
+    bar = _Bar(enabled=progress, total=tc.steps, start=start)
+    t0 = time.perf_counter()
+    step, loss_value, seen = start, math.nan, 0
+    model.train()
+    with bar:
+        for step in range(start, tc.steps):
+            schedule_step = step
+            if tc.max_seconds:
+                elapsed = elapsed_before + time.perf_counter() - t0
+                schedule_step = max(step, int(elapsed / tc.max_seconds * tc.steps))
+                if schedule_step >= tc.steps:
+                    break
+            factor = lr_factor(
+                step if step < tc.warmup_steps else schedule_step,
+                warmup=tc.warmup_steps,
+                total=tc.steps,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            total = torch.zeros(())
+            for batch in batches.batch(step):
+                present = modality_dropout(batch.present, tc.modality_dropout)
+                total = total + task_loss(_forward(model, batch, present), batch)
+            loss = total / tc.batch_size
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            loss_value = float(loss.detach())
+            seen += tc.batch_size
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                now = time.perf_counter()
+                record = {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": seen / max(now - t0, 1e-9),
+                    "elapsed_s": elapsed_before + now - t0,
+                }
+                if out is not None:
+                    append_metrics(out, record)
+                if log is not None:
+                    log(record)
+                bar.update(done, loss=loss_value, lr=record["lr"], rate=record["samples_per_s"])
+            if out is not None and tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
+                save(done, elapsed_before + time.perf_counter() - t0)
+        else:
+            step = tc.steps
+    seconds = time.perf_counter() - t0
+    save(step, elapsed_before + seconds)
+    model.eval()
+    return FusionTrainResult(
+        model=model,
+        tokenizer=tokenizer,
+        cfg=cfg,
+        steps=step,
+        seconds=elapsed_before + seconds,
+        train_samples_per_s=seen / max(seconds, 1e-9),
+        final_loss=loss_value,
+    )
+
+
+def save_fusion(model: FusionModel, cfg: FusionRunConfig, tokenizer: Tokenizer, out: Path) -> None:
+    """config.json (last: its presence marks a complete checkpoint), weights, tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tokenizer.save(out / "tokenizer.json")
+    text = json.dumps({"family": "fusion", **dataclasses.asdict(cfg)}, indent=2)
+    atomic_write_text(out / "config.json", text + "\n")
+
+
+def load_fusion(ckpt: str | Path) -> tuple[FusionModel, Tokenizer, FusionRunConfig]:
+    """A fusion checkpoint directory -> (model in eval mode, tokenizer, run config)."""
+    ckpt = Path(ckpt)
+    path = ckpt / "config.json"
+    if not path.is_file():
+        raise PolysenseError(
+            f"{path} does not exist: train a fusion model first "
+            f"(polysense train fusion-early-tiny --data runs/world-all --out {ckpt})"
+        )
+    data = json.loads(path.read_text())
+    if data.pop("family", None) != "fusion":
+        raise PolysenseError(f"{path}: field 'family' is not 'fusion'; not a fusion checkpoint")
+    cfg = from_dict(FusionRunConfig, data)
+    tokenizer = Tokenizer.from_file(
+        ckpt / "tokenizer.json", context_length=cfg.model.context_length
+    )
+    model = build_fusion(cfg.model)
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    return model.eval(), tokenizer, cfg
+
+
+def run_preset(
+    cfg: FusionRunConfig,
+    *,
+    data: Path,
+    out: Path,
+    resume: bool = False,
+    eval_splits: tuple[str, ...] = ("test", "test_novel"),
+) -> dict[str, Any]:
+    """The `polysense train fusion-*` runner: train on a world's train split, evaluate every task
+    on `eval_splits`, write OUT/metrics.json and return it."""
+    from polysense.data.tasks import load_tasks
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tasks = load_tasks(
+        data, split="train", image_size=cfg.model.image_size, rejects_path=out / "rejects.jsonl"
+    )
+    res = train_fusion(cfg, train_tasks, out=out, resume=resume)
+    metrics: dict[str, Any] = {
+        "config": dataclasses.asdict(res.cfg),
+        "params": count_params(res.model),
+        "train_samples_per_s": res.train_samples_per_s,
+        "train_seconds": res.seconds,
+        "steps": res.steps,
+    }
+    for split in eval_splits:
+        tasks = load_tasks(data, split=split, image_size=cfg.model.image_size)
+        split_data = TaskData(
+            tasks=tasks,
+            tokenizer=res.tokenizer,
+            mean=res.cfg.model.image_mean,
+            std=res.cfg.model.image_std,
+        )
+        figures = evaluate(res.model, split_data, limit=cfg.train.eval_limit)
+        suffix = "" if split == "test" else f"_{split}"
+        metrics.update({f"{k}{suffix}": v for k, v in figures.items()})
+        metrics[f"n_samples{suffix}"] = split_data.sizes
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

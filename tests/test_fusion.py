@@ -1,0 +1,387 @@
+"""Fusion: world task datasets, the three fusion styles, missing modalities, training, bench."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from polysense.data.tasks import (
+    ANSWERS,
+    SOUND_SAMPLES,
+    caption_true,
+    load_tasks,
+    majority_baseline,
+)
+from polysense.data.world import SAMPLE_RATE, SHAPE_FREQS, generate_world, relations_between
+from polysense.errors import PolysenseError
+from polysense.models.fusion import (
+    STYLES,
+    CrossAttnFusion,
+    FusionConfig,
+    FusionRunConfig,
+    FusionTrainConfig,
+    build_fusion,
+)
+from polysense.train.fusion import (
+    TaskData,
+    evaluate,
+    itm_metrics,
+    load_fusion,
+    modality_dropout,
+    train_fusion,
+)
+
+TINY = {"width": 32, "layers": 2, "heads": 2, "context_length": 24}
+# `python -m polysense.cli` runs cli.py as __main__, so area commands (registered on the
+# imported polysense.cli) are missing there; the installed `polysense` script calls main().
+CLI = [sys.executable, "-c", "from polysense.cli import main; main()"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world-audio")
+    generate_world(
+        root, n=100, seed=3, modalities=("image", "text", "audio"), workers=1, progress=False
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_tasks(world):
+    return load_tasks(world, split="train")
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """More than float noise apart (outputs of a fresh model are small: heads start at 0.02)."""
+    return bool((a - b).abs().max() > 1e-4 * a.abs().max())
+
+
+def _inputs(cfg: FusionConfig, b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(3, cfg.vocab_size, (b, cfg.context_length), generator=g)
+    ids[:, 0], ids[:, 10], ids[:, 11:] = 1, 2, 0  # bos, words, eot, padding
+    audio = torch.randn(b, cfg.audio_samples, generator=g) * 0.3
+    return images, ids, audio
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+
+
+def test_every_world_answer_is_in_the_vocabulary(train_tasks):
+    assert train_tasks.rejects.get("answer_not_in_vocabulary", 0) == 0
+    sizes = train_tasks.sizes()
+    assert sizes["vqa"] > 5 * sizes["scenes"] and sizes["sound"] > 0
+    assert {ANSWERS[i] for i in train_tasks.vqa_answer.tolist()} >= {"yes", "no"}
+
+
+def test_itm_labels_and_swaps_agree_with_the_scene_boxes(world):
+    from polysense.data.readers import read_samples
+
+    samples = list(read_samples(world, split="train"))
+    tasks = load_tasks(world, split="train")
+    objects = [s["objects"] for s in samples]
+    for k, text in enumerate(tasks.itm_text):
+        objs = objects[int(tasks.itm_scene[k])]
+        pairs = {(o["color"], o["shape"]): o for o in objs}
+        words = text.split()
+        # independent check: named pairs present, and the relation from world.relations_between
+        rel = next((r for r in ("left of", "right of", "above", "below") if f" {r} " in text), None)
+        if rel:
+            a, b = (tuple(p.split()[-2:]) for p in text.split(f" {rel} "))
+            truth = a in pairs and b in pairs and rel in relations_between(pairs[a], pairs[b])
+        else:
+            truth = all(tuple(p.split()[-2:]) in pairs for p in text.split(" and "))
+        assert truth == bool(tasks.itm_label[k]), text
+        assert caption_true(text, objs) == truth
+        assert words[0] in ("a", "an")
+    # a swapped negative holds exactly the words of its positive: bag of words cannot separate
+    by_pair: dict[int, list[str]] = {}
+    for k, p in enumerate(tasks.itm_pair.tolist()):
+        if p >= 0:
+            by_pair.setdefault(p, []).append(tasks.itm_text[k])
+    assert by_pair
+    for texts in by_pair.values():
+        pos, neg = texts
+        assert pos != neg
+        strip = lambda t: sorted(w for w in t.split() if w not in ("a", "an"))  # noqa: E731
+        assert strip(pos) == strip(neg)
+    groups = Counter(zip(tasks.itm_group, tasks.itm_label.tolist(), strict=True))
+    for g in ("attr", "rel"):
+        assert groups[(g, 1)] == groups[(g, 0)] > 0
+
+
+def test_sound_clip_pitch_is_the_answer_objects_shape(world):
+    from polysense.data.readers import read_samples
+
+    samples = list(read_samples(world, split="train"))
+    tasks = load_tasks(world, split="train")
+    freqs = np.fft.rfftfreq(SOUND_SAMPLES, 1 / SAMPLE_RATE)
+    for k in range(len(tasks.sound_answer)):
+        clip = tasks.sound_audio[k].numpy()
+        peak = freqs[np.abs(np.fft.rfft(clip)).argmax()]
+        objs = samples[int(tasks.sound_scene[k])]["objects"]
+        assert len(objs) >= 2
+        at = [o for o in objs if o["position"] == ANSWERS[int(tasks.sound_answer[k])]]
+        assert len(at) == 1
+        assert abs(peak - SHAPE_FREQS[at[0]["shape"]]) < 30  # FFT bins are 3 Hz apart
+
+
+def test_majority_baseline_by_hand(train_tasks):
+    base = majority_baseline(train_tasks, train_tasks)
+    counts = Counter(train_tasks.vqa_answer.tolist())
+    answer, n = counts.most_common(1)[0]
+    assert base["vqa_answer"] == ANSWERS[answer]
+    assert base["vqa"] == pytest.approx(n / len(train_tasks.vqa_answer))
+    assert base["vqa_per_type_majority"] >= base["vqa"]
+    assert base["itm"] == pytest.approx(
+        max(train_tasks.itm_label.float().mean().item(), 0.5), abs=0.05
+    )
+
+
+def test_missing_world_is_a_clear_error(tmp_path):
+    from polysense.errors import DataError
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_tasks(tmp_path / "nope", split="train")
+    generate_world(
+        tmp_path / "quiet", n=30, modalities=("image", "text"), workers=1, progress=False
+    )
+    with pytest.raises(DataError, match="--modalities image,text,audio"):
+        load_tasks(tmp_path / "quiet", split="train")
+
+
+# ---------------------------------------------------------------------------------------------
+# missing modalities
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.7, 1.0])
+def test_modality_dropout_properties(p):
+    g = torch.Generator().manual_seed(1)
+    present = torch.rand(4000, 3, generator=g) < 0.8
+    present[:2000] = True
+    kept = modality_dropout(present, p, torch.Generator().manual_seed(2))
+    assert not (kept & ~present).any()  # never invents a modality
+    had = present.any(dim=1)
+    assert (kept.any(dim=1) == had).all()  # a sample with inputs keeps at least one
+    if p == 0.0:
+        assert torch.equal(kept, present)
+    if p == 1.0:
+        assert (kept.sum(dim=1)[had] == 1).all()
+    if 0 < p < 1:
+        # full rows: each modality survives with P(not dropped) + P(all dropped) / 3
+        expect = (1 - p) + p**3 / 3
+        assert kept[:2000].float().mean().item() == pytest.approx(expect, abs=0.03)
+    with pytest.raises(PolysenseError):
+        modality_dropout(present, 1.5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_missing_modality_ignores_its_input_and_uses_the_token(style):
+    torch.manual_seed(0)
+    cfg = FusionConfig(style=style, **TINY)
+    model = build_fusion(cfg).eval()
+    if isinstance(model, CrossAttnFusion):  # open the gates so media can matter at all
+        for layer in model.xattn.values():
+            layer.gate_attn.data.fill_(1.0)
+            layer.gate_ff.data.fill_(1.0)
+    images, ids, audio = _inputs(cfg, 4)
+    other_images, other_ids, other_audio = _inputs(cfg, 4, seed=9)
+    present = torch.ones(4, 3, dtype=torch.bool)
+    with torch.no_grad():
+        full = model(images, ids, audio, present)["answer"]
+        for m, swapped in enumerate(
+            (
+                (other_images, ids, audio),
+                (images, other_ids, audio),
+                (images, ids, other_audio),
+            )
+        ):
+            gone = present.clone()
+            gone[:2, m] = False  # two samples lack modality m, two have it
+            a = model(images, ids, audio, gone)["answer"]
+            b = model(*swapped, gone)["answer"]
+            torch.testing.assert_close(a[:2], b[:2])  # absent: its input is ignored
+            assert differs(model(*swapped, present)["answer"], full)  # present: used
+            # the missing token is what the model sees: changing it changes the output
+            # (a random shift: a constant one would vanish in the next LayerNorm)
+            shift = torch.randn(cfg.width, generator=torch.Generator().manual_seed(m))
+            model.missing.data[m] += shift
+            assert differs(model(images, ids, audio, gone)["answer"][:2], a[:2])
+            model.missing.data[m] -= shift
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_absent_for_all_skips_the_encoder_with_the_same_result(style):
+    torch.manual_seed(0)
+    cfg = FusionConfig(style=style, **TINY)
+    model = build_fusion(cfg).eval()
+    if isinstance(model, CrossAttnFusion):
+        for layer in model.xattn.values():
+            layer.gate_attn.data.fill_(0.7)
+    images, ids, audio = _inputs(cfg, 5)
+    present = torch.ones(5, 3, dtype=torch.bool)
+    present[:4, 2] = False
+    with torch.no_grad():
+        mixed = model(images, ids, audio, present)["answer"][:4]  # masked full sequence
+        alone = model(images[:4], ids[:4], audio[:4], present[:4])["answer"]  # encoder skipped
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_xattn_at_init_is_exactly_its_text_only_path():
+    torch.manual_seed(0)
+    cfg = FusionConfig(style="xattn", **TINY)
+    model = build_fusion(cfg).eval()
+    images, ids, audio = _inputs(cfg, 3)
+    present = torch.ones(3, 3, dtype=torch.bool)
+    with torch.no_grad():
+        fused = model(images, ids, audio, present)["fused"]
+        text_only = model.text_path(ids, present[:, 1], None)
+        other = model(torch.randn_like(images), ids, torch.randn_like(audio), present)["fused"]
+    assert torch.equal(fused, text_only)
+    assert torch.equal(fused, other)
+    for layer in model.xattn.values():  # a non-zero gate lets the image in
+        layer.gate_attn.data.fill_(0.5)
+    with torch.no_grad():
+        assert differs(model(images, ids, audio, present)["fused"], text_only)
+
+
+def test_gradients_reach_the_gates_at_init():
+    torch.manual_seed(0)
+    cfg = FusionConfig(style="xattn", **TINY)
+    model = build_fusion(cfg)
+    images, ids, audio = _inputs(cfg, 3)
+    out = model(images, ids, audio, torch.ones(3, 3, dtype=torch.bool))
+    out["answer"].square().sum().backward()
+    assert all(layer.gate_attn.grad.abs() > 0 for layer in model.xattn.values())
+
+
+def test_bad_inputs_and_config_are_clear_errors():
+    cfg = FusionConfig(style="early", **TINY)
+    model = build_fusion(cfg)
+    images, ids, audio = _inputs(cfg, 2)
+    with pytest.raises(PolysenseError, match="audio"):
+        model(images, ids, audio[:, :100], torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(PolysenseError, match="early fusion has none"):
+        build_fusion(dataclasses.replace(cfg, freeze_encoders=True))
+    frozen = build_fusion(FusionConfig(style="late", freeze_encoders=True, **TINY))
+    assert not any(p.requires_grad for p in frozen.image.parameters())
+    assert all(p.requires_grad for p in frozen.heads.parameters())
+
+
+def test_itm_metrics_by_hand(train_tasks):
+    n = len(train_tasks.itm_text)
+    labels = train_tasks.itm_label
+    # a scorer right on every item except the first attr positive, which scores below its twin
+    scores = labels.float() * 2 - 1
+    first = train_tasks.itm_group.index("attr")
+    scores[first] = -2.0
+    m = itm_metrics(scores, train_tasks, n)
+    assert m["itm_accuracy"] == pytest.approx((n - 1) / n)
+    n_attr_pairs = sum(
+        1
+        for g, lab in zip(train_tasks.itm_group, labels.tolist(), strict=True)
+        if g == "attr" and lab == 0
+    )
+    assert m["itm_attr_pairwise"] == pytest.approx((n_attr_pairs - 1) / n_attr_pairs)
+    assert m["itm_rel_pairwise"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _run_cfg(style: str, **train) -> FusionRunConfig:
+    return FusionRunConfig(
+        model=FusionConfig(style=style, **TINY),
+        train=FusionTrainConfig(batch_size=24, warmup_steps=2, log_every=1, **train),
+    )
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_training_lowers_the_loss(style, train_tasks):
+    losses = []
+    cfg = _run_cfg(style, steps=20, lr=3e-3, modality_dropout=0.2)
+    res = train_fusion(cfg, train_tasks, progress=False, log=lambda r: losses.append(r["loss"]))
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    data = TaskData(
+        tasks=train_tasks,
+        tokenizer=res.tokenizer,
+        mean=res.cfg.model.image_mean,
+        std=res.cfg.model.image_std,
+    )
+    figures = evaluate(res.model, data, condition="no_image")
+    assert 0.0 <= figures["vqa_accuracy"] <= 1.0 and "sound_accuracy" in figures
+
+
+def test_killed_run_resumes_exactly(tmp_path, train_tasks):
+    cfg = _run_cfg("early", steps=6, ckpt_every=3)
+    whole = train_fusion(cfg, train_tasks, out=tmp_path / "whole", progress=False)
+
+    def kill(record):
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_fusion(cfg, train_tasks, out=tmp_path / "cut", progress=False, log=kill)
+    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 3
+    resumed = train_fusion(cfg, train_tasks, out=tmp_path / "cut", resume=True, progress=False)
+    for (name, a), b in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    model, tok, loaded_cfg = load_fusion(tmp_path / "cut")
+    assert loaded_cfg == resumed.cfg and tok.vocab_size == resumed.tokenizer.vocab_size
+    for a, b in zip(model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_polysense_train_preset_and_bench_help(tmp_path, world):
+    from polysense.presets import get_preset, get_runner
+
+    assert get_preset("fusion-xattn-tiny").model.style == "xattn"
+    run = get_runner("fusion-early-tiny")
+    cfg = dataclasses.replace(_run_cfg("early", steps=3), name="fusion-early-tiny")
+    metrics = run(cfg, data=world, out=tmp_path / "ck", resume=False, eval_splits=("test",))
+    assert json.loads((tmp_path / "ck" / "metrics.json").read_text()) == json.loads(
+        json.dumps(metrics)
+    )
+    assert 0 <= metrics["vqa_accuracy"] <= 1 and metrics["steps"] == 3
+    result = subprocess.run(
+        [*CLI, "bench", "fusion", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "Example" in result.stdout
+    bad = subprocess.run(
+        [*CLI, "bench", "fusion", "--out", str(tmp_path), "--styles", "mid"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        bad.returncode == 2
+        and "early,late,xattn,dual" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
