@@ -405,3 +405,14 @@ def test_plan_filter_threshold_and_top_fraction():
     top = st.plan_filter(keys, sims, CurateConfig(filter=FilterConfig(top_fraction=0.5)))
     assert top.keys == ["b", "d"]
     assert 0.5 < top.threshold <= 0.7
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from helpers import make_pairs
+
+    pairs = make_pairs(tmp_path / "pairs", 12)
+    cfg = CurateConfig(source=str(pairs), out=str(tmp_path / "o"), stages=("safety",))
+    run_curate(cfg)
+    run_curate(dataclasses.replace(cfg, workers=2))  # how it runs may change
+    with pytest.raises(PolysenseError, match="different config"):
+        run_curate(dataclasses.replace(cfg, stages=("dedup",)))

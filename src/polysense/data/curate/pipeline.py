@@ -39,7 +39,7 @@ from polysense.data.curate.stages import (
     plan_filter,
     scan_shard,
 )
-from polysense.errors import DataError
+from polysense.errors import DataError, PolysenseError
 from polysense.fileio import atomic_open, atomic_write_json
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -305,11 +305,30 @@ def check_counts(report: dict[str, Any]) -> None:
         )
 
 
+def _check_same_run(cfg: CurateConfig, work: Path) -> None:
+    """Resume only the run that made `work`: the same config, up to workers/engine/name."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "engine", "name")}
+    path = work / "config.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != json.loads(json.dumps(fields)):
+            changed = sorted(
+                k for k in fields if before.get(k) != json.loads(json.dumps(fields[k]))
+            )
+            raise PolysenseError(
+                f"{work.parent} holds a run with a different config (changed: {changed}); "
+                "resume it with the same settings, or use a new --out"
+            )
+    else:
+        atomic_write_json(path, fields)
+
+
 def run_curate(cfg: CurateConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run the configured stages over `cfg.source` into `cfg.out`; returns the report."""
     check_config(cfg)
     out = Path(cfg.out)
     work = out / "work"
+    _check_same_run(cfg, work)
     started = time.perf_counter()
     read_records = read_source(cfg, work / "00-read", progress=progress)
     summaries = {"read": _summary(read_records, 0.0)}
