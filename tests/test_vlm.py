@@ -312,3 +312,13 @@ def test_multi_turn_rows_target_every_answer_and_nothing_else(world, tokenizer) 
         qa = {(q["question"], q["answer"]) for q in data.qa[e.index]}
         assert 1 <= len(e.turns) <= 3 and set(e.turns) <= qa
         assert len(set(e.turns)) == len(e.turns)
+
+
+def test_training_tiles_equal_inference_tiles(world, tokenizer) -> None:
+    """The OCR strips cut in tensors for training equal the PIL path `generate` takes."""
+    model = _tiny_vlm(tokenizer)
+    data = load_split(world, "val", image_size=32)
+    v = model.cfg.vision
+    fast = train_vlm.tile_pixels(data.ocr[:2], 32, v.image_mean, v.image_std)  # (2, 4, 3, H, W)
+    slow = model.pixels([Image.fromarray(data.ocr[i].numpy()) for i in range(2)])
+    torch.testing.assert_close(fast, torch.stack(slow), atol=1e-5, rtol=0)
