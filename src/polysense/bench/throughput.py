@@ -1,0 +1,514 @@
+"""`polysense bench throughput`: polysense vs Hugging Face `CLIPModel`, and vs the machine's peak.
+
+For each of the `clip-tiny` and `clip-small` dims (patch stem, so that both sides have the same
+architecture and parameter count, asserted), one process builds our `CLIP` and an HF `CLIPModel`
+holding the same weights (checked: equal image embeddings), one batch of world captions
+(tokenised, padded to the context length as the trainer does) and random images, then times:
+
+- a training step (forward, contrastive loss, backward, gradient clipping, AdamW step): polysense
+  exactly as `polysense train` runs it by default (`train.precision`, `build_optimizer`), HF in
+  fp32 and in bf16 autocast, taking its better mode;
+- inference (`encode_image` vs `get_image_features`), HF again at its better mode.
+
+Variants run interleaved (A, B, C, A, B, C, ...) with the same threads and batch; each figure is
+the median of the repeats, each ratio the one of medians. Model FLOPs per sample are counted with
+`torch.utils.flop_counter.FlopCounterMode`; MFU is achieved FLOP/s over the matmul peak measured
+in the same run (fp32 and bf16). The in-memory loader (`PairBatches.batch`) is timed alone too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from polysense.bench.report import write_report
+from polysense.config import RunConfig, apply_overrides
+from polysense.errors import PolysenseError
+from polysense.losses import ContrastiveLoss, clip_loss
+
+DIMS = ("clip-tiny", "clip-small")
+# Batch per dims: clip-tiny's preset batch; clip-small's is 256, halved so a step stays ~seconds.
+DEFAULT_BATCH = {"clip-tiny": 128, "clip-small": 128}
+QUICK_OVERRIDES = (
+    "model.vision.layers=1",
+    "model.text.layers=1",
+    "model.vision.width=32",
+    "model.text.width=32",
+    "model.embed_dim=32",
+    "model.vision.heads=2",
+    "model.text.heads=2",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# the machine's peak
+
+
+def matmul_peak(
+    dtype: torch.dtype, *, sizes: tuple[int, ...] = (256, 512, 1024, 2048), seconds: float = 1.0
+) -> dict[str, Any]:
+    """GFLOP/s of square matmuls in `dtype`: the best size's median over ~`seconds` each."""
+    rates = {}
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            a @ b  # warm-up: thread pool, oneDNN kernel selection
+        t0 = time.perf_counter()
+        a @ b
+        one = max(time.perf_counter() - t0, 1e-6)
+        reps = max(3, min(200, int(seconds / 5 / one)))
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            samples.append((time.perf_counter() - t0) / reps)
+        rates[n] = 2 * n**3 / statistics.median(samples) / 1e9
+    best = max(rates, key=rates.get)
+    return {"gflops": rates[best], "size": best, "by_size": rates}
+
+
+# ----------------------------------------------------------------------------------------------
+# the two models
+
+
+def world_captions(n: int, *, seed: int = 0, size: int = 32) -> list[str]:
+    """The first caption of `n` world scenes (metadata only, nothing rendered)."""
+    from polysense.data.world import make_scene, scene_rng
+
+    return [
+        make_scene(scene_rng(seed, "train", i), split="train", index=i, size=size)["captions"][0]
+        for i in range(n)
+    ]
+
+
+def hf_config(cfg: Any) -> Any:
+    """An HF `CLIPConfig` with the architecture of a polysense CLIP `ModelConfig` (SDPA attention)."""
+    import transformers
+
+    from polysense.models.vit import mlp_dim
+
+    v, t = cfg.vision, cfg.text
+    hf = transformers.CLIPConfig(
+        vision_config={
+            "hidden_size": v.width,
+            "intermediate_size": mlp_dim(v.width, v.mlp_ratio),
+            "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads,
+            "num_channels": v.in_channels,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "hidden_act": v.act,
+            "layer_norm_eps": v.ln_eps,
+        },
+        text_config={
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.width,
+            "intermediate_size": mlp_dim(t.width, t.mlp_ratio),
+            "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads,
+            "max_position_embeddings": t.context_length,
+            "hidden_act": t.act,
+            "layer_norm_eps": t.ln_eps,
+            "pad_token_id": t.pad_id,
+            "eos_token_id": t.eot_id,
+        },
+        projection_dim=cfg.embed_dim,
+        logit_scale_init_value=cfg.init_logit_scale,
+    )
+    hf._attn_implementation = "sdpa"
+    return hf
+
+
+@dataclasses.dataclass
+class Pair:
+    """Our model and HF's with the same weights, plus the batch both are timed on."""
+
+    run: RunConfig
+    ours: nn.Module
+    hf: nn.Module
+    images: torch.Tensor  # (B, 3, H, W)
+    ids: torch.Tensor  # (B, L)
+    params: int
+
+
+def build_pair(preset: str, *, batch: int, seed: int = 0, overrides: tuple[str, ...] = ()) -> Pair:
+    """Our CLIP for `preset` with the patch stem, and an HF CLIPModel holding the same weights."""
+    import transformers
+
+    from polysense.data.tokenizer import Tokenizer
+    from polysense.models.clip import CLIP
+    from polysense.models.hf import convert, key_pairs
+    from polysense.models.text import quiet_transformers
+    from polysense.presets import get_preset
+
+    run = apply_overrides(get_preset(preset), ["model.vision.stem=patch", *overrides])
+    if run.model.family != "clip":
+        raise PolysenseError(f"bench throughput compares CLIP presets; {preset} is not one")
+    text = run.model.text
+    captions = world_captions(max(2000, batch), seed=seed, size=run.model.vision.image_size)
+    tokenizer = Tokenizer.train(
+        captions, vocab_size=text.vocab_size, context_length=text.context_length
+    )
+    text = dataclasses.replace(text, vocab_size=tokenizer.vocab_size)
+    run = dataclasses.replace(run, model=dataclasses.replace(run.model, text=text))
+    torch.manual_seed(seed)
+    ours = CLIP(cfg=run.model, tokenizer=tokenizer)
+    with quiet_transformers():
+        hf = transformers.CLIPModel(hf_config(ours.cfg))
+    shapes = {k: x.shape for k, x in hf.state_dict().items()}
+    hf.load_state_dict(convert(ours.state_dict(), shapes, key_pairs(ours.cfg), to_hf=True))
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_hf = sum(p.numel() for p in hf.parameters())
+    if n_ours != n_hf:
+        raise PolysenseError(f"{preset}: polysense has {n_ours} parameters, HF {n_hf}")
+    gen = torch.Generator().manual_seed(seed)
+    v = run.model.vision
+    images = torch.randn(batch, v.in_channels, v.image_size, v.image_size, generator=gen)
+    ids = tokenizer(captions[:batch])
+    ours.eval()
+    hf.eval()
+    with torch.inference_mode():
+        a = ours.encode_image(images[:8])
+        b = nn.functional.normalize(_hf_image(hf, images[:8]), dim=-1)
+    if not torch.allclose(a, b, atol=1e-4):
+        raise PolysenseError(
+            f"{preset}: HF and polysense image embeddings differ by "
+            f"{(a - b).abs().max().item():.2e}; the models are not the same function"
+        )
+    return Pair(run=run, ours=ours, hf=hf, images=images, ids=ids, params=n_ours)
+
+
+def _hf_image(hf: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    out = hf.get_image_features(pixel_values=images)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps being timed
+
+
+def ours_train_step(pair: Pair, *, fused_adamw: bool = False) -> Callable[[], None]:
+    """One `polysense train` step as the training loop runs it (same precision, optimizer,
+    loss and clipping), returned as a closure. `fused_adamw` swaps in torch's fused AdamW
+    kernel with the same parameter groups (a proposed default, measured separately)."""
+    from polysense.train.loop import _embed
+    from polysense.train.optim import build_optimizer, param_groups
+
+    tc, model = pair.run.train, pair.ours
+    if fused_adamw:
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, tc)]
+        opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps, fused=True)
+    else:
+        opt = build_optimizer(model, tc)
+    loss_fn = ContrastiveLoss(family=pair.run.model.family, chunk=tc.loss_chunk)
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        img, txt, o = _embed(model, pair.images, pair.ids, tc.precision)
+        loss = loss_fn(img, txt, o["logit_scale"].log(), o["logit_bias"])
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+
+    return step
+
+
+def hf_train_step(pair: Pair, *, bf16: bool) -> Callable[[], None]:
+    """The same step for HF's CLIPModel (same loss, clipping and AdamW settings), with the fused
+    AdamW kernel that HF's Trainer uses by default (`optim="adamw_torch_fused"`, torch >= 2.8)."""
+    tc, model = pair.run.train, pair.hf
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=tc.lr,
+        betas=tc.betas,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        fused=True,
+    )
+    keep = (pair.ids != pair.run.model.text.pad_id).long()  # (B, L) HF's attention_mask
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=pair.ids, pixel_values=pair.images, attention_mask=keep)
+        loss = clip_loss(out.image_embeds.float(), out.text_embeds.float(), model.logit_scale)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+
+    return step
+
+
+def ours_infer(pair: Pair, *, bf16: bool = False) -> Callable[[], None]:
+    def run() -> None:
+        pair.ours.eval()
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            pair.ours.encode_image(pair.images)
+
+    return run
+
+
+def hf_infer(pair: Pair, *, bf16: bool) -> Callable[[], None]:
+    def run() -> None:
+        pair.hf.eval()
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            _hf_image(pair.hf, pair.images)
+
+    return run
+
+
+def _cpu_flash_flops(q, k, v, *args, **kwargs) -> int:  # shapes, via FlopCounterMode
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_flash_backward_flops(grad_out, q, k, v, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one (torch 2.13): without
+# these two entries, attention would count zero FLOPs on CPU.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of `fn` (matmuls, convolutions, attention), by FlopCounterMode."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def interleaved(fns: dict[str, Callable[[], None]], *, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed A, B, C, A, B, C, ... after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def loader_rate(*, batch: int, image_size: int, steps: int = 20) -> float:
+    """Samples/s of the trainer's in-memory loader (`PairBatches.batch`) alone."""
+    from polysense.data.loader import PairBatches, PairData
+    from polysense.data.tokenizer import Tokenizer
+
+    n = max(4 * batch, 1000)
+    captions = world_captions(n, size=image_size)
+    gen = torch.Generator().manual_seed(0)
+    data = PairData(
+        keys=[str(i) for i in range(n)],
+        images=torch.randint(
+            0, 256, (n, image_size, image_size, 3), dtype=torch.uint8, generator=gen
+        ),
+        captions=[[c] for c in captions],
+    )
+    tok = Tokenizer.train(captions, vocab_size=512, context_length=32)
+    batches = PairBatches(
+        data=data, tokenizer=tok, batch_size=batch, seed=0, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    batches.batch(0)
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        batches.batch(s)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def bench_dims(
+    preset: str,
+    *,
+    batch: int,
+    repeats: int,
+    peaks: dict[str, float],
+    overrides: tuple[str, ...] = (),
+    extra: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train and inference throughput of one preset's dims: (results, table rows)."""
+    pair = build_pair(preset, batch=batch, overrides=overrides)
+    train = {
+        "polysense": ours_train_step(pair),
+        "hf_fp32": hf_train_step(pair, bf16=False),
+        "hf_bf16": hf_train_step(pair, bf16=True),
+    }
+    infer = {
+        "polysense": ours_infer(pair),
+        "hf_fp32": hf_infer(pair, bf16=False),
+        "hf_bf16": hf_infer(pair, bf16=True),
+    }
+    if extra:  # what the fast modes would give; not the default, so not in the ratio
+        fast = dataclasses.replace(pair, run=apply_overrides(pair.run, ["train.precision=bf16"]))
+        train["polysense_bf16"] = ours_train_step(fast)
+        train["polysense_bf16_fused"] = ours_train_step(fast, fused_adamw=True)
+        train["polysense_fused"] = ours_train_step(pair, fused_adamw=True)
+        infer["polysense_bf16"] = ours_infer(pair, bf16=True)
+    flops = {
+        k: count_flops(fn) / batch
+        for k, fn in (("polysense", train["polysense"]), ("hf", train["hf_fp32"]))
+    }
+    flops_infer = {
+        "polysense": count_flops(infer["polysense"]) / batch,
+        "hf": count_flops(infer["hf_fp32"]) / batch,
+    }
+    t_train = interleaved(train, repeats=repeats)
+    t_infer = interleaved(infer, repeats=repeats)
+    rate = {k: batch / statistics.median(v) for k, v in t_train.items()}
+    rate_inf = {k: batch / statistics.median(v) for k, v in t_infer.items()}
+    hf_best = max(("hf_fp32", "hf_bf16"), key=rate.get)
+    hf_best_inf = max(("hf_fp32", "hf_bf16"), key=rate_inf.get)
+    achieved = flops["polysense"] * rate["polysense"]  # FLOP/s
+    res = {
+        "train_ratio_vs_hf": rate["polysense"] / rate[hf_best],
+        "infer_ratio_vs_hf": rate_inf["polysense"] / rate_inf[hf_best_inf],
+        "mfu": achieved / (peaks["fp32"] * 1e9),
+        "mfu_bf16_peak": achieved / (peaks["bf16"] * 1e9),
+        # our rate on HF's FLOP count: what HF would need to reach, as a fraction of the peak
+        "mfu_hf_flops": flops["hf"] * rate["polysense"] / (peaks["fp32"] * 1e9),
+        "hf_mfu": flops["hf"] * rate[hf_best] / (peaks["fp32"] * 1e9),
+        "train_samples_per_s": rate,
+        "infer_images_per_s": rate_inf,
+        "hf_best_train_mode": hf_best,
+        "hf_best_infer_mode": hf_best_inf,
+        "train_flops_per_sample": flops,
+        "infer_flops_per_sample": flops_infer,
+        "params": pair.params,
+        "batch": batch,
+        "repeats": repeats,
+        "precision": pair.run.train.precision,
+        "seconds_train": t_train,
+        "seconds_infer": t_infer,
+    }
+    rows = []
+    for kind, rates, fl in (("train", rate, flops), ("infer", rate_inf, flops_infer)):
+        for name, r in rates.items():
+            f = fl["hf" if name.startswith("hf") else "polysense"]
+            rows.append(
+                {
+                    "dims": preset,
+                    "step": kind,
+                    "variant": name,
+                    "samples_per_s": r,
+                    "gflop_per_sample": f / 1e9,
+                    "pct_fp32_peak": 100 * f * r / (peaks["fp32"] * 1e9),
+                    "pct_bf16_peak": 100 * f * r / (peaks["bf16"] * 1e9),
+                }
+            )
+    return res, rows
+
+
+def run_throughput_bench(
+    out: str | Path,
+    *,
+    dims: tuple[str, ...] = DIMS,
+    batch: dict[str, int] | None = None,
+    repeats: int = 7,
+    quick: bool = False,
+    extra: bool = True,
+) -> dict[str, Any]:
+    """Measure and write out/throughput.{json,md,png}; returns the results dict."""
+    batch = dict(DEFAULT_BATCH, **(batch or {}))
+    overrides = QUICK_OVERRIDES if quick else ()
+    peak_seconds = 0.1 if quick else 1.0
+    sizes = (128, 256) if quick else (256, 512, 1024, 2048)
+    peak_fp32 = matmul_peak(torch.float32, sizes=sizes, seconds=peak_seconds)
+    peak_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds)
+    peaks = {"fp32": peak_fp32["gflops"], "bf16": peak_bf16["gflops"]}
+    results: dict[str, Any] = {}
+    table: list[dict[str, Any]] = []
+    for preset in dims:
+        res, rows = bench_dims(
+            preset,
+            batch=batch[preset],
+            repeats=repeats,
+            peaks=peaks,
+            overrides=overrides,
+            extra=extra,
+        )
+        size = get_image_size(preset, overrides)
+        res["loader_samples_per_s"] = loader_rate(batch=batch[preset], image_size=size)
+        results[preset] = res
+        table += rows
+    # the peaks again at the end: the machine's load may change while the models run
+    end_fp32 = matmul_peak(torch.float32, sizes=sizes, seconds=peak_seconds)
+    end_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds)
+    results["peak_gflops"] = peaks
+    results["peak_detail"] = {
+        "fp32": peak_fp32,
+        "bf16": peak_bf16,
+        "fp32_at_end": end_fp32,
+        "bf16_at_end": end_bf16,
+    }
+    results["threads"] = torch.get_num_threads()
+    results["quick"] = quick
+
+    def plot(ax: Any) -> None:
+        names = [r["dims"] + "\n" + r["step"] for r in table if r["variant"] == "polysense"]
+        variants = sorted({r["variant"] for r in table})
+        width = 0.8 / len(variants)
+        for j, variant in enumerate(variants):
+            vals = [
+                next(
+                    (
+                        r["samples_per_s"]
+                        for r in table
+                        if r["variant"] == variant and r["dims"] + "\n" + r["step"] == n
+                    ),
+                    0.0,
+                )
+                for n in names
+            ]
+            ax.bar([i + j * width for i in range(len(names))], vals, width, label=variant)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+        ax.set_ylabel("samples / s (median)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title(f"polysense vs HF CLIPModel, {results['threads']} threads")
+
+    notes = (
+        f"Matmul peak measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
+        f"{peaks['bf16']:.0f} GFLOP/s. "
+        + " ".join(
+            f"{p}: train x{results[p]['train_ratio_vs_hf']:.2f} vs HF "
+            f"({results[p]['hf_best_train_mode']}), infer x{results[p]['infer_ratio_vs_hf']:.2f}, "
+            f"MFU {100 * results[p]['mfu']:.0f}% of fp32 peak "
+            f"({100 * results[p]['mfu_bf16_peak']:.0f}% of bf16)."
+            for p in dims
+        )
+        + f" Interleaved, median of {repeats}."
+    )
+    write_report(
+        out,
+        "throughput",
+        results,
+        table,
+        plot,
+        title="Training and inference throughput",
+        notes=notes,
+    )
+    return results
+
+
+def get_image_size(preset: str, overrides: tuple[str, ...]) -> int:
+    from polysense.presets import get_preset
+
+    return apply_overrides(get_preset(preset), list(overrides)).model.vision.image_size

@@ -1,0 +1,126 @@
+"""Performance benchmarks: `polysense bench throughput`, `bench loss-memory`, `bench scaling`.
+
+Each writes DIR/NAME.json, DIR/NAME.md and DIR/NAME.png (docs/performance.md explains them).
+Run the default sizes alone on the machine (`flock /tmp/polysense-heavy.lock polysense bench ...`
+where it is shared); `--quick` shrinks everything to a smoke test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polysense.cli import bench_app, console
+from polysense.errors import PolysenseError
+
+
+def _show(out: Path, name: str) -> None:
+    console.print(f"wrote {out / (name + '.json')}, {name}.md and {name}.png")
+    console.print((out / f"{name}.md").read_text(), markup=False, highlight=False)
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    out: Annotated[Path, typer.Option(help="Output directory for throughput.json/.md/.png.")],
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per variant (median).")] = 7,
+    batch: Annotated[int | None, typer.Option(help="Batch for every dims (default 128).")] = None,
+    dims: Annotated[
+        str, typer.Option(help="Comma-separated presets whose dims are compared.")
+    ] = "clip-tiny,clip-small",
+    quick: Annotated[
+        bool, typer.Option(help="One-layer, width-32 models and tiny peaks: a smoke test.")
+    ] = False,
+) -> None:
+    """Training and inference samples/s of polysense vs HF CLIPModel (same architecture, weights,
+    batch and threads; interleaved), FLOPs per sample and MFU against the matmul peak measured in
+    the same run (fp32 and bf16).
+
+    Example: `flock /tmp/polysense-heavy.lock polysense bench throughput --out runs/bench`
+    """
+    from polysense.bench.throughput import DIMS, run_throughput_bench
+
+    names = tuple(d.strip() for d in dims.split(",") if d.strip())
+    if not names:
+        raise PolysenseError(f"--dims {dims!r} names no preset; e.g. --dims {','.join(DIMS)}")
+    if repeats < 1:
+        raise PolysenseError(f"--repeats must be >= 1, got {repeats}")
+    sizes = {d: batch for d in names} if batch else None
+    run_throughput_bench(out, dims=names, batch=sizes, repeats=repeats, quick=quick)
+    _show(out, "throughput")
+
+
+@bench_app.command("loss-memory")
+def bench_loss_memory(
+    out: Annotated[Path, typer.Option(help="Output directory for loss-memory.json/.md/.png.")],
+    quick: Annotated[
+        bool, typer.Option(help="One batch of 2048 at dim 32 under a 160 MiB cap: a smoke test.")
+    ] = False,
+    chunk: Annotated[int, typer.Option(help="Chunk size of the chunked losses.")] = 1024,
+    budget_gib: Annotated[
+        float | None,
+        typer.Option(help="Memory cap per probe in GiB (default: available - 2, at most 24)."),
+    ] = None,
+) -> None:
+    """Peak memory and time of naive (float64), dense and chunked InfoNCE and SigLIP, forward +
+    backward, as the global batch grows from 1k to 64k embeddings of dim 512; each probe in a
+    child process with a memory cap, so a form that does not fit fails alone.
+
+    Example: `flock /tmp/polysense-heavy.lock polysense bench loss-memory --out runs/bench`
+    """
+    from polysense.bench.loss_memory import run_loss_memory_bench
+
+    if chunk < 1:
+        raise PolysenseError(f"--chunk must be >= 1, got {chunk}")
+    if quick:
+        run_loss_memory_bench(
+            out,
+            sizes=(2048,),
+            dim=32,
+            chunk=256,
+            chunks=(128, 512),
+            chunk_series_b=2048,
+            budget_gib=budget_gib or 160 / 1024,
+        )
+    else:
+        run_loss_memory_bench(out, chunk=chunk, budget_gib=budget_gib)
+    _show(out, "loss-memory")
+
+
+@bench_app.command("scaling")
+def bench_scaling(
+    out: Annotated[Path, typer.Option(help="Output directory for scaling.json/.md/.png.")],
+    data: Annotated[
+        Path, typer.Option(help="Training data (a world; a small one is generated if absent).")
+    ] = Path("runs/world"),
+    preset: Annotated[str, typer.Option(help="Preset to train.")] = "clip-tiny",
+    nproc: Annotated[int, typer.Option(help="Processes of the torchrun run.")] = 2,
+    threads: Annotated[int, typer.Option(help="Threads in total (split across processes).")] = 2,
+    quick: Annotated[bool, typer.Option(help="A one-layer model for 6 steps.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra config override (repeatable).")
+    ] = None,
+) -> None:
+    """One process vs torchrun --nproc_per_node N (gloo) at the same global batch: samples/s and
+    the two loss curves, which must agree to float tolerance.
+
+    Example: `flock /tmp/polysense-heavy.lock polysense bench scaling --out runs/bench --data runs/world`
+    """
+    from polysense.bench.scaling import DEFAULT_SETS, QUICK_SETS, run_scaling_bench
+
+    if nproc < 2:
+        raise PolysenseError(f"--nproc must be >= 2 to compare with one process, got {nproc}")
+    if not (data / "manifest.json").is_file() and not data.exists():
+        from polysense.data.world import generate_world
+
+        console.print(f"{data} does not exist: generating a 2000-scene world there")
+        generate_world(data, n=2000, modalities=("image", "text"), progress=False)
+    sets = (*(QUICK_SETS if quick else DEFAULT_SETS), *(set_ or []))
+    res = run_scaling_bench(out, data=data, preset=preset, sets=sets, nproc=nproc, threads=threads)
+    _show(out, "scaling")
+    if res["max_rel_loss_diff"] > 1e-3:
+        raise PolysenseError(
+            f"the {nproc}-process loss curve differs from the single-process one by "
+            f"{res['max_rel_loss_diff']:.1e} (relative); see {out / 'scaling.md'}"
+        )

@@ -1,0 +1,139 @@
+"""The performance benchmarks on tiny sizes: throughput vs HF, loss memory under a cap, scaling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from polysense.bench import throughput as tp
+from polysense.bench.loss_memory import run_loss_memory_bench, square_bytes
+from polysense.models.vit import mlp_dim
+
+
+def test_matmul_peak_reports_every_size():
+    res = tp.matmul_peak(torch.float32, sizes=(64, 128), seconds=0.02)
+    assert set(res["by_size"]) == {64, 128}
+    assert res["gflops"] == max(res["by_size"].values()) > 0
+    assert res["size"] in (64, 128)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tp.build_pair("clip-tiny", batch=4, overrides=tp.QUICK_OVERRIDES)
+
+
+def test_pair_is_one_function_with_equal_parameter_counts(pair):
+    """build_pair checks equal counts and image embeddings itself; check the text side too."""
+    import torch.nn.functional as F
+
+    hf_params = sum(p.numel() for p in pair.hf.parameters())
+    assert pair.params == hf_params == sum(p.numel() for p in pair.ours.parameters())
+    assert pair.hf.config._attn_implementation == "sdpa"
+    ids = pair.ids
+    with torch.inference_mode():
+        ours = pair.ours.text(ids)  # (B, W) pooled at the eot token
+        hf = pair.hf.text_model(
+            input_ids=ids, attention_mask=(ids != pair.ours.cfg.text.pad_id).long()
+        )
+        hidden = hf.last_hidden_state  # (B, L, W)
+        pos = (ids == pair.ours.cfg.text.eot_id).int().argmax(-1)
+        ref = hidden[torch.arange(len(ids)), pos]
+    torch.testing.assert_close(
+        F.normalize(ours, dim=-1), F.normalize(ref, dim=-1), atol=1e-4, rtol=0
+    )
+
+
+def test_inference_flops_match_the_hand_count(pair):
+    """FlopCounterMode's count for encode_image equals the ViT's matmul FLOPs counted by hand."""
+    v, e = pair.run.model.vision, pair.run.model.embed_dim
+    n = (v.image_size // v.patch_size) ** 2
+    t = n + 1  # cls token
+    w, h = v.width, mlp_dim(v.width, v.mlp_ratio)
+    patch = 2 * n * v.in_channels * v.patch_size**2 * w
+    block = 2 * t * w * 3 * w + 2 * 2 * t * t * w + 2 * t * w * w + 2 * 2 * t * w * h
+    expected = patch + v.layers * block + 2 * w * e
+    assert tp.count_flops(tp.ours_infer(pair)) == expected * len(pair.images)
+
+
+def test_throughput_bench_quick_writes_the_contract_shape(tmp_path):
+    res = tp.run_throughput_bench(
+        tmp_path, dims=("clip-tiny",), batch={"clip-tiny": 8}, repeats=2, quick=True
+    )
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert {"clip-tiny", "peak_gflops", "table", "environment"} <= set(data)
+    assert set(data["peak_gflops"]) == {"fp32", "bf16"}
+    tiny = data["clip-tiny"]
+    rates = tiny["train_samples_per_s"]
+    best_hf = max(rates["hf_fp32"], rates["hf_bf16"])
+    assert tiny["train_ratio_vs_hf"] == pytest.approx(rates["polysense"] / best_hf)
+    inf = tiny["infer_images_per_s"]
+    best_inf = max(inf["hf_fp32"], inf["hf_bf16"])
+    assert tiny["infer_ratio_vs_hf"] == pytest.approx(inf["polysense"] / best_inf)
+    peak = data["peak_gflops"]["fp32"] * 1e9
+    flops = tiny["train_flops_per_sample"]["polysense"]
+    assert tiny["mfu"] == pytest.approx(flops * rates["polysense"] / peak)
+    # polysense skips padding columns, so its step counts fewer FLOPs than HF's at equal weights
+    assert 0 < flops < tiny["train_flops_per_sample"]["hf"]
+    assert len(tiny["seconds_train"]["polysense"]) == 2
+    assert tiny["loader_samples_per_s"] > 0
+    assert res["clip-tiny"]["params"] == tiny["params"]
+    assert (tmp_path / "throughput.md").read_text().startswith("# Training and inference")
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+def test_square_bytes_lower_bounds():
+    assert square_bytes("naive", 1024) == 2 * 8 * 1024**2
+    assert square_bytes("dense", 1024) == 2 * 4 * 1024**2
+    assert square_bytes("chunked", 1 << 20) == 0
+
+
+@pytest.mark.slow
+def test_loss_memory_chunked_fits_where_dense_does_not(tmp_path):
+    """Under a 160 MiB cap at B=2048 (dim 32): naive is skipped (needs >= 64 MiB... x2), the
+    dense forms fail their allocation in the child, the chunked ones fit; at B=256 every form
+    fits and all give the same loss value."""
+    res = run_loss_memory_bench(
+        tmp_path,
+        sizes=(256, 4096),
+        dim=32,
+        chunk=256,
+        chunks=(128,),
+        chunk_series_b=4096,
+        budget_gib=160 / 1024,
+        progress=False,
+    )
+    rows = json.loads((tmp_path / "loss-memory.json").read_text())["table"]
+    by = {(r["loss"], r["form"], r["batch"], r["chunk"]): r for r in rows}
+    for loss in ("clip", "siglip"):
+        assert res["summary"][loss] == {
+            "largest_naive_batch": 256,
+            "largest_dense_batch": 256,
+            "largest_chunked_batch": 4096,
+        }
+        assert by[(loss, "naive", 4096, None)]["note"].startswith("skipped")
+        assert not by[(loss, "dense", 4096, None)]["fits"]
+        chunked = by[(loss, "chunked", 4096, 256)]
+        assert chunked["fits"] and chunked["peak_mib"] * 2**20 < square_bytes("dense", 4096)
+        small = [
+            by[(loss, f, 256, c)]["loss_value"]
+            for f, c in (("naive", None), ("dense", None), ("chunked", 256))
+        ]
+        assert max(small) - min(small) < 1e-4 * abs(small[0])
+    assert (tmp_path / "loss-memory.png").is_file()
+
+
+@pytest.mark.slow
+def test_scaling_two_processes_follow_one(tmp_path):
+    from polysense.bench.scaling import QUICK_SETS, run_scaling_bench
+    from polysense.data.world import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, n=200, modalities=("image", "text"), progress=False, workers=1)
+    res = run_scaling_bench(tmp_path / "out", data=world, sets=QUICK_SETS, nproc=2, threads=2)
+    assert res["steps"] == list(range(1, 7))
+    assert res["max_rel_loss_diff"] < 1e-4
+    assert res["samples_per_s"]["1"] > 0 and res["samples_per_s"]["2"] > 0
+    md = (tmp_path / "out" / "scaling.md").read_text()
+    assert "| processes |" in md
