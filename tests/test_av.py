@@ -234,3 +234,40 @@ def test_train_config_rejects_accumulation_for_other_towers(world, tmp_path):
     with pytest.raises(PolysenseError, match="grad_accum"):
         train(cfg, data=world, out=tmp_path / "x", progress=False)
     assert TrainConfig().grad_accum == 1 and VideoConfig().attention == "divided"
+
+
+def test_tower_batches_follow_the_pair_order_and_normalise_like_the_model():
+    from polysense.data.loader import PairBatches, PairData, TowerBatches, TowerData
+    from polysense.data.tokenizer import Tokenizer
+    from polysense.models.clip import bootstrap_captions
+    from polysense.models.video import videos_to_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    n, caps = 12, [[f"a red circle {i}", f"a blue star {i}"] for i in range(12)]
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    video = torch.randint(0, 256, (n, 4, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    tok = Tokenizer.train(bootstrap_captions(), vocab_size=300, context_length=16)
+    vc = VideoConfig(num_frames=4)
+    norm = {"image_mean": vc.image_mean, "image_std": vc.image_std}
+    towers = TowerBatches(
+        data=TowerData(keys=[str(i) for i in range(n)], captions=caps, images=images, video=video),
+        tokenizer=tok,
+        batch_size=4,
+        seed=3,
+        video_mean=vc.image_mean,
+        video_std=vc.image_std,
+        **norm,
+    )
+    pairs = PairBatches(
+        data=PairData(keys=[str(i) for i in range(n)], images=images, captions=caps),
+        tokenizer=tok,
+        batch_size=4,
+        seed=3,
+        mean=vc.image_mean,
+        std=vc.image_std,
+    )
+    for step in (0, 5):
+        got, (want_img, want_ids) = towers.batch(step), pairs.batch(step)
+        assert torch.equal(got["image"], want_img) and torch.equal(got["text"], want_ids)
+        idx, _ = pairs.indices(step)
+        torch.testing.assert_close(got["video"], videos_to_tensor(video[idx], vc))

@@ -307,9 +307,9 @@ class TowerBatches(PairBatches):
         if d.audio is not None:
             out["audio"] = d.audio[idx].float()  # (b, S)
         if d.video is not None:
-            b, t = d.video[idx].shape[:2]
-            frames = normalize(d.video[idx].flatten(0, 1), self.video_mean, self.video_std)
-            out["video"] = frames.view(b, t, *frames.shape[1:])  # (b, T, 3, H, W)
+            clips = d.video[idx]  # (b, T, H, W, 3) uint8
+            frames = normalize(clips.flatten(0, 1), self.video_mean, self.video_std)
+            out["video"] = frames.view(*clips.shape[:2], *frames.shape[1:])  # (b, T, 3, H, W)
         return out
 
 
