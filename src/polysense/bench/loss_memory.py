@@ -119,19 +119,32 @@ def probe(loss: str, form: str, n: int, dim: int, chunk: int, budget: int, threa
 
 
 def run_probe(
-    loss: str, form: str, n: int, *, dim: int, chunk: int, budget: int, threads: int
+    loss: str,
+    form: str,
+    n: int,
+    *,
+    dim: int,
+    chunk: int,
+    budget: int,
+    threads: int,
+    timeout: float | None = None,
 ) -> dict:
-    """`probe` in a fresh Python process; a child killed or crashed counts as not fitting."""
+    """`probe` in a fresh Python process; a child killed or crashed counts as not fitting, one
+    past `timeout` seconds as not measured."""
     args = json.dumps([loss, form, n, dim, chunk, budget, threads])
-    proc = subprocess.run(
-        [sys.executable, "-m", "polysense.bench.loss_memory", args],
-        capture_output=True,
-        text=True,
-        check=False,
-        # one malloc arena: per-thread arenas reserve 64 MiB of address space each, which the
-        # RLIMIT_AS cap would count although it is never touched
-        env={**os.environ, "MALLOC_ARENA_MAX": "1"},
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "polysense.bench.loss_memory", args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            # one malloc arena: per-thread arenas reserve 64 MiB of address space each, which
+            # the RLIMIT_AS cap would count although it is never touched
+            env={**os.environ, "MALLOC_ARENA_MAX": "1"},
+        )
+    except subprocess.TimeoutExpired:
+        return {"fits": None, "error": f"not measured: over the {timeout:.0f} s time limit"}
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         return {"fits": False, "error": tail[0][:200]}
@@ -148,12 +161,13 @@ def run_loss_memory_bench(
     chunk_series_b: int = CHUNK_SERIES_B,
     budget_gib: float | None = None,
     threads: int = 2,
+    timeout: float | None = 900.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Measure every (loss, form, size) and the chunk-size series; write out/loss-memory.*."""
     available = mem_available()
-    # Leave 2 GiB for everyone else on the machine; never more than the 24 GiB of the issue.
-    budget = int(budget_gib * GIB) if budget_gib else int(min(24 * GIB, available - 2 * GIB))
+    # Leave 4 GiB for everyone else on the machine; never more than the 24 GiB of the issue.
+    budget = int(budget_gib * GIB) if budget_gib else int(min(24 * GIB, available - 4 * GIB))
     if budget <= 0:
         raise MemoryError(f"only {available / GIB:.1f} GiB available; free some memory first")
     rows: list[dict[str, Any]] = []
@@ -167,7 +181,9 @@ def run_loss_memory_bench(
         if need > budget:
             row |= {"fits": False, "note": f"skipped: B x B matrices need >= {need / GIB:.1f} GiB"}
         else:
-            res = run_probe(loss, form, n, dim=dim, chunk=c, budget=budget, threads=threads)
+            res = run_probe(
+                loss, form, n, dim=dim, chunk=c, budget=budget, threads=threads, timeout=timeout
+            )
             row |= {"fits": res["fits"]}
             if res["fits"]:
                 row |= {
@@ -221,7 +237,7 @@ def run_loss_memory_bench(
 
     notes = (
         f"Each probe in its own process, address space capped at {budget / GIB:.1f} GiB above "
-        f"its inputs (MemAvailable {available / GIB:.1f} GiB minus 2 GiB, at most 24 GiB). "
+        f"its inputs (MemAvailable {available / GIB:.1f} GiB minus 4 GiB, at most 24 GiB). "
         + " ".join(
             f"{loss}: largest naive {s['largest_naive_batch']}, dense {s['largest_dense_batch']}, "
             f"chunked {s['largest_chunked_batch']}."

@@ -60,7 +60,7 @@ def bench_loss_memory(
     chunk: Annotated[int, typer.Option(help="Chunk size of the chunked losses.")] = 1024,
     budget_gib: Annotated[
         float | None,
-        typer.Option(help="Memory cap per probe in GiB (default: available - 2, at most 24)."),
+        typer.Option(help="Memory cap per probe in GiB (default: available - 4, at most 24)."),
     ] = None,
 ) -> None:
     """Peak memory and time of naive (float64), dense and chunked InfoNCE and SigLIP, forward +
