@@ -280,10 +280,44 @@ def test_bad_inputs_and_config_are_clear_errors():
     with pytest.raises(PolysenseError, match="audio"):
         model(images, ids, audio[:, :100], torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(PolysenseError, match="early fusion has none"):
-        build_fusion(dataclasses.replace(cfg, freeze_encoders=True))
-    frozen = build_fusion(FusionConfig(style="late", freeze_encoders=True, **TINY))
+        build_fusion(dataclasses.replace(cfg, freeze_image=True))
+    frozen = build_fusion(FusionConfig(style="late", freeze_image=True, **TINY))
     assert not any(p.requires_grad for p in frozen.image.parameters())
-    assert all(p.requires_grad for p in frozen.heads.parameters())
+    assert all(p.requires_grad for p in frozen.text.parameters())
+    with pytest.raises(PolysenseError, match="does not exist"):
+        build_fusion(dataclasses.replace(cfg, image_init="/nonexistent"))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_image_init_copies_the_clip_vision_tower(style, tmp_path):
+    from helpers import tiny_config
+    from polysense.models.clip import build_model, save_checkpoint
+
+    run = tiny_config("clip-tiny", "model.vision.width=32", "model.vision.layers=2")
+    run = dataclasses.replace(
+        run,
+        model=dataclasses.replace(
+            run.model, vision=dataclasses.replace(run.model.vision, stem="conv")
+        ),
+    )
+    torch.manual_seed(1)
+    clip = build_model(run)
+    save_checkpoint(clip, run, tmp_path / "clip")
+    cfg = FusionConfig(style=style, image_init=str(tmp_path / "clip"), **TINY)
+    model = build_fusion(cfg).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        if style == "early":  # the stem is the CLIP's, token for token
+            got = model.image_stem(images)
+            want = clip.visual.patch_embed(images)
+            assert torch.equal(
+                model.blocks[0].attn.qkv.weight, clip.visual.blocks[0].attn.qkv.weight
+            )
+        else:
+            got, want = model.image(images), clip.visual(images)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(PolysenseError, match="does not fit"):
+        build_fusion(dataclasses.replace(cfg, width=64, heads=2))
 
 
 def test_itm_metrics_by_hand(train_tasks):

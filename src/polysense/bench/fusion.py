@@ -15,8 +15,11 @@ its cosine similarity against a threshold chosen on val; it has no audio tower (
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polysense.bench.report import write_report
-from polysense.data.loader import PairData, normalize
+from polysense.data.loader import normalize
 from polysense.data.tasks import (
     ANSWERS,
     SOUND_QUESTION,
@@ -35,6 +38,7 @@ from polysense.data.tasks import (
     load_tasks,
     majority_baseline,
 )
+from polysense.errors import PolysenseError
 from polysense.models.fusion import (
     MODALITIES,
     STYLES,
@@ -50,46 +54,75 @@ from polysense.train.fusion import (
     build_tokenizer,
     evaluate,
     itm_metrics,
-    task_loss,
     train_fusion,
     vqa_metrics,
 )
 
-DEFAULT_SECONDS = 75.0
+DEFAULT_SECONDS = 80.0
+DEFAULT_INIT = "runs/quickstart/ckpt"
 DEFAULT_DROPOUT = 0.3
 N_CANDIDATES = 10_000
+N_MEASURED = 1000  # pairs actually run for the early / xattn query cost (then scaled)
 DUAL_CONTRASTIVE_SHARE = 0.6
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            import os
+def peak_step_mem_mb(style: str, width: int, layers: int, batch_size: int, threads: int) -> float:
+    """Peak RSS growth (MB) of one training step (forward, backward, AdamW update) on a
+    full-modality batch of `batch_size`, measured in a fresh process so that memory the bench
+    already holds (or the allocator kept from earlier steps) does not hide it."""
+    code = (
+        "import json; from polysense.bench.fusion import _child_step_mem;"
+        f"print(json.dumps(_child_step_mem({style!r}, {width}, {layers}, {batch_size}, {threads})))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise PolysenseError(f"peak-memory child for {style} failed: {res.stderr.strip()[-300:]}")
+    return float(json.loads(res.stdout.strip().splitlines()[-1]))
 
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
+def _child_step_mem(style: str, width: int, layers: int, batch_size: int, threads: int) -> float:
+    import resource
 
-def peak_rss_growth_mb(fn: Any) -> float:
-    """Run `fn()` while a thread samples the process RSS every 2 ms; the peak minus the start."""
-    start = _rss_mb()
-    peak = [start]
-    done = threading.Event()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    b = batch_size
+    if style == "dual":
+        from polysense.config import apply_overrides
+        from polysense.models.clip import build_model
+        from polysense.presets import get_preset
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.002)
+        sets = [f"model.{t}.width={width}" for t in ("vision", "text")]
+        sets += [f"model.{t}.layers={layers}" for t in ("vision", "text")]
+        clip = build_model(apply_overrides(get_preset("clip-tiny"), sets))
+        images = torch.randn(b, 3, 32, 32)
+        ids = clip.tokenize(["a red circle left of a blue square"] * b)
+        model: nn.Module = clip
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(0.0, max(peak[0], _rss_mb()) - start)
+        def loss() -> torch.Tensor:
+            out = clip(images, ids)
+            sims = out["image_embeds"] @ out["text_embeds"].T * out["logit_scale"]
+            return F.cross_entropy(sims, torch.arange(b))
+    else:
+        from polysense.models.fusion import build_fusion
+
+        heads = max(1, width // 32)
+        cfg = FusionConfig(style=style, width=width, layers=layers, heads=heads)  # type: ignore[arg-type]
+        model = build_fusion(cfg)
+        images = torch.randn(b, 3, cfg.image_size, cfg.image_size)
+        ids = torch.randint(3, cfg.vocab_size, (b, cfg.context_length))
+        audio = torch.randn(b, cfg.audio_samples) * 0.3
+        present = torch.ones(b, 3, dtype=torch.bool)
+
+        def loss() -> torch.Tensor:
+            return model(images, ids, audio, present)["answer"].logsumexp(-1).mean()
+
+    opt = torch.optim.AdamW(model.parameters())
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    loss().backward()
+    opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return max(0.0, peak - before)
 
 
 def _median_ms(fn: Any, repeat: int = 20) -> float:
@@ -106,36 +139,23 @@ def _median_ms(fn: Any, repeat: int = 20) -> float:
 # fusion styles
 
 
-def _fusion_costs(model: nn.Module, data: TaskData, batch_size: int) -> dict[str, Any]:
-    """Latency of one VQA sample, RSS growth of one training step, 1 query x 10k images."""
+def _fusion_costs(model: nn.Module, data: TaskData) -> dict[str, Any]:
+    """Latency of one VQA sample, and of 1 text query against 10k images."""
     one = data.batch("vqa", torch.arange(1))
     with torch.no_grad():
         model.eval()
         latency = _median_ms(lambda: model(one.images, one.ids, one.audio, one.present))
-    model.train()
-    batch = data.batch("vqa", torch.arange(batch_size))
-
-    def step() -> None:
-        out = model(batch.images, batch.ids, batch.audio, batch.present)
-        task_loss(out, batch).backward()
-
-    peak = peak_rss_growth_mb(step)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    # 1 text query against N_CANDIDATES images: every pair needs a full forward pass.
-    itm = data.batch("itm", torch.arange(min(500, data.sizes["itm"])))
+    # 1 text query against N_CANDIDATES images: every pair needs a full forward pass. Measured
+    # on N_MEASURED pairs and scaled linearly (the cost is a sum of independent forwards).
+    itm = data.batch("itm", torch.arange(min(N_MEASURED, data.sizes["itm"])))
     ids = itm.ids[:1].expand(len(itm.ids), -1)
-    t = time.perf_counter()
     with torch.no_grad():
-        for _ in range(0, N_CANDIDATES, len(itm.ids)):
-            model(itm.images, ids, itm.audio, itm.present)
-    query = (
-        (time.perf_counter() - t)
-        * 1000
-        * N_CANDIDATES
-        / (len(itm.ids) * -(-N_CANDIDATES // len(itm.ids)))
-    )
-    return {"latency_ms": latency, "peak_mem_mb": peak, "query_10k_ms": query}
+        t = time.perf_counter()
+        for s in range(0, len(ids), 250):
+            sl = slice(s, s + 250)
+            model(itm.images[sl], ids[sl], itm.audio[sl], itm.present[sl])
+        query = (time.perf_counter() - t) * 1000 * N_CANDIDATES / len(ids)
+    return {"latency_ms": latency, "query_10k_ms": query}
 
 
 def _late_query_ms(model: nn.Module, data: TaskData) -> float:
@@ -202,10 +222,13 @@ def bench_style(
 ) -> dict[str, Any]:
     """Train one fusion style twice (without / with modality dropout) for `seconds` each."""
     row: dict[str, Any] = {}
+    freeze = bool(model_overrides.get("freeze_image"))
     for rate in (0.0, dropout):
         cfg = FusionRunConfig(
             name=f"fusion-{style}",
-            model=FusionConfig(style=style, **model_overrides),  # type: ignore[arg-type]
+            model=FusionConfig(  # early fusion has no separate image encoder to freeze
+                **{**model_overrides, "style": style, "freeze_image": freeze and style != "early"}
+            ),
             train=FusionTrainConfig(
                 batch_size=batch_size,
                 steps=100_000,
@@ -234,7 +257,10 @@ def bench_style(
                 train_seconds=res.seconds,
                 train_steps=res.steps,
                 train_samples_per_s=res.train_samples_per_s,
-                **_fusion_costs(res.model, test_data, batch_size),
+                **_fusion_costs(res.model, test_data),
+                peak_mem_mb=peak_step_mem_mb(
+                    style, mc.width, mc.layers, batch_size, torch.get_num_threads()
+                ),
             )
             if style == "late":
                 row["query_10k_ms"] = _late_query_ms(res.model, test_data)
@@ -294,35 +320,48 @@ def bench_dual(
     layers: int,
     work: Path,
     eval_limit: int,
-    progress: bool,
+    init: str,
 ) -> dict[str, Any]:
-    """Contrastive training (60 % of the seconds), then a VQA head on frozen embeddings."""
+    """Contrastive training (60 % of the seconds), then a VQA head on frozen embeddings. The
+    CLIP starts from `init` (a checkpoint, as the fusion styles' image towers do) or, with
+    init="", from a clip-tiny of the given width/layers with a BPE on the train captions."""
     from polysense.config import apply_overrides
+    from polysense.losses import clip_loss
+    from polysense.models.clip import build_model, load_model
     from polysense.presets import get_preset
-    from polysense.train.loop import train as train_contrastive
 
-    cfg = apply_overrides(
-        get_preset("clip-tiny"),
-        [
-            f"model.vision.width={width}",
-            f"model.vision.layers={layers}",
-            f"model.text.width={width}",
-            f"model.text.layers={layers}",
-            f"train.batch_size={batch_size}",
-            f"train.max_minutes={seconds * DUAL_CONTRASTIVE_SHARE / 60}",
-            "train.steps=100000",
-            "train.ckpt_every=0",
-            "train.log_every=50",
-        ],
-    )
-    pairs = PairData(keys=train.keys, images=train.images, captions=train.captions)
+    sets = [f"model.{t}.width={width}" for t in ("vision", "text")]
+    sets += [f"model.{t}.layers={layers}" for t in ("vision", "text")]
+    cfg = apply_overrides(get_preset("clip-tiny"), sets)
+    torch.manual_seed(0)
+    if init:
+        clip = load_model(init)
+        cfg = dataclasses.replace(cfg, model=clip.cfg)
+    else:
+        clip = build_model(cfg, texts=[c for caps in train.captions for c in caps])
+    v = cfg.model.vision
     t0 = time.perf_counter()
-    result = train_contrastive(
-        cfg, data=str(work), out=work / "dual", pairs=pairs, progress=progress
-    )
-    from polysense.models.clip import load_model
-
-    clip = load_model(work / "dual").eval()
+    # The contrastive step written out (polysense.losses.clip_loss), time-budgeted like the rest.
+    clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=5e-4 if init else 2e-3, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    budget, n_seen = seconds * DUAL_CONTRASTIVE_SHARE, 0
+    while time.perf_counter() - t0 < budget:
+        idx = torch.randperm(len(train.keys), generator=gen)[:batch_size]
+        pick = torch.randint(0, 1_000_000, (len(idx),), generator=gen).tolist()
+        caps = [
+            train.captions[i][p % len(train.captions[i])]
+            for i, p in zip(idx.tolist(), pick, strict=True)
+        ]
+        out = clip(normalize(train.images[idx], v.image_mean, v.image_std), clip.tokenize(caps))
+        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"].log())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, cfg.model.max_logit_scale)
+        n_seen += len(idx)
+    clip.eval()
     contrastive_s = time.perf_counter() - t0
     # VQA head: image embeddings of the train scenes and the (few hundred) distinct questions are
     # computed once, inside the budget; then the head trains until the seconds are spent.
@@ -367,7 +406,6 @@ def bench_dual(
         for m in ("image", "text")
     }
     # costs
-    n_samples = result.train_samples_per_s * (result.seconds or 1)
     one_img = normalize(test.images[:1], cfg.model.vision.image_mean, cfg.model.vision.image_std)
     with torch.no_grad():
         latency = _median_ms(
@@ -375,27 +413,15 @@ def bench_dual(
         )
         cand = F.normalize(torch.randn(N_CANDIDATES, clip.cfg.embed_dim), dim=-1)
         query = _median_ms(lambda: clip.encode_text([test.itm_text[0]]) @ cand.T)
-    imgs = normalize(
-        train.images[:batch_size], cfg.model.vision.image_mean, cfg.model.vision.image_std
-    )
-    ids = clip.tokenize([c[0] for c in train.captions[:batch_size]])
-
-    def step() -> None:
-        clip.train()
-        out = clip(imgs, ids)
-        sims = out["image_embeds"] @ out["text_embeds"].T * out["logit_scale"]
-        F.cross_entropy(sims, torch.arange(len(ids))).backward()
-
-    peak = peak_rss_growth_mb(step)
-    clip.zero_grad(set_to_none=True)
-    clip.eval()
+    peak = peak_step_mem_mb("dual", width, layers, batch_size, torch.get_num_threads())
     row.update(
         params=count_params(clip) + count_params(head),
         train_seconds=total_s,
         contrastive_seconds=contrastive_s,
         head_steps=steps,
         itm_threshold=threshold,
-        train_samples_per_s=n_samples / max(contrastive_s, 1e-9),
+        train_samples_per_s=n_seen / max(contrastive_s, 1e-9),
+        contrastive_samples=n_seen,
         latency_ms=latency,
         peak_mem_mb=peak,
         query_10k_ms=query,
@@ -488,12 +514,58 @@ def run_fusion_bench(
     batch_size: int = 96,
     width: int = 128,
     layers: int = 4,
-    eval_limit: int = 2000,
+    eval_limit: int = 1500,
     train_limit: int | None = None,
     styles: tuple[str, ...] = (*STYLES, "dual"),
+    threads: int = 1,
+    image_init: str = DEFAULT_INIT,
+    freeze_image: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and measure every style; write fusion.json / .md / .png into `out`."""
+    """Train and measure every style; write fusion.json / .md / .png into `out`. `threads`:
+    torch CPU threads (on a shared 2-core machine one thread ran 6x faster per step than two).
+    `image_init`: a CLIP checkpoint every style starts from (its vision tower for the fusion
+    styles, the whole model for the dual encoder); "" or a missing path = random init."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        init = image_init if image_init and Path(image_init, "model.safetensors").is_file() else ""
+        return _run(
+            init,
+            freeze_image,
+            out,
+            data,
+            seconds,
+            dropout,
+            batch_size,
+            width,
+            layers,
+            eval_limit,
+            train_limit,
+            styles,
+            threads,
+            progress,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(
+    init: str,
+    freeze_image: bool,
+    out: str | Path,
+    data: str | Path,
+    seconds: float,
+    dropout: float,
+    batch_size: int,
+    width: int,
+    layers: int,
+    eval_limit: int,
+    train_limit: int | None,
+    styles: tuple[str, ...],
+    threads: int,
+    progress: bool,
+) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -502,8 +574,9 @@ def run_fusion_bench(
     test = load_tasks(data, split="test")
     novel = load_tasks(data, split="test_novel")
     load_s = time.perf_counter() - t_start
-    overrides = {"width": width, "layers": layers, "heads": max(1, width // 32)}
-    base = FusionRunConfig(model=FusionConfig(**overrides))  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {"width": width, "layers": layers, "heads": max(1, width // 32)}
+    overrides.update(image_init=init, freeze_image=freeze_image)
+    base = FusionRunConfig(model=FusionConfig(width=width))  # type: ignore[arg-type]
     tokenizer = build_tokenizer(train, base)
     rows: dict[str, dict[str, Any]] = {}
     for style in styles:
@@ -517,9 +590,8 @@ def run_fusion_bench(
                 batch_size=batch_size,
                 width=width,
                 layers=layers,
-                work=out,
+                init=init,
                 eval_limit=eval_limit,
-                progress=progress,
             )
         else:
             rows[style] = bench_style(
@@ -544,6 +616,9 @@ def run_fusion_bench(
         "data": str(data),
         "n_items": {s.split: s.sizes() for s in (train, val, test, novel)},
         "eval_limit": eval_limit,
+        "threads": threads,
+        "image_init": init or None,
+        "freeze_image": freeze_image,
         "answers": list(ANSWERS),
         "sound_question": SOUND_QUESTION,
         "load_seconds": load_s,

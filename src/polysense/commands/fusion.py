@@ -19,16 +19,26 @@ def bench_fusion(
     ] = Path("runs/world-all"),
     seconds: Annotated[
         float, typer.Option(help="Training seconds per style (and per dropout variant).")
-    ] = 75.0,
+    ] = 80.0,
     dropout: Annotated[
         float, typer.Option(help="Modality dropout rate of the second model of each style.")
     ] = 0.3,
     eval_limit: Annotated[
         int, typer.Option(help="Evaluate at most this many items per task and split (0 = all).")
-    ] = 2000,
+    ] = 1500,
     styles: Annotated[
         str, typer.Option(help="Comma-separated subset of early,late,xattn,dual.")
     ] = "early,late,xattn,dual",
+    threads: Annotated[int, typer.Option(help="torch CPU threads while benchmarking.")] = 1,
+    image_init: Annotated[
+        str,
+        typer.Option(
+            help="CLIP checkpoint every style starts from (vision tower / whole dual); '' = none."
+        ),
+    ] = "runs/quickstart/ckpt",
+    freeze_image: Annotated[
+        bool, typer.Option(help="Keep the late / xattn image encoders frozen.")
+    ] = True,
     train_limit: Annotated[
         int, typer.Option(help="Read at most this many training scenes (0 = all).")
     ] = 0,
@@ -55,6 +65,9 @@ def bench_fusion(
         eval_limit=eval_limit,
         styles=chosen,
         train_limit=train_limit or None,
+        threads=threads,
+        image_init=image_init,
+        freeze_image=freeze_image,
     )
     console.print(f"wrote {out / 'fusion.json'}, fusion.md and fusion.png")
     console.print((out / "fusion.md").read_text(), markup=False, highlight=False)

@@ -20,6 +20,7 @@ Everything is held in memory as tensors (a 20k-scene world is about 60 MB of ima
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
+from PIL import Image
 
 from polysense.data.transforms import resize_center_crop
 from polysense.data.world import (
@@ -170,6 +173,21 @@ def _audio_slot(audio: np.ndarray, sound: dict[str, Any]) -> np.ndarray:
     return clip
 
 
+def _image(value: Any) -> Image.Image | None:
+    """A PIL image from a decoded sample or from raw bytes (read_samples(decode=False))."""
+    if value is None or isinstance(value, Image.Image):
+        return value
+    with Image.open(io.BytesIO(value)) as im:
+        return im.convert("RGB")
+
+
+def _audio(value: Any) -> np.ndarray | None:
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    wave, _ = soundfile.read(io.BytesIO(value), dtype="float32")
+    return wave
+
+
 def build_tasks(
     samples: Iterable[dict[str, Any]], *, split: str, image_size: int = 32, seed: int = 0
 ) -> WorldTasks:
@@ -181,22 +199,39 @@ def build_tasks(
     keys: list[str] = []
     images: list[np.ndarray] = []
     vqa: list[tuple[int, str, int, str]] = []
-    scenes: list[dict[str, Any]] = []
+    scenes: list[dict[str, Any]] = []  # objects and captions only
+    sound: list[tuple[int, np.ndarray, int]] = []
     for sample in samples:
         objects = sample.get("objects")
-        if sample.get("image") is None or not isinstance(objects, list) or not objects:
+        try:
+            image = _image(sample.get("image"))
+            audio = _audio(sample.get("audio"))
+        except (OSError, ValueError, RuntimeError, soundfile.LibsndfileError):
+            rejects["undecodable_media"] += 1
+            continue
+        if image is None or not isinstance(objects, list) or not objects:
             rejects["no_image_or_objects"] += 1
             continue
         s = len(keys)
         keys.append(str(sample.get("key", s)))
-        images.append(np.asarray(resize_center_crop(sample["image"], image_size), dtype=np.uint8))
+        images.append(np.asarray(resize_center_crop(image, image_size), dtype=np.uint8))
         for qa in sample.get("qa") or []:
             answer = ANSWER_INDEX.get(str(qa.get("answer", "")))
             if answer is None or qa.get("type") not in QUESTION_TYPES:
                 rejects["answer_not_in_vocabulary"] += 1
                 continue
             vqa.append((s, str(qa["question"]), answer, str(qa["type"])))
-        scenes.append(sample)
+        # keep only the light fields: a world sample also holds video, OCR and the whole clip
+        scenes.append({"objects": objects, "text": list(sample.get("text") or [])})
+        if len(objects) < 2 or audio is None:
+            continue
+        sounds = {(d["color"], d["shape"]): d for d in sample.get("sounds") or []}
+        for o in objects:
+            d = sounds.get((o["color"], o["shape"]))
+            if d is None or o.get("position") not in ANSWER_INDEX:
+                rejects["sound_without_object"] += 1
+                continue
+            sound.append((s, _audio_slot(audio, d), ANSWER_INDEX[o["position"]]))
     if not keys:
         raise DataError(
             f"split {split}: no scene with an image and an 'objects' list; these tasks need a "
@@ -205,24 +240,12 @@ def build_tasks(
     # One caption per scene to draw false "random" captions from.
     pool = [" and ".join(_a(o["color"], o["shape"]) for o in sc["objects"][:2]) for sc in scenes]
     itm: list[tuple[int, str, int, str, int]] = []
-    sound: list[tuple[int, np.ndarray, int]] = []
     pair_id = 0
-    for s, sample in enumerate(scenes):
-        objects = sample["objects"]
-        for caption, label, group, paired in _itm_items(rng, objects, pool):
+    for s, scene in enumerate(scenes):
+        for caption, label, group, paired in _itm_items(rng, scene["objects"], pool):
             itm.append((s, caption, label, group, pair_id if paired else -1))
             if paired and label == 0:
                 pair_id += 1
-        if len(objects) < 2 or sample.get("audio") is None:
-            continue
-        sounds = {(d["color"], d["shape"]): d for d in sample.get("sounds") or []}
-        audio = np.asarray(sample["audio"], dtype=np.float32)
-        for o in objects:
-            d = sounds.get((o["color"], o["shape"]))
-            if d is None or o.get("position") not in ANSWER_INDEX:
-                rejects["sound_without_object"] += 1
-                continue
-            sound.append((s, _audio_slot(audio, d), ANSWER_INDEX[o["position"]]))
     return WorldTasks(
         split=split,
         keys=keys,
@@ -261,7 +284,8 @@ def load_tasks(
     from polysense.data.readers import Rejects, read_samples
 
     with Rejects(path=rejects_path) as rejects:
-        samples = read_samples(root, split=split, rejects=rejects, limit=limit)
+        # Undecoded: only the image and the clip are decoded here (not video or OCR images).
+        samples = read_samples(root, split=split, rejects=rejects, limit=limit, decode=False)
         tasks = build_tasks(samples, split=split, image_size=image_size, seed=seed)
         tasks.rejects.update(rejects.by_reason)
     if len(tasks.sound_answer) == 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -70,7 +71,11 @@ class FusionConfig:
     n_answers: int = 30
     combine: Literal["concat", "sum", "gated"] = "concat"  # late fusion only
     xattn_every: int = 1  # xattn: a gated cross-attention layer after every k text blocks
-    freeze_encoders: bool = False  # late / xattn: train only fusion layers and heads
+    # A CLIP checkpoint (e.g. runs/quickstart/ckpt, same vision config) whose image tower
+    # initialises the image encoder: the whole ViT for late / xattn; the conv stem, patch
+    # position embeddings and blocks for early fusion. "" = random init.
+    image_init: str = ""
+    freeze_image: bool = False  # late / xattn: keep the image encoder fixed (Flamingo-style)
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -207,10 +212,6 @@ class FusionModel(nn.Module):
         self.missing = nn.Parameter(torch.randn(len(MODALITIES), cfg.width) * 0.02)
         self.heads = Heads(width=cfg.width, n_answers=cfg.n_answers)
 
-    def encoders(self) -> list[nn.Module]:
-        """The per-modality encoders that `freeze_encoders` locks (none for early fusion)."""
-        return []
-
     def forward(
         self,
         images: torch.Tensor,
@@ -330,9 +331,6 @@ class LateFusion(FusionModel):
         if cfg.combine in ("concat", "gated"):
             init_linear(self.combine if cfg.combine == "concat" else self.gate)
 
-    def encoders(self) -> list[nn.Module]:
-        return [self.image, self.text, self.audio]
-
     def fuse(
         self, images: torch.Tensor, ids: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
     ) -> torch.Tensor:
@@ -425,9 +423,6 @@ class CrossAttnFusion(FusionModel):
         for module in (self.audio, self.blocks, self.xattn):
             module.apply(init_linear)
 
-    def encoders(self) -> list[nn.Module]:
-        return [self.image, self.audio]
-
     def media(
         self, images: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,20 +482,53 @@ class CrossAttnFusion(FusionModel):
 
 
 def build_fusion(cfg: FusionConfig) -> FusionModel:
-    """The model of `cfg.style`; `freeze_encoders` locks the per-modality encoders."""
+    """The model of `cfg.style`, its image encoder loaded from `image_init` and frozen with
+    `freeze_image` when asked."""
     styles = {"early": EarlyFusion, "late": LateFusion, "xattn": CrossAttnFusion}
     if cfg.style not in styles:
         raise PolysenseError(f"model.style={cfg.style!r}: choose one of {', '.join(STYLES)}")
     model = styles[cfg.style](cfg=cfg)
-    if cfg.freeze_encoders:
-        if not model.encoders():
+    if cfg.image_init:
+        load_image_tower(model, cfg.image_init)
+    if cfg.freeze_image:
+        if isinstance(model, EarlyFusion):
             raise PolysenseError(
-                "model.freeze_encoders=true needs separate encoders: early fusion has none "
+                "model.freeze_image=true needs a separate image encoder: early fusion has none "
                 "(use late or xattn)"
             )
-        for enc in model.encoders():
-            enc.requires_grad_(False)
+        model.image.requires_grad_(False)
     return model
+
+
+def load_image_tower(model: FusionModel, ckpt: str | Path) -> None:
+    """Copy a CLIP checkpoint's vision tower (`visual.*` in model.safetensors) into the image
+    encoder; the shapes must match (same image_size, patch_size, width, layers, heads)."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise PolysenseError(
+            f"model.image_init: {path} does not exist; point it at a CLIP checkpoint directory "
+            "such as runs/quickstart/ckpt (train one with `polysense quickstart`)"
+        )
+    visual = {k[7:]: v for k, v in load_file(path).items() if k.startswith("visual.")}
+    try:
+        if isinstance(model, EarlyFusion):
+            model.image_stem.load_state_dict(
+                {k[12:]: v for k, v in visual.items() if k.startswith("patch_embed.")}
+            )
+            blocks = {k[7:]: v for k, v in visual.items() if k.startswith("blocks.")}
+            model.blocks.load_state_dict(blocks)
+            with torch.no_grad():
+                model.pos_image.copy_(visual["pos_embed"][:, -model.n_image :])
+        else:
+            model.image.load_state_dict(visual)
+    except (RuntimeError, KeyError) as exc:
+        raise PolysenseError(
+            f"model.image_init: {path} does not fit this model's image encoder "
+            f"({str(exc).splitlines()[0]}); use a checkpoint with the same vision config "
+            "(clip-tiny: 32 px, patch 8, conv stem, width 128, 4 layers, 4 heads)"
+        ) from None
 
 
 class DualVQAHead(nn.Module):
