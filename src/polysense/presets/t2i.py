@@ -1,0 +1,56 @@
+"""Text-to-image presets: a small pixel diffusion model conditioned on a frozen CLIP text tower.
+
+`polysense train t2i-tiny --data runs/world --out runs/t2i/tiny` (docs/t2i.md) trains with
+`polysense.train.t2i.run_t2i`, then, when `eval.clip` names a scoring CLIP, evaluates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from polysense.models.diffusion import DiffusionConfig
+from polysense.presets import register
+
+
+@dataclass(frozen=True)
+class T2ITrainConfig:
+    batch_size: int = 64
+    steps: int = 3000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    seed: int = 0
+    single_weight: float = 3.0  # draw single-object scenes this many times as often
+    max_minutes: float = 0.0  # stop (and save) when the wall clock reaches this; 0 = no budget
+    ckpt_every: int = 200
+    log_every: int = 10
+    threads: int = 0  # torch threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class T2IEvalConfig:
+    clip: str = ""  # scoring CLIP checkpoint for the evaluation after training; "" = skip it
+    limit: int = 200  # single-object prompts per split
+    steps: int = 25  # DDIM steps
+    guidance: float = 3.0
+
+
+@dataclass(frozen=True)
+class T2IRunConfig:
+    name: str = ""
+    text_ckpt: str = "runs/quickstart/ckpt"  # the frozen conditioning text tower (a CLIP dir)
+    model: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: T2ITrainConfig = field(default_factory=T2ITrainConfig)
+    eval: T2IEvalConfig = field(default_factory=T2IEvalConfig)
+
+
+@register("t2i-tiny", runner="polysense.train.t2i:run_t2i")
+def t2i_tiny() -> T2IRunConfig:
+    """`polysense train t2i-tiny --data runs/world --out runs/t2i/tiny` (3.9M-parameter U-Net)."""
+    return T2IRunConfig(
+        model=DiffusionConfig(channels=(32, 64, 128), patch=2, attn_from=1, prediction="v"),
+        train=T2ITrainConfig(batch_size=64, steps=3000, lr=1e-3, max_minutes=28.0),
+    )
