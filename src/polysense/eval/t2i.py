@@ -17,6 +17,7 @@ and a scoring checkpoint (a polysense CLIP/SigLIP that is *not* the generator's 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ def frechet_distance(
             f"Fréchet distance needs means (D,) and covariances (D, D) of one size; got "
             f"{mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}"
         )
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():  # singular with fewer samples than dims; handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(mu1)) * 1e-6
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))

@@ -52,5 +52,7 @@ def t2i_tiny() -> T2IRunConfig:
     """`polysense train t2i-tiny --data runs/world --out runs/t2i/tiny` (3.9M-parameter U-Net)."""
     return T2IRunConfig(
         model=DiffusionConfig(channels=(32, 64, 128), patch=2, attn_from=1, prediction="v"),
-        train=T2ITrainConfig(batch_size=64, steps=3000, lr=1e-3, max_minutes=28.0),
+        train=T2ITrainConfig(
+            batch_size=48, steps=3000, lr=1e-3, single_weight=4.0, max_minutes=21.0
+        ),
     )
