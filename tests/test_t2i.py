@@ -192,3 +192,18 @@ def test_bench_t2i_guidance_writes_report(trained, towers, world, tmp_path):
         (s, g) for s in ("test", "test_novel") for g in (0.0, 1.0, 3.0)
     ]
     assert (tmp_path / "t2i-guidance.png").stat().st_size > 1000
+
+
+def test_silhouette_keeps_the_shape_and_drops_the_colour():
+    from polysense.data.world import BACKGROUND, COLORS
+    from polysense.eval.t2i import silhouette
+
+    img = torch.full((2, 8, 8, 3), BACKGROUND, dtype=torch.uint8)
+    img[:, 2:5, 3:6] = torch.tensor(COLORS["blue"], dtype=torch.uint8)
+    img[1, 2:5, 3:6] = torch.tensor(COLORS["yellow"], dtype=torch.uint8)  # same shape, other colour
+    img[:, 0, 0] = BACKGROUND - 3  # background noise stays background
+    out = silhouette(img)
+    assert torch.equal(out[0], out[1])
+    red = torch.tensor(COLORS["red"], dtype=torch.uint8)
+    assert (out[0, 2:5, 3:6] == red).all()
+    assert (out[0, 0, 0] == BACKGROUND).all() and int((out[0] == red).all(-1).sum()) == 9

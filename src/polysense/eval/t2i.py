@@ -5,9 +5,10 @@ prompt, with classifier-free guidance and without it (guidance 1 = the condition
 and a scoring checkpoint (a polysense CLIP/SigLIP that is *not* the generator's text tower) says:
 
 - attribute accuracy: the fraction of images whose object has the prompt's colour *and* shape.
-  The attributes are read by two linear probes (colour, shape) on the scorer's image embeddings,
-  fit on real single-object train images; their accuracy on the real images of the same split
-  is reported beside (`probe_accuracy_real`) so the judge is validated where it judges.
+  The attributes are read by two linear probes on the scorer's image embeddings (colour from the
+  image, shape from the object's silhouette), fit on real single-object train images; their
+  accuracy on the real images of the same split is reported beside (`probe_accuracy_real`) so
+  the judge is validated where it judges.
 - CLIP score: mean max(cos(image, prompt), 0) in the scorer's space (CLIPScore with w = 1).
 - fid_embed: the Fréchet distance between Gaussians fit to the scorer's image embeddings of the
   generated and the real images (FID with a polysense encoder instead of Inception); the same
@@ -151,15 +152,33 @@ def fit_linear_probe(
     return probe.requires_grad_(False)
 
 
+def silhouette(images: torch.Tensor, *, color: str = "red", threshold: int = 48) -> torch.Tensor:
+    """uint8 images (N, S, S, 3) -> the same scenes with every object pixel (farther than
+    `threshold` from the world's background grey in some channel) painted one colour and the
+    rest plain background: the shape without its colour."""
+    from polysense.data.world import BACKGROUND, COLORS
+
+    fg = (images.int() - BACKGROUND).abs().amax(-1) > threshold  # (N, S, S)
+    out = torch.full_like(images, BACKGROUND)
+    out[fg] = torch.tensor(COLORS[color], dtype=torch.uint8)
+    return out
+
+
 @dataclass
 class AttributeProbe:
-    """Colour and shape read off the scorer's image embeddings by two linear probes."""
+    """Colour and shape read by two linear probes on the judge's image embeddings: colour from
+    the image, shape from its silhouette painted red (a colour the judge saw with every shape),
+    so that the unseen colour-shape pairs of test_novel are read as well as the seen ones (a
+    shape probe on the raw image read 53 % of real test_novel shapes, 99 % of test ones)."""
 
     color: torch.nn.Linear
     shape: torch.nn.Linear
 
-    def predict(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.color(emb).argmax(-1), self.shape(emb).argmax(-1)
+    def predict(self, scorer: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (N, S, S, 3) -> (colour indices (N,), shape indices (N,))."""
+        color = self.color(encode_uint8(scorer, images)).argmax(-1)
+        shape = self.shape(encode_uint8(scorer, silhouette(images))).argmax(-1)
+        return color, shape
 
 
 def fit_attribute_probe(scorer: Any, data: str, *, n: int = 1500) -> AttributeProbe:
@@ -167,10 +186,11 @@ def fit_attribute_probe(scorer: Any, data: str, *, n: int = 1500) -> AttributePr
     from polysense.data.world import COLORS, SHAPES
 
     train = single_object_scenes(data, "train", n)
-    emb = encode_uint8(scorer, train.images)
     return AttributeProbe(
-        color=fit_linear_probe(emb, train.colors, len(COLORS)),
-        shape=fit_linear_probe(emb, train.shapes, len(SHAPES)),
+        color=fit_linear_probe(encode_uint8(scorer, train.images), train.colors, len(COLORS)),
+        shape=fit_linear_probe(
+            encode_uint8(scorer, silhouette(train.images)), train.shapes, len(SHAPES)
+        ),
     )
 
 
@@ -201,9 +221,14 @@ def load_scorer(clip: Path | None, ckpt: Path) -> Any:
 
 
 def _scores(
-    scorer: Any, probe: AttributeProbe, emb: torch.Tensor, text: torch.Tensor, scenes: Scenes
+    scorer: Any,
+    probe: AttributeProbe,
+    images: torch.Tensor,
+    emb: torch.Tensor,
+    text: torch.Tensor,
+    scenes: Scenes,
 ) -> dict[str, float]:
-    color, shape = probe.predict(emb)
+    color, shape = probe.predict(scorer, images)
     c_ok, s_ok = color == scenes.colors, shape == scenes.shapes
     return {
         "attribute_accuracy": float((c_ok & s_ok).float().mean()),
@@ -232,7 +257,7 @@ def evaluate_split(
         text = F.normalize(scorer.encode_text(scenes.prompts).float().cpu(), dim=-1)  # (N, D)
     real = encode_uint8(scorer, scenes.images)
     out: dict[float | str, dict[str, float]] = {
-        "real": _scores(scorer, probe, real, text, scenes)
+        "real": _scores(scorer, probe, scenes.images, real, text, scenes)
         | {"fid_embed": fid_embed(real, reference)}
     }
     for g in guidances:
@@ -241,7 +266,9 @@ def evaluate_split(
                 scenes.prompts, steps=steps, guidance=g, seed=seed, callback=advance
             )
         emb = encode_uint8(scorer, images)
-        out[g] = _scores(scorer, probe, emb, text, scenes) | {"fid_embed": fid_embed(emb, real)}
+        out[g] = _scores(scorer, probe, images, emb, text, scenes) | {
+            "fid_embed": fid_embed(emb, real)
+        }
     return out
 
 
