@@ -318,7 +318,6 @@ def bench_dual(
     batch_size: int,
     width: int,
     layers: int,
-    work: Path,
     eval_limit: int,
     init: str,
 ) -> dict[str, Any]:
