@@ -419,3 +419,28 @@ def test_polysense_train_preset_and_bench_help(tmp_path, world):
         and "early,late,xattn,dual" in bad.stderr
         and "Traceback" not in bad.stderr
     )
+
+
+@pytest.mark.slow
+def test_bench_writes_the_issue_shape(tmp_path, world):
+    from polysense.bench.fusion import run_fusion_bench
+
+    res = run_fusion_bench(
+        tmp_path / "b", data=world, seconds=1.0, eval_limit=60, image_init="", progress=False
+    )
+    data = json.loads((tmp_path / "b" / "fusion.json").read_text())
+    assert set(data["styles"]) == {"early", "late", "xattn", "dual"}
+    for name, row in data["styles"].items():
+        for key in ("vqa_accuracy", "itm_accuracy", "params", "train_samples_per_s"):
+            assert isinstance(row[key], int | float), (name, key)
+        for key in ("latency_ms", "peak_mem_mb", "query_10k_ms"):
+            assert row[key] > 0, (name, key)
+        assert {"image", "text"} <= set(row["missing"]) and row["train_seconds"] >= 1.0
+        if name != "dual":
+            assert set(row["missing"]["audio"]) == {"sound"}
+            assert 0 <= row["dropout"]["missing"]["image"]["vqa"] <= 1
+    assert data["styles"]["dual"]["sound_accuracy"] is None
+    assert 0 < data["majority_baseline"]["vqa"] < 1
+    assert res["train_seconds_per_style"] == 1.0
+    assert (tmp_path / "b" / "fusion.png").stat().st_size > 1000
+    assert "| early |" in (tmp_path / "b" / "fusion.md").read_text()
