@@ -158,7 +158,7 @@ def bench_curation(
     world: Annotated[str, typer.Option(help="A generated world.")] = "runs/world",
     ckpt: Annotated[str, typer.Option(help="Checkpoint for the filter.")] = "runs/quickstart/ckpt",
     n_base: Annotated[int, typer.Option(help="Clean scenes in the noisy corpus.")] = 8000,
-    steps: Annotated[int, typer.Option(help="Training steps for each run.")] = 900,
+    steps: Annotated[int, typer.Option(help="Training steps for each run.")] = 600,
     max_minutes: Annotated[float, typer.Option(help="Wall-clock cap per training.")] = 5.0,
     workers: Annotated[int, typer.Option(help="Curation worker processes.")] = 1,
 ) -> None:
