@@ -537,4 +537,20 @@ def run_preset(
         metrics.update({f"{k}{suffix}": v for k, v in figures.items()})
         metrics[f"n_samples{suffix}"] = split_data.sizes
     atomic_write_json(out / "metrics.json", metrics)
+    _print_metrics(metrics, eval_splits, cfg.name or cfg.model.style)
     return metrics
+
+
+def _print_metrics(metrics: dict[str, Any], splits: tuple[str, ...], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{title}: accuracy")
+    for col in ("split", "vqa", "itm", "attr swap", "rel swap", "sound"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split in splits:
+        sfx = "" if split == "test" else f"_{split}"
+        keys = ("vqa_accuracy", "itm_accuracy", "itm_attr_pairwise", "itm_rel_pairwise")
+        vals = [metrics.get(k + sfx) for k in (*keys, "sound_accuracy")]
+        table.add_row(split, *("-" if v is None else f"{v:.3f}" for v in vals))
+    Console().print(table)
