@@ -250,7 +250,6 @@ def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -
     assert steps == [1, 2, 3]
 
 
-@pytest.mark.slow
 def test_runner_writes_the_design_metric_keys(world, clip_ckpt, tmp_path) -> None:
     run = _run(clip_ckpt, steps=2, mix_qa=1.0, mix_ocr=1.0)
     metrics = train_vlm.run_vlm(
