@@ -177,16 +177,14 @@ def train(
             caption_key=cfg.data.caption_key,
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
         )
-    tokenizer: Tokenizer | None = None
-    if "text" not in cfg.model.towers:
-        pass
-    elif state is not None and (out / "tokenizer.json").exists():
-        tokenizer = Tokenizer.from_file(
-            out / "tokenizer.json", context_length=cfg.model.text.context_length
-        )
-    else:
-        tokenizer = build_tokenizer(cfg, pairs.captions)
-    if tokenizer is not None:
+    tokenizer: Tokenizer | None = None  # a model without a text tower has none
+    if "text" in cfg.model.towers:
+        if state is not None and (out / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_file(
+                out / "tokenizer.json", context_length=cfg.model.text.context_length
+            )
+        else:
+            tokenizer = build_tokenizer(cfg, pairs.captions)
         # The model's vocabulary is the tokenizer's (a BPE on little text may stop short).
         text_cfg = dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text_cfg))
@@ -211,8 +209,14 @@ def train(
         if rank == 0:
             (out / "metrics.jsonl").unlink(missing_ok=True)
 
+    if multi != isinstance(pairs, TowerData):
+        raise PolysenseError(
+            f"towers {','.join(cfg.model.towers)} train on "
+            f"{'TowerData (load_towers)' if multi else 'PairData (load_pairs)'}, "
+            f"got {type(pairs).__name__}"
+        )
     batches: PairBatches
-    if isinstance(pairs, TowerData):
+    if multi:
         batches = TowerBatches(
             data=pairs,
             tokenizer=tokenizer,
