@@ -8,7 +8,8 @@ and with its address space capped (`RLIMIT_AS`) at what this machine can give wi
 waking the OOM killer: a form that does not fit fails its allocation in the child and is reported
 as not fitting. Sizes whose B x B matrices alone exceed the cap are not even tried.
 
-Peak memory = the child's peak RSS minus its RSS just before the loss (inputs already allocated).
+Peak memory = the child's peak RSS (VmHWM, reset just before the loss) minus its RSS then (inputs
+already allocated).
 """
 
 from __future__ import annotations
@@ -65,6 +66,25 @@ def _vm_bytes() -> int:
     return 0
 
 
+def _hwm_bytes() -> int:
+    """Peak RSS (VmHWM) of this process since start or since `_reset_hwm`."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_hwm() -> None:
+    """Reset the peak RSS to the current RSS (Linux: "5" > /proc/self/clear_refs), so the peak
+    read later is the loss's, not the import's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -101,6 +121,7 @@ def probe(loss: str, form: str, n: int, dim: int, chunk: int, budget: int, threa
 
     make(64)().backward()  # warm-up: thread pool, BLAS buffers, allocator, before the baseline
     fn = make(n)
+    _reset_hwm()
     rss0 = _rss_bytes()
     cap = _vm_bytes() + budget
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -114,7 +135,7 @@ def probe(loss: str, form: str, n: int, dim: int, chunk: int, budget: int, threa
             return {"fits": False, "error": text.splitlines()[0][:200]}
         raise
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    peak = _hwm_bytes() - rss0
     return {"fits": True, "peak_bytes": max(peak, 0), "seconds": seconds, "loss": float(value)}
 
 
