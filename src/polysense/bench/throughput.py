@@ -376,16 +376,27 @@ def bench_dims(
     rate_inf = {k: batch / statistics.median(v) for k, v in t_infer.items()}
     hf_best = max(("hf_fp32", "hf_bf16"), key=rate.get)
     hf_best_inf = max(("hf_fp32", "hf_bf16"), key=rate_inf.get)
+    # Fastest repeat of each: other jobs only ever slow a repeat down, so on a shared machine
+    # the ratio of minima is the steadier estimate of the undisturbed ratio (reported beside).
+    fastest = {k: batch / min(v) for k, v in t_train.items()}
+    fastest_inf = {k: batch / min(v) for k, v in t_infer.items()}
     achieved = flops["polysense"] * rate["polysense"]  # FLOP/s
     res = {
         "train_ratio_vs_hf": rate["polysense"] / rate[hf_best],
         "infer_ratio_vs_hf": rate_inf["polysense"] / rate_inf[hf_best_inf],
         "mfu": achieved / (peaks["fp32"] * 1e9),
         "mfu_bf16_peak": achieved / (peaks["bf16"] * 1e9),
+        "mfu_fastest": flops["polysense"] * fastest["polysense"] / (peaks["fp32"] * 1e9),
         # our rate on HF's FLOP count: what HF would need to reach, as a fraction of the peak
         "mfu_hf_flops": flops["hf"] * rate["polysense"] / (peaks["fp32"] * 1e9),
         "hf_mfu": flops["hf"] * rate[hf_best] / (peaks["fp32"] * 1e9),
+        "train_ratio_vs_hf_fastest": fastest["polysense"]
+        / max(fastest["hf_fp32"], fastest["hf_bf16"]),
+        "infer_ratio_vs_hf_fastest": fastest_inf["polysense"]
+        / max(fastest_inf["hf_fp32"], fastest_inf["hf_bf16"]),
         "train_samples_per_s": rate,
+        "train_samples_per_s_fastest": fastest,
+        "infer_images_per_s_fastest": fastest_inf,
         "infer_images_per_s": rate_inf,
         "hf_best_train_mode": hf_best,
         "hf_best_infer_mode": hf_best_inf,
@@ -399,7 +410,10 @@ def bench_dims(
         "seconds_infer": t_infer,
     }
     rows = []
-    for kind, rates, fl in (("train", rate, flops), ("infer", rate_inf, flops_infer)):
+    for kind, rates, fast, fl in (
+        ("train", rate, fastest, flops),
+        ("infer", rate_inf, fastest_inf, flops_infer),
+    ):
         for name, r in rates.items():
             f = fl["hf" if name.startswith("hf") else "polysense"]
             rows.append(
@@ -408,6 +422,7 @@ def bench_dims(
                     "step": kind,
                     "variant": name,
                     "samples_per_s": r,
+                    "fastest_samples_per_s": fast[name],
                     "gflop_per_sample": f / 1e9,
                     "pct_fp32_peak": 100 * f * r / (peaks["fp32"] * 1e9),
                     "pct_bf16_peak": 100 * f * r / (peaks["bf16"] * 1e9),
