@@ -207,3 +207,18 @@ def test_silhouette_keeps_the_shape_and_drops_the_colour():
     red = torch.tensor(COLORS["red"], dtype=torch.uint8)
     assert (out[0, 2:5, 3:6] == red).all()
     assert (out[0, 0, 0] == BACKGROUND).all() and int((out[0] == red).all(-1).sum()) == 9
+
+
+def test_train_command_runs_the_t2i_runner_and_evaluates(world, towers, tmp_path):
+    out = tmp_path / "run"
+    sets = [*TINY_T2I, f"text_ckpt={towers[0]}", f"eval.clip={towers[1]}", "eval.limit=2"]
+    sets += ["eval.steps=2", "train.steps=2"]
+    args = ["train", "t2i-tiny", "--data", str(world), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, *(x for s in sets for x in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2 and metrics["config"]["name"] == "t2i-tiny"
+    assert 0.0 <= metrics["test_novel"]["attribute_accuracy"] <= 1.0
+    assert {"config.json", "model.safetensors", "state.pt", "metrics.jsonl"} <= {
+        p.name for p in out.iterdir()
+    }
