@@ -90,6 +90,9 @@ def test_counts_add_up_over_all_stages(corpus, world, tmp_path):
     assert len(kept) == report["output"] == len(set(kept))
     lines = rejects(out)
     assert len(lines) == drops
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["stage_order"] == ["read", *CurateConfig().stages]
+    assert on_disk["stages"] == report["stages"]
     assert all({"key", "stage", "reason", "score"} <= set(r) for r in lines)
     assert set(kept).isdisjoint(r["key"] for r in lines)
     assert set(kept) | {r["key"] for r in lines} == {t["key"] for t in read_truth(corpus)}

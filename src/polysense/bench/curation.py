@@ -177,6 +177,7 @@ def run_curation_bench(
     results = {
         **runs,
         "stages": stages,
+        "stage_order": list(stages),
         "quality": quality,
         "corpus": summary | {"build_seconds": corpus_seconds},
         "budget": {"steps": steps, "max_minutes": max_minutes, "batch_size": 128},

@@ -357,6 +357,7 @@ def run_curate(cfg: CurateConfig, *, progress: bool = False) -> dict[str, Any]:
         "input": summaries["read"]["in"],
         "output": manifest["count"],
         "stages": summaries,
+        "stage_order": list(summaries),  # the JSON file sorts keys; this is the run's order
         "rejects": len(all_rejects),
         "wall_seconds": time.perf_counter() - started,
         "config": to_dict(cfg),
