@@ -257,7 +257,7 @@ def run_loss_memory_bench(
         ax.legend(fontsize=8)
 
     notes = (
-        f"Each probe in its own process, address space capped at {budget / GIB:.1f} GiB above "
+        f"Each probe in its own process, address space capped at {budget / GIB:.2f} GiB above "
         f"its inputs (MemAvailable {available / GIB:.1f} GiB minus 4 GiB, at most 24 GiB). "
         + " ".join(
             f"{loss}: largest naive {s['largest_naive_batch']}, dense {s['largest_dense_batch']}, "
