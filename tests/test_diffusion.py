@@ -21,6 +21,16 @@ from polysense.models.diffusion import (
     to_x0_eps,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and avoids OpenMP spin-waits on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = DiffusionConfig(image_size=16, channels=(8, 16, 16), heads=2, text_width=16, timesteps=100)
 
 

@@ -18,6 +18,16 @@ from polysense.errors import PolysenseError
 from polysense.eval.t2i import fid_embed, fit_linear_probe, frechet_distance
 from polysense.presets import get_preset
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and avoids OpenMP spin-waits on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_T2I = [
     "model.channels=8,16,16",
     "model.heads=2",
