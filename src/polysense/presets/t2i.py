@@ -53,6 +53,6 @@ def t2i_tiny() -> T2IRunConfig:
     return T2IRunConfig(
         model=DiffusionConfig(channels=(32, 64, 128), patch=2, attn_from=1, prediction="v"),
         train=T2ITrainConfig(
-            batch_size=48, steps=3000, lr=1e-3, single_weight=4.0, max_minutes=21.0
+            batch_size=48, steps=3000, lr=1e-3, single_weight=4.0, max_minutes=20.0
         ),
     )
