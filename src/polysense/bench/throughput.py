@@ -439,8 +439,12 @@ def run_throughput_bench(
     repeats: int = 7,
     quick: bool = False,
     extra: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Measure and write out/throughput.{json,md,png}; returns the results dict."""
+    """Measure and write out/throughput.{json,md,png}; returns the results dict. `threads` sets
+    torch's intra-op threads for the whole run (default: torch's own choice)."""
+    if threads:
+        torch.set_num_threads(threads)
     batch = dict(DEFAULT_BATCH, **(batch or {}))
     overrides = QUICK_OVERRIDES if quick else ()
     peak_seconds = 0.1 if quick else 1.0

@@ -32,6 +32,9 @@ def bench_throughput(
     quick: Annotated[
         bool, typer.Option(help="One-layer, width-32 models and tiny peaks: a smoke test.")
     ] = False,
+    threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
+    ] = None,
 ) -> None:
     """Training and inference samples/s of polysense vs HF CLIPModel (same architecture, weights,
     batch and threads; interleaved), FLOPs per sample and MFU against the matmul peak measured in
@@ -47,7 +50,9 @@ def bench_throughput(
     if repeats < 1:
         raise PolysenseError(f"--repeats must be >= 1, got {repeats}")
     sizes = {d: batch for d in names} if batch else None
-    run_throughput_bench(out, dims=names, batch=sizes, repeats=repeats, quick=quick)
+    run_throughput_bench(
+        out, dims=names, batch=sizes, repeats=repeats, quick=quick, threads=threads
+    )
     _show(out, "throughput")
 
 
