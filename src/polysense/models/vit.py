@@ -89,8 +89,10 @@ def low_precision_attention(
 
     PyTorch's CPU flash-attention kernel is 3-6x slower in bf16 than in fp32 at our sequence
     lengths (its backward dominates a bf16 training step; docs/performance.md), while the two
-    batched matmuls here run on the bf16 matrix units. The softmax is taken in float32."""
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, T, S)
+    batched matmuls here run on the bf16 matrix units. The scores stay in q's dtype: the softmax
+    accumulates in float32 internally, and no float32 copy of the (B, H, T, S) scores is made."""
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+    scores = scores.mul_(q.shape[-1] ** -0.5)  # in place: matmul saves q and k, not its output
     if causal:
         T, S = scores.shape[-2:]
         keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -99,7 +101,7 @@ def low_precision_attention(
         scores = (
             scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         )
-    probs = scores.softmax(dim=-1).to(v.dtype)  # (B, H, T, S)
+    probs = scores.softmax(dim=-1).to(v.dtype)  # (B, H, T, S); no-op cast when dtypes agree
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, H, T, D)
