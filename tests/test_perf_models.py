@@ -85,6 +85,11 @@ def test_trimming_drops_the_padding_columns_no_row_needs():
     assert siglip._fast_inputs(ids) is None
 
 
+def test_empty_batch_keeps_working():
+    model = TextTransformer(cfg=CFG).eval()
+    assert model(torch.zeros(0, 12, dtype=torch.long)).shape == (0, CFG.width)
+
+
 def test_is_causal_flag_equals_the_explicit_lower_triangular_mask():
     torch.manual_seed(0)
     attn = Attention(width=32, heads=4).eval()

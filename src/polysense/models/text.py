@@ -116,7 +116,7 @@ class TextTransformer(nn.Module):
         padding queries, which are never pooled; so `is_causal` (no mask tensor) gives the same
         pooled vector at a fraction of the attention cost."""
         cfg = self.cfg
-        if cfg.pool == "last" or not (cfg.causal or cfg.mask_padding) or ids.shape[1] == 0:
+        if cfg.pool == "last" or not (cfg.causal or cfg.mask_padding) or ids.numel() == 0:
             return None
         real = ids != cfg.pad_id  # (B, L)
         L = ids.shape[1]
