@@ -182,18 +182,24 @@ def run_loss_memory_bench(
     chunk_series_b: int = CHUNK_SERIES_B,
     budget_gib: float | None = None,
     threads: int = 2,
-    timeout: float | None = 900.0,
+    timeout: float | None = 600.0,
+    max_total_seconds: float = 25 * 60,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure every (loss, form, size) and the chunk-size series; write out/loss-memory.*."""
+    """Measure every (loss, form, size) and the chunk-size series; write out/loss-memory.*.
+
+    Sizes go smallest first (SigLIP before InfoNCE at each), the chunk series last; a probe is not
+    started once `max_total_seconds` have passed (so a run under a shared lock stays bounded),
+    and is reported as not measured."""
     available = mem_available()
     # Leave 4 GiB for everyone else on the machine; never more than the 24 GiB of the issue.
     budget = int(budget_gib * GIB) if budget_gib else int(min(24 * GIB, available - 4 * GIB))
     if budget <= 0:
         raise MemoryError(f"only {available / GIB:.1f} GiB available; free some memory first")
     rows: list[dict[str, Any]] = []
-    jobs = [(lo, fo, n, chunk) for lo in LOSSES for fo in FORMS for n in sizes]
+    jobs = [(lo, fo, n, chunk) for n in sorted(sizes) for lo in LOSSES[::-1] for fo in FORMS]
     jobs += [(lo, "chunked", chunk_series_b, c) for lo in LOSSES for c in chunks]
+    start = time.perf_counter()
     for i, (loss, form, n, c) in enumerate(jobs):
         need = square_bytes(form, n)
         row: dict[str, Any] = {"loss": loss, "form": form, "batch": n, "chunk": c}
@@ -201,6 +207,11 @@ def run_loss_memory_bench(
             row["chunk"] = None
         if need > budget:
             row |= {"fits": False, "note": f"skipped: B x B matrices need >= {need / GIB:.1f} GiB"}
+        elif time.perf_counter() - start > max_total_seconds:
+            row |= {
+                "fits": None,
+                "note": f"not measured: past the {max_total_seconds:.0f} s budget",
+            }
         else:
             res = run_probe(
                 loss, form, n, dim=dim, chunk=c, budget=budget, threads=threads, timeout=timeout
