@@ -136,3 +136,30 @@ def test_bf16_autocast_block_uses_the_written_out_attention_and_agrees_with_fp32
     assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
     out.float().sum().backward()  # the bf16 path has a gradient
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_autocast_inference_runs_the_blocks_in_bf16_and_returns_the_usual_dtypes():
+    from polysense.config import VisionConfig
+    from polysense.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(cfg=VisionConfig(width=32, layers=2, heads=2, patch_size=8)).eval()
+    text = TextTransformer(cfg=CFG).eval()
+    seen = []
+    vit.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    text.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x, ids = torch.randn(3, 3, 32, 32), padded_ids(3)
+    with torch.inference_mode():
+        ref_img, ref_txt = vit(x), text(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = vit.forward_features(x)
+            img, txt = vit(x), text(ids)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16]
+    assert tokens.dtype == ref_img.dtype == torch.float32  # cast back: callers see no change
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(img.float(), ref_img).min() > 0.999 and cos(txt.float(), ref_txt).min() > 0.999
+    # with gradients (training) the residual stream stays float32
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vit(x)
+    assert seen == [torch.float32]

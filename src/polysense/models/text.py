@@ -18,7 +18,7 @@ from torch import nn
 
 from polysense.config import TextConfig
 from polysense.errors import PolysenseError
-from polysense.models.vit import init_linear, make_blocks, run_blocks
+from polysense.models.vit import inference_dtype, init_linear, make_blocks, run_blocks
 
 
 @contextlib.contextmanager
@@ -97,9 +97,12 @@ class TextTransformer(nn.Module):
     ) -> torch.Tensor:
         """Embeddings + blocks + final LayerNorm: ids (B, L) -> tokens (B, L, W)."""
         x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]  # (B, L, W)
+        dtype = x.dtype
+        if (low := inference_dtype(x)) is not None:  # bf16 residual stream (see vit.py)
+            x = x.to(low)
         grad_ckpt = self.grad_checkpointing and self.training
         x = run_blocks(self.blocks, x, mask, grad_ckpt=grad_ckpt, causal=causal)
-        return self.ln_final(x)  # (B, L, W)
+        return self.ln_final(x).to(dtype)  # (B, L, W)
 
     def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, L), L <= context_length -> tokens (B, L, W) after the final LayerNorm."""
