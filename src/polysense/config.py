@@ -165,6 +165,7 @@ class DataConfig:
     image_key: str = "image"
     caption_key: str = "caption"
     num_workers: int = 0
+    limit: int = 0  # train on the first N samples only (0 = all): quick runs and smoke tests
     # Fraction of a batch taken from single-object scenes is left to the data; nothing here.
 
 

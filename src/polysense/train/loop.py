@@ -167,6 +167,7 @@ def train(
             image_key=cfg.data.image_key,
             caption_key=cfg.data.caption_key,
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
+            limit=cfg.data.limit or None,
         )
     elif pairs is None:
         pairs = load_pairs(
@@ -176,6 +177,7 @@ def train(
             image_key=cfg.data.image_key,
             caption_key=cfg.data.caption_key,
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
+            limit=cfg.data.limit or None,
         )
     tokenizer: Tokenizer | None = None  # a model without a text tower has none
     if "text" in cfg.model.towers:
