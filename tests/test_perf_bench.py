@@ -136,3 +136,32 @@ def test_scaling_two_processes_follow_one(tmp_path):
     assert res["samples_per_s"]["1"] > 0 and res["samples_per_s"]["2"] > 0
     md = (tmp_path / "out" / "scaling.md").read_text()
     assert "| processes |" in md
+
+
+@pytest.mark.parametrize("name", ["throughput", "loss-memory", "scaling"])
+def test_bench_commands_have_help_with_an_example(name):
+    from typer.testing import CliRunner
+
+    from polysense.cli import app
+
+    result = CliRunner().invoke(app, ["bench", name, "--help"])
+    assert result.exit_code == 0 and "Example" in result.output, result.output
+
+
+def test_bench_command_errors_name_the_option(tmp_path):
+    import subprocess
+    import sys
+
+    for args, message in (
+        (["throughput", "--dims", " , "], "--dims"),
+        (["throughput", "--repeats", "0"], "--repeats"),
+        (["loss-memory", "--chunk", "0"], "--chunk"),
+        (["scaling", "--nproc", "1"], "--nproc"),
+    ):
+        # not `python -m polysense.cli`: run as __main__, cli.py's area commands attach to a
+        # second copy of the module's apps (reported); the `polysense` entry point is main()
+        cmd = [sys.executable, "-c", "from polysense.cli import main; main()"]
+        cmd += ["bench", *args, "--out", str(tmp_path)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
