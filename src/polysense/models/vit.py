@@ -248,7 +248,7 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last: oneDNN's convolutions (forward and backward) skip their layout reorders
-        # (1.2x on this stem, 2x with bf16 autocast; docs/performance.md). Same values.
+        # (1.1-1.2x on this stem, more under bf16 autocast; docs/performance.md). Same values.
         x = x.contiguous(memory_format=torch.channels_last)
         return self.proj(self.convs(x))  # (B, C, H, W) -> (B, W, H/p, W/p)
 
