@@ -681,4 +681,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m polysense.cli`: run the imported module, the one the area commands attach to
+    from polysense import cli
+
+    cli.main()
