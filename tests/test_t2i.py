@@ -186,7 +186,8 @@ def test_generate_command_writes_a_labelled_grid(trained, tmp_path):
     res = CliRunner().invoke(app, [*args, "--seed", "1", "--steps", "2", "--columns", "2"])
     assert res.exit_code == 0, res.output
     grid = Image.open(out)
-    assert grid.size == (2 * (128 + 4) + 4, 2 * (128 + 14 + 4) + 4)  # 2 x 2 cells of 4x scale
+    # the title wraps to two 14 px lines at 44 characters, then 2 x 2 cells of 4x scale, labelled
+    assert grid.size == (2 * (128 + 4) + 4, 2 * 14 + 2 * (128 + 14 + 4) + 4)
     res = CliRunner().invoke(app, ["generate", "--ckpt", str(tmp_path), "x", "--out", str(out)])
     assert isinstance(res.exception, PolysenseError)  # cli.main prints it in one line, exit 2
     assert "not a text-to-image checkpoint" in str(res.exception)

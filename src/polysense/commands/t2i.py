@@ -12,19 +12,27 @@ from polysense.cli import app, bench_app, console
 from polysense.errors import PolysenseError
 
 
-def grid_image(images, labels: list[str], *, columns: int = 4, scale: int = 4):
-    """uint8 images (N, S, S, 3) -> one PIL image: a grid of upscaled cells, each labelled."""
+def grid_image(images, labels: list[str], *, title: str = "", columns: int = 4, scale: int = 4):
+    """uint8 images (N, S, S, 3) -> one PIL image: an optional title line (wrapped), then a grid
+    of upscaled cells, each labelled underneath."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     n, s = images.shape[0], images.shape[1] * scale
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
     label_h, pad = 14, 4
-    grid = Image.new("RGB", (cols * (s + pad) + pad, rows * (s + label_h + pad) + pad), "white")
+    width = cols * (s + pad) + pad
+    lines = textwrap.wrap(title, width=max(width // 6, 10)) if title else []
+    top = len(lines) * label_h
+    grid = Image.new("RGB", (width, top + rows * (s + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
+    for k, line in enumerate(lines):
+        draw.text((pad, pad + k * label_h), line, fill=(0, 0, 0))
     for i in range(n):
         r, c = divmod(i, cols)
-        x, y = pad + c * (s + pad), pad + r * (s + label_h + pad)
+        x, y = pad + c * (s + pad), top + pad + r * (s + label_h + pad)
         cell = Image.fromarray(images[i].numpy()).resize((s, s), Image.NEAREST)
         grid.paste(cell, (x, y))
         draw.text((x, y + s + 1), labels[i][: s // 6], fill=(0, 0, 0))
@@ -73,8 +81,9 @@ def generate_cmd(
                 )
             )
     images = torch.cat(images)
-    labels = [f"{prompt} #{i}" for i in range(n)]
-    grid = grid_image(images, labels, columns=columns)
+    labels = [f"#{i}" for i in range(n)]
+    title = f"{prompt!r}  (guidance {guidance:g}, {steps} DDIM steps, seed {seed})"
+    grid = grid_image(images, labels, title=title, columns=columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         grid.save(tmp, format="PNG")
