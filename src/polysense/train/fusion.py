@@ -401,9 +401,9 @@ def train_fusion(
         )
         save_fusion(model, cfg, tokenizer, out)
 
-    from polysense.train.loop import _Bar
+    from polysense.train.loop import TrainProgress
 
-    bar = _Bar(enabled=progress, total=tc.steps, start=start)
+    bar = TrainProgress(enabled=progress, total=tc.steps, start=start)
     t0 = time.perf_counter()
     step, loss_value, seen = start, math.nan, 0
     model.train()

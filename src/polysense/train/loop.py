@@ -273,7 +273,7 @@ def train(
         )
         save_checkpoint(model, cfg, out)
 
-    bar = _Bar(enabled=progress and rank == 0, total=tc.steps, start=start_step)
+    bar = TrainProgress(enabled=progress and rank == 0, total=tc.steps, start=start_step)
     t_start = time.perf_counter()
     window_t, window_n = t_start, 0
     loss_value, step, stopped_early = float("nan"), start_step, False
@@ -430,7 +430,7 @@ def _accumulated_step(
     return total, True
 
 
-class _Bar:
+class TrainProgress:
     """A rich progress bar showing loss, learning rate and samples/s (no-op when disabled)."""
 
     def __init__(self, *, enabled: bool, total: int, start: int) -> None:
@@ -459,7 +459,7 @@ class _Bar:
                 "train", total=total, completed=start, loss=math.nan, lr=0.0, rate=0.0
             )
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> TrainProgress:
         if self.progress is not None:
             self.progress.start()
         return self

@@ -99,7 +99,7 @@ def train_t2i(
         save_generator,
     )
     from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
-    from polysense.train.loop import _Bar
+    from polysense.train.loop import TrainProgress
 
     tc = cfg.train
     out = Path(out)
@@ -150,7 +150,7 @@ def train_t2i(
         )
         save_generator(TextToImage(unet=ema, text=text), cfg, out)
 
-    bar = _Bar(enabled=progress, total=tc.steps, start=start)
+    bar = TrainProgress(enabled=progress, total=tc.steps, start=start)
     t0 = time.perf_counter()
     window_t, window_n, loss_value, step, stopped = t0, 0, math.nan, start, False
     unet.train()

@@ -53,7 +53,7 @@ from polysense.models.vlm import (
     save_vlm,
 )
 from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
-from polysense.train.loop import _Bar
+from polysense.train.loop import TrainProgress
 from polysense.train.optim import lr_factor, set_lr
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def train_stage(
 
     t0 = time.perf_counter()
     window_t, window_n, loss_value, step, stopped = t0, 0, math.nan, start, False
-    with _Bar(enabled=progress, total=tc.steps, start=start) as bar:
+    with TrainProgress(enabled=progress, total=tc.steps, start=start) as bar:
         for step in range(start, tc.steps):
             schedule_step = step
             if tc.max_minutes:
