@@ -470,6 +470,19 @@ def run_throughput_bench(
     # the peaks again at the end: the machine's load may change while the models run
     end_fp32 = matmul_peak(torch.float32, sizes=sizes, seconds=peak_seconds)
     end_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds)
+    # Other jobs only ever lower a measured peak: the machine's peak is the higher of the two,
+    # and every utilisation figure is rescaled to it (so MFU errs low, never high).
+    best = {"fp32": max(peaks["fp32"], end_fp32["gflops"])}
+    best["bf16"] = max(peaks["bf16"], end_bf16["gflops"])
+    for preset in dims:
+        res = results[preset]
+        for key in ("mfu", "mfu_hf_flops", "hf_mfu", "mfu_fastest"):
+            res[key] *= peaks["fp32"] / best["fp32"]
+        res["mfu_bf16_peak"] *= peaks["bf16"] / best["bf16"]
+    for row in table:
+        row["pct_fp32_peak"] *= peaks["fp32"] / best["fp32"]
+        row["pct_bf16_peak"] *= peaks["bf16"] / best["bf16"]
+    peaks = best
     results["peak_gflops"] = peaks
     results["peak_detail"] = {
         "fp32": peak_fp32,
