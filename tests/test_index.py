@@ -229,9 +229,12 @@ def test_dedup_suppresses_near_duplicates(index):
         if threshold == 0.95:
             assert len(hits) == 5  # enough distinct captions exist: k results
     caption = index.search(q[None], k=1, modality="text")[0][0].caption
-    assert index.search_text(caption, k=5, modality="text", dedup=0.95) == index.search(
-        q[None], k=5, modality="text", dedup=0.95
-    )
+    # Encoding one caption alone and in the index's batches agrees to float noise (batches are
+    # trimmed to their longest caption), which may swap near-tied neighbours: compare scores.
+    by_text = index.search_text(caption, k=5, modality="text", dedup=0.95)[0]
+    by_vector = index.search(q[None], k=5, modality="text", dedup=0.95)[0]
+    assert by_text[0].key == by_vector[0].key
+    np.testing.assert_allclose([h.score for h in by_text], [h.score for h in by_vector], atol=1e-4)
 
 
 def test_argument_errors(index, tmp_path):
