@@ -23,7 +23,16 @@ from torch import nn
 from polysense.config import VideoConfig
 from polysense.data.readers import sample_frame_indices
 from polysense.errors import PolysenseError
-from polysense.models.vit import MLP, Attention, Block, ConvStem, init_linear, make_blocks, mlp_dim
+from polysense.models.vit import (
+    MLP,
+    Attention,
+    Block,
+    ConvStem,
+    init_linear,
+    make_blocks,
+    mlp_dim,
+    patch_embedding,
+)
 
 __all__ = ["DividedBlock", "VideoTransformer", "sample_frame_indices", "videos_to_tensor"]
 
@@ -83,13 +92,7 @@ class VideoTransformer(nn.Module):
         self.grad_checkpointing = False
         w = cfg.width
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embed = (
-            ConvStem(in_channels=cfg.in_channels, width=w, patch_size=cfg.patch_size)
-            if cfg.stem == "conv"
-            else nn.Conv2d(
-                cfg.in_channels, w, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
-            )
-        )
+        self.patch_embed = patch_embedding(cfg)
         self.cls_token = nn.Parameter(torch.randn(1, 1, w) * w**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.num_patches, w) * 0.02)  # space
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, 1, w))  # (1, T, 1, W)

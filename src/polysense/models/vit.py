@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from polysense.config import TextConfig, VisionConfig
+from polysense.config import TextConfig, VideoConfig, VisionConfig
 from polysense.errors import PolysenseError
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_pytorch_tanh")
@@ -253,6 +253,16 @@ class ConvStem(nn.Module):
         return self.proj(self.convs(x))  # (B, C, H, W) -> (B, W, H/p, W/p)
 
 
+def patch_embedding(cfg: VisionConfig | VideoConfig) -> nn.Module:
+    """The patch embedding of an image or video tower config (fields in_channels, width,
+    patch_size, stem, patch_bias): the conv stem, or one conv with kernel = stride = patch."""
+    if cfg.stem == "conv":
+        return ConvStem(in_channels=cfg.in_channels, width=cfg.width, patch_size=cfg.patch_size)
+    return nn.Conv2d(
+        cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+    )
+
+
 class VisionTransformer(nn.Module):
     """ViT image encoder: `forward_features` gives normalised tokens, `forward` the pooled vector."""
 
@@ -267,13 +277,7 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         w = cfg.width
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embed = (
-            ConvStem(in_channels=cfg.in_channels, width=w, patch_size=cfg.patch_size)
-            if cfg.stem == "conv"
-            else nn.Conv2d(
-                cfg.in_channels, w, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
-            )
-        )
+        self.patch_embed = patch_embedding(cfg)
         n_tokens = self.num_patches + (1 if cfg.pool == "cls" else 0)
         self.cls_token = nn.Parameter(torch.randn(1, 1, w) * w**-0.5) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, w) * 0.02)
