@@ -95,21 +95,12 @@ def hf_config(cfg: Any) -> Any:
     """An HF `CLIPConfig` with the architecture of a polysense CLIP `ModelConfig` (SDPA attention)."""
     import transformers
 
+    from polysense.models.hf import hf_vision_fields
     from polysense.models.vit import mlp_dim
 
     v, t = cfg.vision, cfg.text
     hf = transformers.CLIPConfig(
-        vision_config={
-            "hidden_size": v.width,
-            "intermediate_size": mlp_dim(v.width, v.mlp_ratio),
-            "num_hidden_layers": v.layers,
-            "num_attention_heads": v.heads,
-            "num_channels": v.in_channels,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "hidden_act": v.act,
-            "layer_norm_eps": v.ln_eps,
-        },
+        vision_config=hf_vision_fields(v),
         text_config={
             "vocab_size": t.vocab_size,
             "hidden_size": t.width,

@@ -325,6 +325,21 @@ def _token_text(tok_json: dict, token_id: int) -> str | None:
     return None
 
 
+def hf_vision_fields(v: VisionConfig) -> dict[str, Any]:
+    """The HF CLIP/SigLIP `vision_config` fields of a polysense vision tower."""
+    return {
+        "layer_norm_eps": v.ln_eps,
+        "hidden_size": v.width,
+        "intermediate_size": mlp_dim(v.width, v.mlp_ratio),
+        "num_hidden_layers": v.layers,
+        "num_attention_heads": v.heads,
+        "num_channels": v.in_channels,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_act": v.act,
+    }
+
+
 def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
     """Write `model` as an HF `CLIPModel` (family "clip") or `SiglipModel` directory.
 
@@ -356,17 +371,7 @@ def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
     elif eos == -1:
         eos = 2  # the OpenAI rule (argmax of ids) is what HF does for eos_token_id == 2
 
-    vision_cfg = {
-        "layer_norm_eps": v.ln_eps,
-        "hidden_size": v.width,
-        "intermediate_size": mlp_dim(v.width, v.mlp_ratio),
-        "num_hidden_layers": v.layers,
-        "num_attention_heads": v.heads,
-        "num_channels": v.in_channels,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "hidden_act": v.act,
-    }
+    vision_cfg = hf_vision_fields(v)
     text_cfg = {
         "layer_norm_eps": t.ln_eps,
         "vocab_size": t.vocab_size,
