@@ -271,3 +271,161 @@ def test_tower_batches_follow_the_pair_order_and_normalise_like_the_model():
         assert torch.equal(got["image"], want_img) and torch.equal(got["text"], want_ids)
         idx, _ = pairs.indices(step)
         torch.testing.assert_close(got["video"], videos_to_tensor(video[idx], vc))
+
+
+# ---------------------------------------------------------------------------------------------
+# motion hard negatives for video-text training (train.hard_negatives=motion)
+
+
+def test_motion_negatives_change_only_the_direction_and_never_give_the_caption(world):
+    from polysense.data.loader import motion_negatives
+    from polysense.data.readers import read_samples
+    from polysense.data.world import DIRECTIONS
+    from polysense.errors import DataError
+
+    captions = [
+        s["text"][0] for s in read_samples(world, split="train", caption_key="motion_caption")
+    ]
+    assert len(captions) > 50
+    for caption in captions:
+        negatives = motion_negatives(caption)
+        head, own = caption.rsplit(" ", 1)
+        assert len(negatives) == 3 and caption not in negatives
+        assert [n.rsplit(" ", 1)[0] for n in negatives] == [head] * 3
+        assert [n.rsplit(" ", 1)[1] for n in negatives] == [d for d in DIRECTIONS if d != own]
+    assert motion_negatives("a red circle and a blue star moving up") == [
+        "a red circle and a blue star moving left",
+        "a red circle and a blue star moving right",
+        "a red circle and a blue star moving down",
+    ]
+    for bad in ("a red circle", "a red circle moving sideways"):
+        with pytest.raises(DataError, match="moving"):
+            motion_negatives(bad)
+
+
+def _video_batches(hard_negatives: str, seed: int = 3, context_length: int = 32):
+    from polysense.data.loader import TowerBatches, TowerData
+    from polysense.data.tokenizer import Tokenizer
+    from polysense.models.clip import bootstrap_captions
+
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    caps = [[f"a red circle moving {d}", f"two blue stars moving {d}"] for d in ["up", "left"] * 6]
+    video = torch.randint(0, 256, (n, 4, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    tok = Tokenizer.train(
+        [*bootstrap_captions(), *(c for cs in caps for c in cs)],
+        vocab_size=300,
+        context_length=context_length,
+    )
+    vc = VideoConfig(num_frames=4)
+    batches = TowerBatches(
+        data=TowerData(keys=[str(i) for i in range(n)], captions=caps, video=video),
+        tokenizer=tok,
+        batch_size=4,
+        seed=seed,
+        image_mean=vc.image_mean,
+        image_std=vc.image_std,
+        video_mean=vc.image_mean,
+        video_std=vc.image_std,
+        hard_negatives=hard_negatives,
+    )
+    return batches, tok, caps
+
+
+def test_tower_batches_hold_the_drawn_captions_motion_negatives_by_seed_and_step():
+    from polysense.data.loader import motion_negatives
+    from polysense.errors import DataError
+
+    hard, tok, caps = _video_batches("motion")
+    plain, _, _ = _video_batches("none")
+    flat = [c for cs in caps for c in cs]
+    for step in (0, 4, 7):  # 3 steps per epoch: a new permutation at 3 and 6
+        got = hard.batch(step)
+        _, caption_idx = hard.indices(step)
+        drawn = [flat[i] for i in caption_idx]
+        want = torch.stack([tok.encode(motion_negatives(c))[0] for c in drawn])  # (4, 3, L)
+        assert got["hard_text"].shape == (4, 3, 32)
+        assert torch.equal(got["hard_text"], want)
+        assert torch.equal(got["text"], tok.encode(drawn)[0])
+        for i, c in enumerate(drawn):  # a negative is never the positive caption
+            assert not (got["hard_text"][i] == got["text"][i]).all(dim=1).any(), c
+        # off: the same batch without the hard captions
+        off = plain.batch(step)
+        assert set(off) == {"text", "video"} and set(got) == {"text", "video", "hard_text"}
+        assert all(torch.equal(off[k], got[k]) for k in off)
+    # a fresh loader (a resumed run) draws the same hard captions at a step, whatever came before
+    again, _, _ = _video_batches("motion")
+    assert torch.equal(again.batch(7)["hard_text"], hard.batch(7)["hard_text"])
+    other, _, _ = _video_batches("motion", seed=4)
+    assert not torch.equal(other.batch(7)["hard_text"], hard.batch(7)["hard_text"])
+    # captions cut before their direction would give negatives equal to the caption
+    with pytest.raises(DataError, match="context_length"):
+        _video_batches("motion", context_length=12)
+
+
+def _video_text_model() -> CLIP:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        embed_dim=16,
+        towers=("video", "text"),
+        text=TextConfig(vocab_size=300, width=32, layers=1, heads=2),
+        video=VideoConfig(num_frames=4, width=32, layers=1, heads=2),
+    )
+    return build_model(RunConfig(model=cfg))
+
+
+def test_video_text_loss_with_motion_negatives_matches_the_reference():
+    from polysense.data.loader import motion_negatives
+    from polysense.losses import clip_loss_naive
+
+    model = _video_text_model()
+    captions = ["a red circle moving left", "a blue star moving up", "two squares moving down"]
+    hard = [motion_negatives(c) for c in captions]
+    inputs = {
+        "video": torch.randn(3, 4, 3, 32, 32),
+        "text": model.tokenize(captions),
+        "hard_text": torch.stack([model.tokenize(h) for h in hard]),  # (3, 3, L)
+    }
+    loss_fn = ContrastiveLoss(family="clip", chunk=0, distributed=False)
+    pairs = model.cfg.loss_pairs()
+    got = _tower_loss(model, loss_fn, inputs, pairs, "fp32")
+    vid, txt = model.encode("video", inputs["video"]), model.encode("text", captions)
+    hard_txt = torch.stack([model.encode("text", h) for h in hard])  # (3, 3, D)
+    scale = model.clamped_logit_scale()
+    want = clip_loss_naive(vid.double(), txt.double(), scale.double(), hard_txt.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    without = clip_loss_naive(vid.double(), txt.double(), scale.double())
+    assert got.item() > without.item()  # three more negatives in each video's row
+    # the same pair listed text-first still takes the video as the row side
+    flipped = _tower_loss(model, loss_fn, inputs, (("text", "video"),), "fp32")
+    torch.testing.assert_close(flipped, got)
+    # off: no "hard_text" gives exactly the plain in-batch loss
+    del inputs["hard_text"]
+    plain = _tower_loss(model, loss_fn, inputs, pairs, "fp32")
+    assert torch.equal(plain, loss_fn(vid, txt, scale, None))
+
+
+def test_video_training_with_motion_negatives_resumes_exactly(world, tmp_path):
+    cfg = apply_overrides(
+        get_preset("video-clip-tiny"), [*TINY, "train.steps=4", "train.ckpt_every=2"]
+    )
+    assert cfg.train.hard_negatives == "motion" and TrainConfig().hard_negatives == "none"
+
+    class Killed(Exception):
+        pass
+
+    def kill(model):
+        raise Killed
+
+    full = train(cfg, data=world, out=tmp_path / "full", progress=False)
+    cut = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=3))
+    with pytest.raises(Killed):
+        train(cut, data=world, out=tmp_path / "cut", progress=False, evaluate=kill)
+    train(cfg, data=world, out=tmp_path / "cut", resume=True, progress=False)
+    a, b = load_model(tmp_path / "full"), load_model(tmp_path / "cut")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert full.steps == 4
+    bind = apply_overrides(get_preset("imagebind-tiny"), [*TINY, "train.hard_negatives=motion"])
+    with pytest.raises(PolysenseError, match="hard_negatives"):
+        train(bind, data=world, out=tmp_path / "bind", progress=False)

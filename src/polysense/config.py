@@ -196,6 +196,10 @@ class TrainConfig:
     lr_image: float = 0.0  # per-tower learning rates; 0 = use `lr`
     lr_text: float = 0.0
     loss_chunk: int = 0  # 0 = dense loss; >0 = chunked loss with this chunk size
+    # Hard-negative captions in the video-text loss: "motion" adds each clip's caption with its
+    # direction ("... moving left") replaced by each other direction, which the clip must score
+    # below its own (world motion captions); "none" = in-batch negatives only.
+    hard_negatives: Literal["none", "motion"] = "none"
     log_every: int = 10
     ckpt_every: int = 200
     eval_every: int = 0  # evaluate on a world's val split every N steps (0 = only at the end)

@@ -18,6 +18,7 @@ import torch
 
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import resize_center_crop
+from polysense.data.world import DIRECTIONS
 from polysense.errors import DataError
 
 
@@ -258,10 +259,30 @@ def load_towers(
         )
 
 
+def with_direction(caption: str, direction: str) -> str:
+    """A world motion caption ("a red circle moving left") with its direction replaced."""
+    head, _, _ = caption.rpartition(" moving ")
+    return f"{head} moving {direction}"
+
+
+def motion_negatives(caption: str) -> list[str]:
+    """The caption with each of the world's other directions, in `DIRECTIONS` order: the hard
+    negatives of its clip ("... moving left" -> "... moving right", "... up", "... down")."""
+    own = caption.rpartition(" moving ")[2]
+    if " moving " not in caption or own not in DIRECTIONS:
+        raise DataError(
+            f"train.hard_negatives=motion needs captions ending in 'moving "
+            f"{'|'.join(DIRECTIONS)}' (a world's motion_caption), got {caption!r}"
+        )
+    return [with_direction(caption, d) for d in DIRECTIONS if d != own]
+
+
 class TowerBatches(PairBatches):
     """`PairBatches` for any set of towers: `batch(step)` -> {modality: tensor} for this rank.
 
-    The same (seed, step) -> samples and caption choice as `PairBatches`, so resuming is exact."""
+    The same (seed, step) -> samples and caption choice as `PairBatches`, so resuming is exact.
+    With `hard_negatives="motion"` the batch also holds "hard_text" (b, H, L): the ids of the
+    drawn caption with each other direction (`motion_negatives`), fixed by the caption drawn."""
 
     def __init__(
         self,
@@ -274,6 +295,7 @@ class TowerBatches(PairBatches):
         image_std: tuple[float, ...],
         video_mean: tuple[float, ...],
         video_std: tuple[float, ...],
+        hard_negatives: str = "none",
         rank: int = 0,
         world: int = 1,
     ) -> None:
@@ -295,15 +317,35 @@ class TowerBatches(PairBatches):
         )
         self.towers, self.has_text = data, has_text
         self.video_mean, self.video_std = video_mean, video_std
+        self.hard_ids: torch.Tensor | None = None  # (total_captions, H, L)
+        if hard_negatives == "motion":
+            if not has_text:
+                raise DataError("train.hard_negatives=motion needs a text tower and captions")
+            flat = [c for caps in data.captions for c in caps]
+            negatives = [n for c in flat for n in motion_negatives(c)]
+            ids, _ = tokenizer.encode(negatives)  # (total_captions * H, L)
+            self.hard_ids = ids.view(len(flat), -1, ids.shape[1])
+            cut = (self.hard_ids == self.ids[:, None]).all(dim=2).any(dim=1)  # (total_captions,)
+            if cut.any():  # truncated before the direction: a "negative" equal to the caption
+                raise DataError(
+                    f"{int(cut.sum())} captions lose their direction to truncation at "
+                    f"{ids.shape[1]} tokens (e.g. {flat[int(cut.nonzero()[0])]!r}); raise "
+                    "model.text.context_length"
+                )
+        elif hard_negatives != "none":
+            raise DataError(f"hard_negatives={hard_negatives!r}: use 'none' or 'motion'")
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """{"image": (b, 3, H, W), "text": (b, L), "audio": (b, S), "video": (b, T, 3, H, W)}."""
+        """{"image": (b, 3, H, W), "text": (b, L), "audio": (b, S), "video": (b, T, 3, H, W)},
+        plus "hard_text": (b, H, L) with hard negatives."""
         idx, caption_idx = self.indices(step)
         d, out = self.towers, {}
         if d.images is not None:
             out["image"] = normalize(d.images[idx], self.mean, self.std)
         if self.has_text:
             out["text"] = self.ids[caption_idx]
+        if self.hard_ids is not None:
+            out["hard_text"] = self.hard_ids[caption_idx]  # (b, H, L)
         if d.audio is not None:
             out["audio"] = d.audio[idx].float()  # (b, S)
         if d.video is not None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polysense.data.loader import with_direction
 from polysense.data.world import DIRECTIONS
 from polysense.errors import PolysenseError
 from polysense.eval.retrieval import retrieval_metrics
@@ -55,11 +56,6 @@ def _caption(sample: dict[str, Any]) -> str | None:
     return texts[0] if texts else None
 
 
-def _with_direction(caption: str, direction: str) -> str:
-    head, _, _ = caption.rpartition(" moving ")
-    return f"{head} moving {direction}"
-
-
 def video_retrieval(
     model: Any, samples: Sequence[dict[str, Any]], *, batch_size: int = 256
 ) -> dict[str, Any]:
@@ -82,7 +78,7 @@ def video_retrieval(
     directional = [s for s in kept if " moving " in _caption(s)]
     dir_text = None
     if directional:
-        variants = [_with_direction(_caption(s), d) for s in directional for d in DIRECTIONS]
+        variants = [with_direction(_caption(s), d) for s in directional for d in DIRECTIONS]
         dir_text = F.normalize(encode_texts(model, variants, batch_size=batch_size), dim=-1)
         dir_text = dir_text.view(len(directional), len(DIRECTIONS), -1)  # (n, 4, D)
         truth = torch.tensor([DIRECTIONS.index(s["motion"]) for s in directional])

@@ -65,7 +65,10 @@ def clap_tiny() -> RunConfig:
 
 @register("video-clip-tiny", runner=RUNNER)
 def video_clip_tiny() -> RunConfig:
-    """Video-text: a scene's clip against its motion caption, divided space-time attention."""
+    """Video-text: a scene's clip against its motion caption, divided space-time attention.
+
+    In-batch negatives almost always differ in appearance, so alone they teach no motion; each
+    clip also gets its caption with the other three directions as hard negatives."""
     return _preset(
         ("video", "text"),
         caption_key="motion_caption",
@@ -73,6 +76,7 @@ def video_clip_tiny() -> RunConfig:
         batch_size=64,
         lr=1e-3,
         warmup_steps=20,
+        hard_negatives="motion",
     )
 
 

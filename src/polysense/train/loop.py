@@ -103,13 +103,31 @@ def _tower_loss(
     pairs: tuple[tuple[str, str], ...],
     precision: str,
 ) -> torch.Tensor:
-    """Sum of the contrastive losses of the aligned modality pairs (one shared temperature)."""
+    """Sum of the contrastive losses of the aligned modality pairs (one shared temperature).
+
+    `inputs["hard_text"]` (B, H, L), when present, holds captions that belong to each video and
+    must score below its own (`train.hard_negatives`): they go through the text tower in the
+    same forward as the batch's captions and join the video-text loss only."""
+    inputs = dict(inputs)
+    hard_ids = inputs.pop("hard_text", None)  # (B, H, L)
+    if hard_ids is not None:
+        n, h = hard_ids.shape[:2]
+        inputs["text"] = torch.cat([inputs["text"], hard_ids.flatten(0, 1)])  # (B + B H, L)
     device = next(iter(inputs.values())).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = net(inputs=inputs)
     emb = {m: e.float() for m, e in out["embeds"].items()}
     scale, bias = out["logit_scale"].log(), out["logit_bias"]
-    return sum(loss_fn(emb[a], emb[b], scale, bias) for a, b in pairs)
+    if hard_ids is None:
+        return sum(loss_fn(emb[a], emb[b], scale, bias) for a, b in pairs)
+    hard = emb["text"][n:].view(n, h, -1)  # (B, H, D)
+    emb["text"] = emb["text"][:n]  # (B, D)
+    return sum(
+        loss_fn(emb["video"], emb["text"], scale, bias, hard)  # the video is the row side
+        if {a, b} == {"video", "text"}
+        else loss_fn(emb[a], emb[b], scale, bias)
+        for a, b in pairs
+    )
 
 
 def train(
@@ -149,6 +167,13 @@ def train(
         raise PolysenseError(
             f"train.grad_accum > 1 supports image-text models only (towers: "
             f"{','.join(cfg.model.towers)}); use 1 and a smaller train.batch_size"
+        )
+    if tc.hard_negatives != "none" and not any(
+        {"video", "text"} == set(pair) for pair in cfg.model.loss_pairs()
+    ):
+        raise PolysenseError(
+            f"train.hard_negatives={tc.hard_negatives} needs a video-text loss (towers "
+            f"{','.join(cfg.model.towers)}); use towers video,text or train.hard_negatives=none"
         )
     if world > 1 and tc.grad_accum > 1:
         raise PolysenseError("train.grad_accum > 1 is not supported under torchrun yet; use 1")
@@ -228,6 +253,7 @@ def train(
             image_std=cfg.model.vision.image_std,
             video_mean=cfg.model.video.image_mean,
             video_std=cfg.model.video.image_std,
+            hard_negatives=tc.hard_negatives,
             rank=rank,
             world=world,
         )
