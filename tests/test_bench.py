@@ -115,6 +115,8 @@ def test_server_latency_over_a_tiny_index(tmp_path):
     assert result["ratio_to_search"] == pytest.approx(
         result["sequential_p50_ms"] / result["direct_search_p50_ms"]
     )
+    # both sequential clients got answers: every sequential request of each is counted
+    assert result["sequential_httpx_p50_ms"] > 0 and result["ratio_httpx_to_encode_search"] > 0
     # bounded: past the time limit nothing more is sent, and nothing fails for it
     late = server_latency(tmp_path / "index", n_requests=50, queries=texts, time_limit_s=1e-6)
     assert late["sent"] == 0 and late["errors"] == 0

@@ -200,8 +200,11 @@ def run_retrieval_bench(
         server = results["server"] = server_latency(index_dir, k=k)
         notes += (
             f"\n\nHTTP service over {index_dir} (text queries, k={k}): one request at a time "
-            f"p50 {server['sequential_p50_ms']:.2f} ms against {server['direct_encode_search_p50_ms']:.2f}"
-            f" ms for encode + search in process ({server['ratio_to_encode_search']:.2f}x) and "
+            f"p50 {server['sequential_p50_ms']:.2f} ms (http.client; httpx "
+            f"{server['sequential_httpx_p50_ms']:.2f} ms) against "
+            f"{server['direct_encode_search_p50_ms']:.2f} ms for encode + search in process "
+            f"({server['ratio_to_encode_search']:.2f}x; httpx "
+            f"{server['ratio_httpx_to_encode_search']:.2f}x) and "
             f"{server['direct_search_p50_ms']:.3f} ms for the search alone; "
             f"{server['concurrency']} concurrent clients: p50 {server['p50_ms']:.1f} ms, "
             f"p99 {server['p99_ms']:.1f} ms, {server['throughput_rps']:.0f} requests/s, "
@@ -232,13 +235,18 @@ def server_latency(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """Loopback load on the search service over the index in `index_dir`: uvicorn in a
-    background thread on a free 127.0.0.1 port, an httpx client posting text queries to /search.
+    background thread on a free 127.0.0.1 port, clients posting text queries to /search.
 
-    Measures one request at a time (sequential p50, `repeats` passes over the queries), then
-    `n_requests` requests from `concurrency` threads: p50/p99, throughput, errors. Baselines in this process: the faiss
+    Measures one request at a time (sequential p50, `repeats` passes over the queries) over one
+    keep-alive connection of the standard library's `http.client` (what the server adds, with
+    the least client cost: the ratio) and with httpx (`sequential_httpx_p50_ms`: a typical
+    Python client, ~0.5-1 ms more here), then `n_requests` requests from `concurrency` threads
+    sharing an httpx client: p50/p99, throughput, errors. Baselines in this process: the faiss
     search alone (`index.search` on a ready embedding) and the same work without HTTP
     (`index.search_text`: encode + search). No request is sent after `time_limit_s`.
     `max_wait_ms` overrides the service's micro-batching wait (None: its default)."""
+    import http.client
+    import json
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -268,29 +276,45 @@ def server_latency(
         httpx.Client(base_url=url, timeout=30.0) as client,
     ):
 
-        def request(i: int) -> tuple[float, int] | None:
-            """(ms, HTTP status, -1 for a transport error), None once past the deadline."""
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30.0)
+
+        def request(i: int, *, lean: bool = False) -> tuple[float, int] | None:
+            """(ms, HTTP status, -1 for a transport error), None once past the deadline.
+            `lean`: over the keep-alive `http.client` connection instead of httpx."""
             if time.monotonic() > deadline:
                 return None
+            body = {"text": texts[i % len(texts)], "k": k}
             start = time.perf_counter()
             try:
-                code = client.post("/search", json={"text": texts[i % len(texts)], "k": k})
-                status = code.status_code
-            except httpx.HTTPError:
+                if lean:
+                    conn.request(
+                        "POST", "/search", json.dumps(body), {"Content-Type": "application/json"}
+                    )
+                    answer = conn.getresponse()
+                    answer.read()
+                    status = answer.status
+                else:
+                    status = client.post("/search", json=body).status_code
+            except (httpx.HTTPError, http.client.HTTPException, OSError):
                 status = -1
             return (time.perf_counter() - start) * 1000, status
 
         for i in range(10):  # warm-up: first-call costs stay out of the numbers
             request(i)
+            request(i, lean=True)
             index.search_text([texts[i % len(texts)]], k=k)
-        # One at a time, each query in process (encode + search) then over HTTP, interleaved so
-        # that load from elsewhere on the machine hits both sides of the ratio alike.
-        direct_ms, sequential = [], []
+        # One at a time, each query in process (encode + search) then over HTTP with each
+        # client, interleaved so that load from elsewhere on the machine hits all sides alike.
+        direct_ms, sequential, sequential_httpx = [], [], []
         for rep in range(repeats):
             for i, text in enumerate(texts):
                 direct_ms.append(timed(index.search_text, [text], k=k))
-                if (answer := request(rep * len(texts) + i)) is not None:
+                if (answer := request(rep * len(texts) + i, lean=True)) is not None:
                     sequential.append(answer)
+                if (answer := request(rep * len(texts) + i)) is not None:
+                    sequential_httpx.append(answer)
+        conn.close()
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             loaded = [r for r in pool.map(request, range(n_requests)) if r is not None]
@@ -299,6 +323,7 @@ def server_latency(
     ok_ms = [ms for ms, status in loaded if status == 200]
     p50, p99 = _percentiles(ok_ms)
     seq_p50, _ = _percentiles([ms for ms, status in sequential if status == 200])
+    httpx_p50, _ = _percentiles([ms for ms, status in sequential_httpx if status == 200])
     search_p50, _ = _percentiles(search_ms)
     direct_p50, _ = _percentiles(direct_ms)
     return {
@@ -307,15 +332,17 @@ def server_latency(
         "concurrency": concurrency,
         "n_requests": n_requests,
         "sent": len(loaded),
-        "errors": sum(status != 200 for _, status in [*sequential, *loaded]),
+        "errors": sum(status != 200 for _, status in [*sequential, *sequential_httpx, *loaded]),
         "p50_ms": p50,
         "p99_ms": p99,
         "throughput_rps": len(ok_ms) / wall_s,
         "sequential_p50_ms": seq_p50,
+        "sequential_httpx_p50_ms": httpx_p50,
         "direct_search_p50_ms": search_p50,
         "direct_encode_search_p50_ms": direct_p50,
         "ratio_to_search": seq_p50 / search_p50 if seq_p50 and search_p50 else None,
         "ratio_to_encode_search": seq_p50 / direct_p50 if seq_p50 and direct_p50 else None,
+        "ratio_httpx_to_encode_search": httpx_p50 / direct_p50 if httpx_p50 and direct_p50 else None,
         "goal_ratio": 1.5,
         "max_wait_ms": batching.max_wait_ms,
     }
