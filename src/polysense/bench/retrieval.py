@@ -275,7 +275,6 @@ def server_latency(
         serve_in_thread(create_app(index, batching=batching)) as url,
         httpx.Client(base_url=url, timeout=30.0) as client,
     ):
-
         host, port = url.removeprefix("http://").rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=30.0)
 
@@ -342,7 +341,9 @@ def server_latency(
         "direct_encode_search_p50_ms": direct_p50,
         "ratio_to_search": seq_p50 / search_p50 if seq_p50 and search_p50 else None,
         "ratio_to_encode_search": seq_p50 / direct_p50 if seq_p50 and direct_p50 else None,
-        "ratio_httpx_to_encode_search": httpx_p50 / direct_p50 if httpx_p50 and direct_p50 else None,
+        "ratio_httpx_to_encode_search": httpx_p50 / direct_p50
+        if httpx_p50 and direct_p50
+        else None,
         "goal_ratio": 1.5,
         "max_wait_ms": batching.max_wait_ms,
     }
