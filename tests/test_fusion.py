@@ -320,6 +320,53 @@ def test_image_init_copies_the_clip_vision_tower(style, tmp_path):
         build_fusion(dataclasses.replace(cfg, width=64, heads=2))
 
 
+@pytest.mark.parametrize("style", ["late", "xattn"])
+def test_text_init_copies_the_clip_text_tower_and_tokenizer(style, tmp_path, train_tasks):
+    from helpers import tiny_config
+    from polysense.models.clip import build_model, save_checkpoint
+    from polysense.models.fusion import with_text_init
+
+    run = tiny_config("clip-tiny", "model.text.width=32", "model.text.layers=2")
+    torch.manual_seed(2)
+    clip = build_model(run)
+    save_checkpoint(clip, run, tmp_path / "clip")
+    cfg = FusionConfig(style=style, text_init=str(tmp_path / "clip"), **TINY)
+    full = with_text_init(cfg)  # the checkpoint's vocabulary, context, mask and pooling
+    t = run.model.text
+    assert (full.vocab_size, full.context_length, full.text_causal) == (
+        t.vocab_size,
+        t.context_length,
+        t.causal,
+    )
+    model = build_fusion(cfg).eval()
+    ids = clip.tokenizer(["a red circle", "a blue square left of a green star"])  # (2, L)
+    with torch.no_grad():
+        if style == "late":  # the whole text tower: the CLIP's pooled features exactly
+            torch.testing.assert_close(model.text(ids), clip.text(ids))
+        else:
+            assert torch.equal(model.token_embed.weight, clip.text.token_embed.weight)
+            assert torch.equal(model.pos_text, clip.text.pos_embed)
+            assert torch.equal(model.blocks[1].mlp.fc2.weight, clip.text.blocks[1].mlp.fc2.weight)
+    # the trainer takes the checkpoint's tokenizer, and a trained model saves and reloads
+    # without the init checkpoint
+    res = train_fusion(
+        dataclasses.replace(_run_cfg(style, steps=2), model=cfg),
+        train_tasks,
+        out=tmp_path / "fused",
+        progress=False,
+    )
+    assert res.tokenizer.vocab_size == clip.tokenizer.vocab_size
+    assert torch.equal(res.tokenizer(["a red circle"]), clip.tokenizer(["a red circle"]))
+    with pytest.raises(PolysenseError, match="early fusion has none"):
+        build_fusion(dataclasses.replace(cfg, style="early"))
+    with pytest.raises(PolysenseError, match="width"):
+        build_fusion(dataclasses.replace(cfg, width=64))
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    loaded, _, _ = load_fusion(tmp_path / "fused")
+    for a, b in zip(loaded.state_dict().values(), res.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_itm_metrics_by_hand(train_tasks):
     n = len(train_tasks.itm_text)
     labels = train_tasks.itm_label

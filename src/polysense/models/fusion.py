@@ -21,6 +21,7 @@ The fourth style of the bench, the contrastive dual encoder, is `polysense.model
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class FusionConfig:
     vocab_size: int = 512
     context_length: int = 24
     pad_id: int = 0
+    eot_id: int = 2
     audio_samples: int = 5333
     n_fft: int = 256
     hop: int = 128
@@ -76,6 +78,12 @@ class FusionConfig:
     # position embeddings and blocks for early fusion. "" = random init.
     image_init: str = ""
     freeze_image: bool = False  # late / xattn: keep the image encoder fixed (Flamingo-style)
+    # A CLIP checkpoint whose text tower initialises the text encoder of late / xattn fusion
+    # (token and position embeddings, blocks, final norm); the trainer then uses its tokenizer,
+    # and `with_text_init` takes its vocabulary, context length, mask and pooling. "" = random.
+    text_init: str = ""
+    text_causal: bool = False  # late fusion's text encoder (xattn's text stream: never causal)
+    text_pool: Literal["mean", "eot"] = "mean"  # late fusion's text pooling
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -360,9 +368,10 @@ def _text_cfg(cfg: FusionConfig) -> TextConfig:
         layers=cfg.layers,
         heads=cfg.heads,
         mlp_ratio=cfg.mlp_ratio,
-        causal=False,
-        pool="mean",
+        causal=cfg.text_causal,
+        pool=cfg.text_pool,
         pad_id=cfg.pad_id,
+        eot_id=cfg.eot_id,
     )
 
 
@@ -487,9 +496,16 @@ def build_fusion(cfg: FusionConfig) -> FusionModel:
     styles = {"early": EarlyFusion, "late": LateFusion, "xattn": CrossAttnFusion}
     if cfg.style not in styles:
         raise PolysenseError(f"model.style={cfg.style!r}: choose one of {', '.join(STYLES)}")
-    model = styles[cfg.style](cfg=cfg)
+    if cfg.text_init and cfg.style == "early":
+        raise PolysenseError(
+            "model.text_init needs a separate text encoder: early fusion has none (use late or "
+            "xattn, or leave text_init empty)"
+        )
+    model = styles[cfg.style](cfg=with_text_init(cfg))
     if cfg.image_init:
         load_image_tower(model, cfg.image_init)
+    if cfg.text_init:
+        load_text_tower(model, cfg.text_init)
     if cfg.freeze_image:
         if isinstance(model, EarlyFusion):
             raise PolysenseError(
@@ -528,6 +544,76 @@ def load_image_tower(model: FusionModel, ckpt: str | Path) -> None:
             f"model.image_init: {path} does not fit this model's image encoder "
             f"({str(exc).splitlines()[0]}); use a checkpoint with the same vision config "
             "(clip-tiny: 32 px, patch 8, conv stem, width 128, 4 layers, 4 heads)"
+        ) from None
+
+
+def _clip_text_config(ckpt: str | Path) -> TextConfig:
+    from polysense.models.clip import read_run_config
+
+    path = Path(ckpt)
+    if not (path / "model.safetensors").is_file():
+        raise PolysenseError(
+            f"model.text_init: {path / 'model.safetensors'} does not exist; point it at a CLIP "
+            "checkpoint directory such as runs/quickstart/ckpt (`polysense quickstart`)"
+        )
+    return read_run_config(path).model.text
+
+
+def with_text_init(cfg: FusionConfig) -> FusionConfig:
+    """`cfg` with the text fields (vocabulary, context length, ids, mask, pooling) of its
+    `text_init` checkpoint; unchanged without one. Width, layers and heads must already agree."""
+    if not cfg.text_init:
+        return cfg
+    t = _clip_text_config(cfg.text_init)
+    if (t.width, t.layers, t.heads, t.mlp_ratio) != (
+        cfg.width,
+        cfg.layers,
+        cfg.heads,
+        cfg.mlp_ratio,
+    ):
+        raise PolysenseError(
+            f"model.text_init: {cfg.text_init}'s text tower is width {t.width}, {t.layers} layers, "
+            f"{t.heads} heads, mlp_ratio {t.mlp_ratio}; set the fusion model's width/layers/heads/"
+            "mlp_ratio to match (clip-tiny: 128, 4, 4, 4.0)"
+        )
+    return dataclasses.replace(
+        cfg,
+        vocab_size=t.vocab_size,
+        context_length=t.context_length,
+        pad_id=t.pad_id,
+        eot_id=t.eot_id,
+        text_causal=t.causal,
+        text_pool="eot" if t.pool == "eot" else "mean",
+    )
+
+
+def load_text_tower(model: FusionModel, ckpt: str | Path) -> None:
+    """Copy a CLIP checkpoint's text tower (`text.*` in model.safetensors) into the text encoder
+    of late fusion (the whole `TextTransformer`) or xattn (embeddings, blocks, final norm)."""
+    from safetensors.torch import load_file
+
+    text = {
+        k[5:]: v
+        for k, v in load_file(Path(ckpt) / "model.safetensors").items()
+        if k.startswith("text.")
+    }
+    try:
+        if isinstance(model, LateFusion):
+            model.text.load_state_dict(text)
+        elif isinstance(model, CrossAttnFusion):
+            blocks = {k[7:]: v for k, v in text.items() if k.startswith("blocks.")}
+            model.blocks.load_state_dict(blocks)
+            with torch.no_grad():
+                model.token_embed.weight.copy_(text["token_embed.weight"])
+                model.pos_text.copy_(text["pos_embed"])
+            model.ln.load_state_dict(
+                {k[9:]: v for k, v in text.items() if k.startswith("ln_final.")}
+            )
+    except (RuntimeError, KeyError) as exc:
+        raise PolysenseError(
+            f"model.text_init: {ckpt} does not fit this model's text encoder "
+            f"({str(exc).splitlines()[0]}); use a CLIP checkpoint with the same text width, "
+            "layers and heads"
         ) from None
 
 

@@ -47,6 +47,7 @@ from polysense.models.fusion import (
     FusionRunConfig,
     build_fusion,
     count_params,
+    with_text_init,
 )
 from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
 from polysense.train.optim import NO_DECAY_NAMES, lr_factor
@@ -323,6 +324,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
 
 
 def build_tokenizer(tasks: WorldTasks, cfg: FusionRunConfig) -> Tokenizer:
+    """The tokenizer of `model.text_init`'s checkpoint, or one trained on the tasks' texts."""
+    if cfg.model.text_init:
+        model_cfg = with_text_init(cfg.model)
+        return Tokenizer.from_file(
+            Path(cfg.model.text_init) / "tokenizer.json", context_length=model_cfg.context_length
+        )
     return Tokenizer.train(
         tasks.texts(), vocab_size=cfg.model.vocab_size, context_length=cfg.model.context_length
     )
@@ -364,7 +371,11 @@ def train_fusion(
     if tokenizer is None:
         tokenizer = build_tokenizer(train_tasks, cfg)
     model_cfg = dataclasses.replace(
-        cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, n_answers=len(ANSWERS)
+        with_text_init(cfg.model),
+        vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        eot_id=tokenizer.eot_id,
+        n_answers=len(ANSWERS),
     )
     cfg = dataclasses.replace(cfg, model=model_cfg)
     torch.manual_seed(tc.seed)
@@ -494,7 +505,8 @@ def load_fusion(ckpt: str | Path) -> tuple[FusionModel, Tokenizer, FusionRunConf
     tokenizer = Tokenizer.from_file(
         ckpt / "tokenizer.json", context_length=cfg.model.context_length
     )
-    model = build_fusion(cfg.model)
+    # the weights come from the checkpoint: no need for the init checkpoints to still exist
+    model = build_fusion(dataclasses.replace(cfg.model, image_init="", text_init=""))
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     return model.eval(), tokenizer, cfg
 
