@@ -68,10 +68,29 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with torch's fused kernel when every parameter is a float
+    tensor on the CPU or a CUDA GPU: the same update in one kernel per step instead of ~12 small
+    ops per parameter (121 -> 39 ms a step for clip-tiny on one core; docs/performance.md). The
+    state-dict keys are the same, so a checkpoint resumes with either implementation."""
     groups = param_groups(model, cfg)
     for group in groups:
         group.pop("names")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    if fused:
+        opt.register_step_post_hook(_bump_versions)
+    return opt
+
+
+def _bump_versions(opt: torch.optim.Optimizer, *_: object) -> None:
+    """The fused kernel updates parameters in place without bumping their version counters (the
+    for-loop AdamW does); bump them, so that whatever keys on versions sees the new weights
+    (`CLIP`'s cached bf16 inference copies, autograd's saved-tensor checks)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.autograd.graph.increment_version(p)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
