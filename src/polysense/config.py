@@ -185,7 +185,9 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     grad_accum: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # "auto": bf16 autocast where the hardware has bf16 matrix units (AMX / AVX512-BF16 CPUs,
+    # CUDA GPUs with bf16), fp32 elsewhere (polysense.precision); "fp32" or "bf16" to force one.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_checkpointing: bool = False
     lock_image: bool = False
     lock_text: bool = False

@@ -37,6 +37,7 @@ from polysense.data.tokenizer import Tokenizer
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_write_json
 from polysense.losses import ContrastiveLoss
+from polysense.precision import resolve_precision
 from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
 from polysense.train.optim import build_optimizer, lr_factor, set_lr
 
@@ -89,9 +90,15 @@ def _set_locked(model: nn.Module, tower: str, locked: bool) -> None:
         p.requires_grad_(not locked)
 
 
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast when `precision` ("auto", "fp32", "bf16") resolves to bf16 on `device`."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def _embed(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, precision: str):
     """Forward under optional bf16 autocast; embeddings come back in float32 for the loss."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with _autocast(images.device, precision):
         out = model(images, ids)
     return out["image_embeds"].float(), out["text_embeds"].float(), out
 
@@ -114,7 +121,7 @@ def _tower_loss(
         n, h = hard_ids.shape[:2]
         inputs["text"] = torch.cat([inputs["text"], hard_ids.flatten(0, 1)])  # (B + B H, L)
     device = next(iter(inputs.values())).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with _autocast(device, precision):
         out = net(inputs=inputs)
     emb = {m: e.float() for m, e in out["embeds"].items()}
     scale, bias = out["logit_scale"].log(), out["logit_bias"]
@@ -217,7 +224,7 @@ def train(
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text_cfg))
 
     torch.manual_seed(tc.seed)
-    model = CLIP(cfg=cfg.model, tokenizer=tokenizer).to(device)
+    model = CLIP(cfg=cfg.model, tokenizer=tokenizer, inference_precision=tc.precision).to(device)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, tc)
