@@ -6,9 +6,13 @@ holding the same weights (checked: equal image embeddings), one batch of world c
 (tokenised, padded to the context length as the trainer does) and random images, then times:
 
 - a training step (forward, contrastive loss, backward, gradient clipping, AdamW step): polysense
-  exactly as `polysense train` runs it by default (`train.precision`, `build_optimizer`), HF in
-  fp32 and in bf16 autocast, taking its better mode;
-- inference (`encode_image` vs `get_image_features`), HF again at its better mode.
+  exactly as `polysense train` runs it by default (the preset's `train.precision`, "auto" = bf16
+  on hardware with bf16 matrix units; `build_optimizer`, fused AdamW), HF in fp32 and in bf16
+  autocast, taking its better mode;
+- inference (`encode_image` vs `get_image_features`): polysense as a loaded checkpoint of that
+  run embeds (`inference_precision` = `train.precision`), HF again at its better mode.
+
+polysense in fp32 (`train.precision=fp32`) is timed beside, outside the ratios.
 
 Variants run interleaved (A, B, C, A, B, C, ...) with the same threads and batch; each figure is
 the median of the repeats, each ratio the one of medians. Model FLOPs per sample are counted with
@@ -18,6 +22,7 @@ in the same run (fp32 and bf16). The in-memory loader (`PairBatches.batch`) is t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -33,6 +38,7 @@ from polysense.bench.report import write_report
 from polysense.config import RunConfig, apply_overrides
 from polysense.errors import PolysenseError
 from polysense.losses import ContrastiveLoss, clip_loss
+from polysense.precision import resolve_precision
 
 DIMS = ("clip-tiny", "clip-small")
 # Batch per dims: clip-tiny's preset batch; clip-small's is 256, halved so a step stays ~seconds.
@@ -188,19 +194,14 @@ def _hf_image(hf: nn.Module, images: torch.Tensor) -> torch.Tensor:
 # the steps being timed
 
 
-def ours_train_step(pair: Pair, *, fused_adamw: bool = False) -> Callable[[], None]:
+def ours_train_step(pair: Pair) -> Callable[[], None]:
     """One `polysense train` step as the training loop runs it (same precision, optimizer,
-    loss and clipping), returned as a closure. `fused_adamw` swaps in torch's fused AdamW
-    kernel with the same parameter groups (a proposed default, measured separately)."""
+    loss and clipping), returned as a closure."""
     from polysense.train.loop import _embed
-    from polysense.train.optim import build_optimizer, param_groups
+    from polysense.train.optim import build_optimizer
 
     tc, model = pair.run.train, pair.ours
-    if fused_adamw:
-        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, tc)]
-        opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps, fused=True)
-    else:
-        opt = build_optimizer(model, tc)
+    opt = build_optimizer(model, tc)
     loss_fn = ContrastiveLoss(family=pair.run.model.family, chunk=tc.loss_chunk)
 
     def step() -> None:
@@ -242,11 +243,16 @@ def hf_train_step(pair: Pair, *, bf16: bool) -> Callable[[], None]:
     return step
 
 
-def ours_infer(pair: Pair, *, bf16: bool = False) -> Callable[[], None]:
+def ours_infer(pair: Pair) -> Callable[[], None]:
+    """`encode_image` as a checkpoint of `pair.run` loads (`load_model` sets the model's
+    `inference_precision` to the run's `train.precision`), timed on its own copy of the model."""
+    model = copy.deepcopy(pair.ours)
+    model.inference_precision = pair.run.train.precision
+
     def run() -> None:
-        pair.ours.eval()
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            pair.ours.encode_image(pair.images)
+        model.eval()
+        with torch.inference_mode():
+            model.encode_image(pair.images)
 
     return run
 
@@ -347,12 +353,10 @@ def bench_dims(
         "hf_fp32": hf_infer(pair, bf16=False),
         "hf_bf16": hf_infer(pair, bf16=True),
     }
-    if extra:  # what the fast modes would give; not the default, so not in the ratio
-        fast = dataclasses.replace(pair, run=apply_overrides(pair.run, ["train.precision=bf16"]))
-        train["polysense_bf16"] = ours_train_step(fast)
-        train["polysense_bf16_fused"] = ours_train_step(fast, fused_adamw=True)
-        train["polysense_fused"] = ours_train_step(pair, fused_adamw=True)
-        infer["polysense_bf16"] = ours_infer(pair, bf16=True)
+    if extra:  # polysense forced to fp32 (train.precision=fp32); not the default, not in the ratio
+        fp32 = dataclasses.replace(pair, run=apply_overrides(pair.run, ["train.precision=fp32"]))
+        train["polysense_fp32"] = ours_train_step(fp32)
+        infer["polysense_fp32"] = ours_infer(fp32)
     flops = {
         k: count_flops(fn) / batch
         for k, fn in (("polysense", train["polysense"]), ("hf", train["hf_fp32"]))
@@ -397,6 +401,7 @@ def bench_dims(
         "batch": batch,
         "repeats": repeats,
         "precision": pair.run.train.precision,
+        "precision_resolved": resolve_precision(pair.run.train.precision, "cpu"),
         "seconds_train": t_train,
         "seconds_infer": t_infer,
     }
