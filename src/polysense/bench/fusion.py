@@ -220,15 +220,21 @@ def bench_style(
     model_overrides: dict[str, Any],
     progress: bool,
 ) -> dict[str, Any]:
-    """Train one fusion style twice (without / with modality dropout) for `seconds` each."""
+    """Train one fusion style twice (without / with modality dropout) for `seconds` each.
+    `tokenizer` serves the styles that do not take a CLIP text tower (`text_init`), which bring
+    their checkpoint's tokenizer."""
     row: dict[str, Any] = {}
-    freeze = bool(model_overrides.get("freeze_image"))
+    separate = style != "early"  # early fusion has no separate image or text encoder
+    model_overrides = {
+        **model_overrides,
+        "style": style,
+        "freeze_image": bool(model_overrides.get("freeze_image")) and separate,
+        "text_init": model_overrides.get("text_init", "") if separate else "",
+    }
     for rate in (0.0, dropout):
         cfg = FusionRunConfig(
             name=f"fusion-{style}",
-            model=FusionConfig(  # early fusion has no separate image encoder to freeze
-                **{**model_overrides, "style": style, "freeze_image": freeze and style != "early"}
-            ),
+            model=FusionConfig(**model_overrides),
             train=FusionTrainConfig(
                 batch_size=batch_size,
                 steps=100_000,
@@ -240,8 +246,9 @@ def bench_style(
         # A step count the run cannot reach in its seconds: the schedule follows the clock.
         steps = _steps_for(seconds, style)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-        res = train_fusion(cfg, train, tokenizer=tokenizer, progress=progress)
-        mc = res.cfg.model
+        own = None if cfg.model.text_init else tokenizer
+        res = train_fusion(cfg, train, tokenizer=own, progress=progress)
+        mc, tokenizer = res.cfg.model, res.tokenizer
         test_data = TaskData(tasks=test, tokenizer=tokenizer, mean=mc.image_mean, std=mc.image_std)
         cond = _conditions(res.model, test_data, eval_limit)
         if rate == 0.0:
@@ -513,18 +520,20 @@ def run_fusion_bench(
     batch_size: int = 96,
     width: int = 128,
     layers: int = 4,
-    eval_limit: int = 1500,
+    eval_limit: int = 1000,
     train_limit: int | None = None,
     styles: tuple[str, ...] = (*STYLES, "dual"),
     threads: int = 1,
     image_init: str = DEFAULT_INIT,
     freeze_image: bool = True,
+    text_init: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train and measure every style; write fusion.json / .md / .png into `out`. `threads`:
     torch CPU threads (on a shared 2-core machine one thread ran 6x faster per step than two).
     `image_init`: a CLIP checkpoint every style starts from (its vision tower for the fusion
-    styles, the whole model for the dual encoder); "" or a missing path = random init."""
+    styles, the whole model for the dual encoder); "" or a missing path = random init.
+    `text_init`: late and xattn fusion also take its text tower and tokenizer."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -544,6 +553,7 @@ def run_fusion_bench(
             styles,
             threads,
             progress,
+            text_init,
         )
     finally:
         torch.set_num_threads(before)
@@ -564,6 +574,7 @@ def _run(
     styles: tuple[str, ...],
     threads: int,
     progress: bool,
+    text_init: bool,
 ) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -574,7 +585,9 @@ def _run(
     novel = load_tasks(data, split="test_novel")
     load_s = time.perf_counter() - t_start
     overrides: dict[str, Any] = {"width": width, "layers": layers, "heads": max(1, width // 32)}
-    overrides.update(image_init=init, freeze_image=freeze_image)
+    overrides.update(
+        image_init=init, freeze_image=freeze_image, text_init=init if text_init else ""
+    )
     base = FusionRunConfig(model=FusionConfig(width=width))  # type: ignore[arg-type]
     tokenizer = build_tokenizer(train, base)
     rows: dict[str, dict[str, Any]] = {}
@@ -618,6 +631,7 @@ def _run(
         "threads": threads,
         "image_init": init or None,
         "freeze_image": freeze_image,
+        "text_init": (init or None) if text_init else None,
         "answers": list(ANSWERS),
         "sound_question": SOUND_QUESTION,
         "load_seconds": load_s,

@@ -25,7 +25,7 @@ def bench_fusion(
     ] = 0.3,
     eval_limit: Annotated[
         int, typer.Option(help="Evaluate at most this many items per task and split (0 = all).")
-    ] = 1500,
+    ] = 1000,
     styles: Annotated[
         str, typer.Option(help="Comma-separated subset of early,late,xattn,dual.")
     ] = "early,late,xattn,dual",
@@ -39,6 +39,10 @@ def bench_fusion(
     freeze_image: Annotated[
         bool, typer.Option(help="Keep the late / xattn image encoders frozen.")
     ] = True,
+    text_init: Annotated[
+        bool,
+        typer.Option(help="Late / xattn also take the checkpoint's text tower and tokenizer."),
+    ] = False,
     train_limit: Annotated[
         int, typer.Option(help="Read at most this many training scenes (0 = all).")
     ] = 0,
@@ -68,6 +72,7 @@ def bench_fusion(
         threads=threads,
         image_init=image_init,
         freeze_image=freeze_image,
+        text_init=text_init,
     )
     console.print(f"wrote {out / 'fusion.json'}, fusion.md and fusion.png")
     console.print((out / "fusion.md").read_text(), markup=False, highlight=False)
