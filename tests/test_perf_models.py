@@ -163,3 +163,27 @@ def test_autocast_inference_runs_the_blocks_in_bf16_and_returns_the_usual_dtypes
     with torch.autocast("cpu", dtype=torch.bfloat16):
         vit(x)
     assert seen == [torch.float32]
+
+
+def test_bf16_inference_attention_uses_sdpa_and_agrees_with_fp32(monkeypatch):
+    """Without gradients the bf16 block keeps SDPA (its forward is the fast one); the written-out
+    path is for training only. Both agree with the fp32 block."""
+    import polysense.models.vit as vit
+
+    torch.manual_seed(0)
+    attn = Attention(width=64, heads=4)
+    x = torch.randn(4, 10, 64)
+    calls = []
+    real = vit.low_precision_attention
+    monkeypatch.setattr(
+        vit, "low_precision_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    with torch.no_grad():
+        ref = attn(x, causal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, causal=True)
+    assert calls == [] and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x.requires_grad_(), causal=True)
+    assert calls == [1]
