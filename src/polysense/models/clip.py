@@ -210,7 +210,13 @@ class CLIP(nn.Module):
             return mods
         if resolve_precision(self.inference_precision, dev) != "bf16":
             return mods
-        key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
+        # Weights loaded under inference_mode are inference tensors, which keep no version
+        # counter (they cannot be updated outside inference_mode): their storage is the key.
+        key = tuple(
+            (p.data_ptr(), -1 if p.is_inference() else p._version)
+            for m in mods
+            for p in m.parameters()
+        )
         cache = self.__dict__.setdefault("_bf16_copies", {})  # not a submodule: no state_dict
         if names not in cache or cache[names][0] != key:
             copies = tuple(copy.deepcopy(m).to(torch.bfloat16).requires_grad_(False) for m in mods)
