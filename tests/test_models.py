@@ -52,8 +52,8 @@ def test_vit_pooling_shapes(pool, n_tokens):
     assert tokens.shape == (3, n_tokens, 32)
     pooled = vit(x)
     assert pooled.shape == (3, 32)
-    if pool == "cls":
-        assert torch.equal(pooled, tokens[:, 0])
+    if pool == "cls":  # the last block computes the cls token alone: equal up to rounding
+        torch.testing.assert_close(pooled, tokens[:, 0], atol=1e-6, rtol=1e-5)
     if pool == "mean":
         torch.testing.assert_close(pooled, tokens.mean(1))
 

@@ -53,7 +53,9 @@ def test_inference_flops_match_the_hand_count(pair):
     w, h = v.width, mlp_dim(v.width, v.mlp_ratio)
     patch = 2 * n * v.in_channels * v.patch_size**2 * w
     block = 2 * t * w * 3 * w + 2 * 2 * t * t * w + 2 * t * w * w + 2 * 2 * t * w * h
-    expected = patch + v.layers * block + 2 * w * e
+    # the last block computes the cls token alone: its q, k, v for all t tokens, one query
+    last = 2 * t * w * 3 * w + 2 * 2 * 1 * t * w + 2 * 1 * w * w + 2 * 2 * 1 * w * h
+    expected = patch + (v.layers - 1) * block + last + 2 * w * e
     assert tp.count_flops(tp.ours_infer(pair)) == expected * len(pair.images)
 
 

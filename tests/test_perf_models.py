@@ -187,3 +187,23 @@ def test_bf16_inference_attention_uses_sdpa_and_agrees_with_fp32(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x.requires_grad_(), causal=True)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_cls_pooled_forward_equals_pooling_the_full_features(grad_ckpt):
+    """The last block computes the cls token alone: same pooled vector and same gradients as
+    pooling `forward_features` (which runs every token through every block)."""
+    from polysense.config import VisionConfig
+    from polysense.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(cfg=VisionConfig(width=32, layers=3, heads=2, patch_size=8))
+    vit.set_grad_checkpointing(grad_ckpt)
+    x = torch.randn(4, 3, 32, 32)
+    fast = vit(x)
+    grads = torch.autograd.grad(fast.square().sum(), list(vit.parameters()))
+    full = vit.pool(vit.forward_features(x))
+    ref = torch.autograd.grad(full.square().sum(), list(vit.parameters()))
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)

@@ -58,13 +58,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        first_only: bool = False,
     ) -> torch.Tensor:
         """x (B, T, C); mask (B, 1, T, T) bool, True where a query may attend to a key; `causal`
-        (with no mask) lets SDPA apply the lower-triangular mask itself, without a mask tensor."""
+        (with no mask) lets SDPA apply the lower-triangular mask itself, without a mask tensor.
+        `first_only` (no mask, not causal): only the first token queries -> (B, 1, C)."""
         B, T, C = x.shape
         # views, no copies: (B, T, 3C) -> (3, B, H, T, D)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if first_only:
+            q, T = q[:, :, :1], 1  # (B, H, 1, D) against all T keys
         p = self.dropout if self.training else 0.0
         causal = causal and mask is None
         if (
@@ -157,9 +165,17 @@ class Block(nn.Module):
         self.mlp = MLP(width=width, hidden=mlp_dim(width, mlp_ratio), act=act, dropout=dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        first_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, causal=causal)  # (B, T, C)
+        """x (B, T, C) -> (B, T, C); with `first_only`, the first token's output alone (B, 1, C):
+        it still attends to every token, but no other token's output is computed."""
+        out = self.attn(self.ln_1(x), mask, causal=causal, first_only=first_only)
+        x = (x[:, :1] if first_only else x) + out  # (B, T or 1, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -314,6 +330,12 @@ class VisionTransformer(nn.Module):
 
         N is the number of patches, plus one leading cls token when `pool == "cls"`.
         """
+        x, dtype = self._embed(x)
+        x = run_blocks(self.blocks, x, None, grad_ckpt=self.grad_checkpointing and self.training)
+        return self.ln_post(x).to(dtype)  # (B, N, W), in the dtype it would have without the cast
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """Images -> (tokens (B, N, W) entering the blocks, the dtype to return tokens in)."""
         size = self.cfg.image_size
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[-2:] != (size, size):
             raise PolysenseError(
@@ -329,8 +351,7 @@ class VisionTransformer(nn.Module):
         dtype = x.dtype
         if (low := inference_dtype(x)) is not None:
             x = x.to(low)
-        x = run_blocks(self.blocks, x, None, grad_ckpt=self.grad_checkpointing and self.training)
-        return self.ln_post(x).to(dtype)  # (B, N, W), in the dtype it would have without the cast
+        return x, dtype
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, W) -> (B, W) by the configured pooling."""
@@ -341,7 +362,17 @@ class VisionTransformer(nn.Module):
         return tokens.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(x))  # (B, W)
+        """Images -> pooled (B, W), equal to pooling `forward_features(x)`. With cls pooling the
+        last block computes the cls token's output alone (it still attends to every patch): the
+        other tokens' last MLP, projection and final LayerNorm would be thrown away (exact; 1/L of
+        the tower's work saved)."""
+        if self.cfg.pool != "cls" or not len(self.blocks):
+            return self.pool(self.forward_features(x))
+        x, dtype = self._embed(x)
+        grad_ckpt = self.grad_checkpointing and self.training
+        x = run_blocks(self.blocks[:-1], x, None, grad_ckpt=grad_ckpt)
+        x = self.blocks[-1](x, first_only=True)  # (B, 1, W)
+        return self.ln_post(x[:, 0]).to(dtype)  # (B, W)
 
 
 def init_linear(m: nn.Module) -> None:
