@@ -49,7 +49,7 @@ from polysense.models.fusion import (
     count_params,
     with_text_init,
 )
-from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
+from polysense.train.checkpoint import load_state, save_state, trim_metrics
 from polysense.train.optim import NO_DECAY_NAMES, lr_factor
 
 CONDITIONS: tuple[str, ...] = (
@@ -412,10 +412,19 @@ def train_fusion(
         )
         save_fusion(model, cfg, tokenizer, out)
 
-    from polysense.train.loop import TrainProgress
+    from polysense.train.loop import StepLog, TrainProgress
 
     bar = TrainProgress(enabled=progress, total=tc.steps, start=start)
     t0 = time.perf_counter()
+    steplog = StepLog(
+        bar=bar,
+        out=out,
+        every=tc.log_every,
+        total=tc.steps,
+        batch_size=tc.batch_size,
+        start=start,
+        elapsed_before=elapsed_before,
+    )
     step, loss_value, seen = start, math.nan, 0
     model.train()
     with bar:
@@ -446,20 +455,10 @@ def train_fusion(
             loss_value = float(loss.detach())
             seen += tc.batch_size
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                now = time.perf_counter()
-                record = {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": seen / max(now - t0, 1e-9),
-                    "elapsed_s": elapsed_before + now - t0,
-                }
-                if out is not None:
-                    append_metrics(out, record)
+            if steplog.due(done):
+                record = steplog.write(done, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
                 if log is not None:
                     log(record)
-                bar.update(done, loss=loss_value, lr=record["lr"], rate=record["samples_per_s"])
             if out is not None and tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
                 save(done, elapsed_before + time.perf_counter() - t0)
         else:

@@ -308,7 +308,15 @@ def train(
 
     bar = TrainProgress(enabled=progress and rank == 0, total=tc.steps, start=start_step)
     t_start = time.perf_counter()
-    window_t, window_n = t_start, 0
+    log = StepLog(
+        bar=bar,
+        out=out,
+        every=tc.log_every,
+        total=tc.steps,
+        batch_size=tc.batch_size,
+        start=start_step,
+        elapsed_before=elapsed_before,
+    )
     loss_value, step, stopped_early = float("nan"), start_step, False
     micro = tc.batch_size // world // tc.grad_accum
     with bar:
@@ -376,23 +384,15 @@ def train(
                 dist.all_reduce(loss)
                 loss /= world
             loss_value = loss.item()
-            window_n += tc.batch_size
             done = step + 1
-            if rank == 0 and (done % tc.log_every == 0 or done == tc.steps):
-                now = time.perf_counter()
-                rate = window_n / max(now - window_t, 1e-9)
-                window_t, window_n = now, 0
-                record = {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "logit_scale": float(model.logit_scale.detach().exp()),
-                    "grad_norm": float(grad_norm),
-                    "samples_per_s": rate,
-                    "elapsed_s": elapsed_before + now - t_start,
-                }
-                append_metrics(out, record)
-                bar.update(done, loss=loss_value, lr=record["lr"], rate=rate)
+            if rank == 0 and log.due(done):
+                log.write(
+                    done,
+                    loss=loss_value,
+                    lr=optimizer.param_groups[0]["lr"],
+                    logit_scale=float(model.logit_scale.detach().exp()),
+                    grad_norm=float(grad_norm),
+                )
             if evaluate and tc.eval_every and done % tc.eval_every == 0 and rank == 0:
                 figures = evaluate(model)
                 append_metrics(
@@ -504,3 +504,47 @@ class TrainProgress:
     def update(self, completed: int, **fields: float) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=completed, **fields)
+
+
+class StepLog:
+    """The log every training loop keeps: at each `every`-th step and the last (`total`), one
+    record {step, loss, lr, **extra, samples_per_s, elapsed_s} is appended to OUT/metrics.jsonl
+    (when `out` is set) and shown on `bar`. samples/s covers the steps since the previous record;
+    elapsed_s counts from the run's first start (`elapsed_before` = seconds of earlier runs)."""
+
+    def __init__(
+        self,
+        *,
+        bar: TrainProgress,
+        out: Path | None,
+        every: int,
+        total: int,
+        batch_size: int,
+        start: int,
+        elapsed_before: float = 0.0,
+    ) -> None:
+        self.bar, self.out, self.every, self.total = bar, out, every, total
+        self.batch_size, self.elapsed_before = batch_size, elapsed_before
+        self.t0 = self.window_t = time.perf_counter()
+        self.window_step = start
+
+    def due(self, done: int) -> bool:
+        """Whether `done` completed steps call for a record."""
+        return done % self.every == 0 or done == self.total
+
+    def write(self, done: int, *, loss: float, lr: float, **extra: float) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = (done - self.window_step) * self.batch_size / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_step = now, done
+        record = {
+            "step": done,
+            "loss": loss,
+            "lr": lr,
+            **extra,
+            "samples_per_s": rate,
+            "elapsed_s": self.elapsed_before + now - self.t0,
+        }
+        if self.out is not None:
+            append_metrics(self.out, record)
+        self.bar.update(done, loss=loss, lr=lr, rate=rate)
+        return record

@@ -98,8 +98,8 @@ def train_t2i(
         from_uint8,
         save_generator,
     )
-    from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
-    from polysense.train.loop import TrainProgress
+    from polysense.train.checkpoint import load_state, save_state, trim_metrics
+    from polysense.train.loop import StepLog, TrainProgress
 
     tc = cfg.train
     out = Path(out)
@@ -152,7 +152,16 @@ def train_t2i(
 
     bar = TrainProgress(enabled=progress, total=tc.steps, start=start)
     t0 = time.perf_counter()
-    window_t, window_n, loss_value, step, stopped = t0, 0, math.nan, start, False
+    log = StepLog(
+        bar=bar,
+        out=out,
+        every=tc.log_every,
+        total=tc.steps,
+        batch_size=tc.batch_size,
+        start=start,
+        elapsed_before=elapsed_before,
+    )
+    loss_value, step, stopped = math.nan, start, False
     unet.train()
     with bar:
         for step in range(start, tc.steps):
@@ -186,21 +195,9 @@ def train_t2i(
             optimizer.step()
             ema_update(ema, unet, min(tc.ema_decay, (1 + step) / (10 + step)))
             loss_value = loss.item()
-            window_n += tc.batch_size
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                now = time.perf_counter()
-                rate = window_n / max(now - window_t, 1e-9)
-                window_t, window_n = now, 0
-                record = {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "samples_per_s": rate,
-                    "elapsed_s": elapsed_before + now - t0,
-                }
-                append_metrics(out, record)
-                bar.update(done, loss=loss_value, lr=lr, rate=rate)
+            if log.due(done):
+                log.write(done, loss=loss_value, lr=lr)
             if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
                 save(done, elapsed_before + time.perf_counter() - t0)
         else:

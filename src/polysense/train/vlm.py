@@ -52,8 +52,8 @@ from polysense.models.vlm import (
     load_vlm,
     save_vlm,
 )
-from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
-from polysense.train.loop import TrainProgress
+from polysense.train.checkpoint import load_state, save_state, trim_metrics
+from polysense.train.loop import StepLog, TrainProgress
 from polysense.train.optim import lr_factor, set_lr
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +358,17 @@ def train_stage(
         save_vlm(model, cfg, tok, out)
 
     t0 = time.perf_counter()
-    window_t, window_n, loss_value, step, stopped = t0, 0, math.nan, start, False
+    loss_value, step, stopped = math.nan, start, False
     with TrainProgress(enabled=progress, total=tc.steps, start=start) as bar:
+        log = StepLog(
+            bar=bar,
+            out=out,
+            every=tc.log_every,
+            total=tc.steps,
+            batch_size=tc.batch_size,
+            start=start,
+            elapsed_before=elapsed_before,
+        )
         for step in range(start, tc.steps):
             schedule_step = step
             if tc.max_minutes:
@@ -398,22 +407,10 @@ def train_stage(
             grad_norm = nn.utils.clip_grad_norm_(trainable, tc.grad_clip or math.inf)
             optimizer.step()
             loss_value = loss.item()
-            window_n += tc.batch_size
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                now = time.perf_counter()
-                rate = window_n / max(now - window_t, 1e-9)
-                window_t, window_n = now, 0
-                record = {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(grad_norm),
-                    "samples_per_s": rate,
-                    "elapsed_s": elapsed_before + now - t0,
-                }
-                append_metrics(out, record)
-                bar.update(done, loss=loss_value, lr=record["lr"], rate=rate)
+            if log.due(done):
+                lr = optimizer.param_groups[0]["lr"]
+                log.write(done, loss=loss_value, lr=lr, grad_norm=float(grad_norm))
             if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
                 save(done, elapsed_before + time.perf_counter() - t0)
         else:
