@@ -412,22 +412,15 @@ def train_fusion(
         )
         save_fusion(model, cfg, tokenizer, out)
 
-    from polysense.train.loop import StepLog, TrainProgress
+    from polysense.train.loop import StepLog
 
-    bar = TrainProgress(enabled=progress, total=tc.steps, start=start)
     t0 = time.perf_counter()
     steplog = StepLog(
-        bar=bar,
-        out=out,
-        every=tc.log_every,
-        total=tc.steps,
-        batch_size=tc.batch_size,
-        start=start,
-        elapsed_before=elapsed_before,
+        train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress
     )
     step, loss_value, seen = start, math.nan, 0
     model.train()
-    with bar:
+    with steplog:
         for step in range(start, tc.steps):
             schedule_step = step
             if tc.max_seconds:

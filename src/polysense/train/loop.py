@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -306,20 +306,17 @@ def train(
         )
         save_checkpoint(model, cfg, out)
 
-    bar = TrainProgress(enabled=progress and rank == 0, total=tc.steps, start=start_step)
     t_start = time.perf_counter()
     log = StepLog(
-        bar=bar,
+        train=tc,
         out=out,
-        every=tc.log_every,
-        total=tc.steps,
-        batch_size=tc.batch_size,
         start=start_step,
         elapsed_before=elapsed_before,
+        progress=progress and rank == 0,
     )
     loss_value, step, stopped_early = float("nan"), start_step, False
     micro = tc.batch_size // world // tc.grad_accum
-    with bar:
+    with log:
         for step in range(start_step, tc.steps):
             # With a time budget the schedule follows whichever runs out first, steps or time,
             # so a run cut short by the clock still ends with an annealed learning rate.
@@ -506,27 +503,42 @@ class TrainProgress:
             self.progress.update(self.task, completed=completed, **fields)
 
 
+class LogSchedule(Protocol):
+    """The fields of a loop's train config that `StepLog` reads (every loop's config has them)."""
+
+    steps: int
+    batch_size: int
+    log_every: int
+
+
 class StepLog:
-    """The log every training loop keeps: at each `every`-th step and the last (`total`), one
-    record {step, loss, lr, **extra, samples_per_s, elapsed_s} is appended to OUT/metrics.jsonl
-    (when `out` is set) and shown on `bar`. samples/s covers the steps since the previous record;
-    elapsed_s counts from the run's first start (`elapsed_before` = seconds of earlier runs)."""
+    """The log and progress bar every training loop keeps (a context manager, like the bar): at
+    each `train.log_every`-th step and the last (`train.steps`), one record {step, loss, lr,
+    **extra, samples_per_s, elapsed_s} is appended to OUT/metrics.jsonl (when `out` is set) and
+    shown on the bar. samples/s covers the steps since the previous record; elapsed_s counts from
+    the run's first start (`elapsed_before` = seconds of earlier runs)."""
 
     def __init__(
         self,
         *,
-        bar: TrainProgress,
+        train: LogSchedule,
         out: Path | None,
-        every: int,
-        total: int,
-        batch_size: int,
         start: int,
         elapsed_before: float = 0.0,
+        progress: bool = True,
     ) -> None:
-        self.bar, self.out, self.every, self.total = bar, out, every, total
-        self.batch_size, self.elapsed_before = batch_size, elapsed_before
+        self.bar = TrainProgress(enabled=progress, total=train.steps, start=start)
+        self.out, self.every, self.total = out, train.log_every, train.steps
+        self.batch_size, self.elapsed_before = train.batch_size, elapsed_before
         self.t0 = self.window_t = time.perf_counter()
         self.window_step = start
+
+    def __enter__(self) -> StepLog:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
 
     def due(self, done: int) -> bool:
         """Whether `done` completed steps call for a record."""

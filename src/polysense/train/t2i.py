@@ -99,7 +99,7 @@ def train_t2i(
         save_generator,
     )
     from polysense.train.checkpoint import load_state, save_state, trim_metrics
-    from polysense.train.loop import StepLog, TrainProgress
+    from polysense.train.loop import StepLog
 
     tc = cfg.train
     out = Path(out)
@@ -150,20 +150,11 @@ def train_t2i(
         )
         save_generator(TextToImage(unet=ema, text=text), cfg, out)
 
-    bar = TrainProgress(enabled=progress, total=tc.steps, start=start)
     t0 = time.perf_counter()
-    log = StepLog(
-        bar=bar,
-        out=out,
-        every=tc.log_every,
-        total=tc.steps,
-        batch_size=tc.batch_size,
-        start=start,
-        elapsed_before=elapsed_before,
-    )
+    log = StepLog(train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress)
     loss_value, step, stopped = math.nan, start, False
     unet.train()
-    with bar:
+    with log:
         for step in range(start, tc.steps):
             if tc.max_minutes and elapsed_before + time.perf_counter() - t0 >= tc.max_minutes * 60:
                 stopped = True

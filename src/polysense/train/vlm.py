@@ -53,7 +53,7 @@ from polysense.models.vlm import (
     save_vlm,
 )
 from polysense.train.checkpoint import load_state, save_state, trim_metrics
-from polysense.train.loop import StepLog, TrainProgress
+from polysense.train.loop import StepLog
 from polysense.train.optim import lr_factor, set_lr
 
 # ---------------------------------------------------------------------------------------------
@@ -359,16 +359,8 @@ def train_stage(
 
     t0 = time.perf_counter()
     loss_value, step, stopped = math.nan, start, False
-    with TrainProgress(enabled=progress, total=tc.steps, start=start) as bar:
-        log = StepLog(
-            bar=bar,
-            out=out,
-            every=tc.log_every,
-            total=tc.steps,
-            batch_size=tc.batch_size,
-            start=start,
-            elapsed_before=elapsed_before,
-        )
+    log = StepLog(train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress)
+    with log:
         for step in range(start, tc.steps):
             schedule_step = step
             if tc.max_minutes:
