@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from polysense.decoding import beam_search, generate, sample_or_greedy, top_p_filter
+from polysense.decoding import (
+    beam_search,
+    consensus_index,
+    generate,
+    ngram_cosine,
+    ngram_counts,
+    sample_or_greedy,
+    top_p_filter,
+)
 from polysense.errors import PolysenseError
 
 # Tokens: 0 = EOS, 1 = A, 2 = B, 3 = C. The next-token distribution depends on the last token.
@@ -111,6 +119,39 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:
     greedy = generate(Bigram(), logits, state, stop_ids=[0], max_new_tokens=4)
     nucleus = generate(Bigram(), logits, state, seed=3, top_p=1e-6, **kw)
     assert nucleus == greedy
+
+
+def test_consensus_index_by_hand() -> None:
+    # [1, 2] and [1, 2, 3]: unigram+bigram+trigram counts {1, 2, 12} vs {1, 2, 3, 12, 23, 123};
+    # cosine = 3 / (sqrt(3) * sqrt(6)) = 0.7071.
+    a, b = ngram_counts([1, 2]), ngram_counts([1, 2, 3])
+    assert math.isclose(ngram_cosine(a, b), 3 / math.sqrt(18))
+    assert ngram_cosine(a, ngram_counts([])) == 0.0
+    # Sums of cosines to the others: [3] 0 + 1/sqrt(6) = 0.408; [1, 2] 0 + 0.707;
+    # [1, 2, 3] 0.408 + 0.707 = 1.115: the last one.
+    assert consensus_index([[3], [1, 2], [1, 2, 3]]) == 2
+    assert consensus_index([[3], [1, 2], [1, 2, 4]]) == 1  # 0 / 0.707 / 0.707: the first
+    assert consensus_index([[1, 2], [1, 2], [3]]) == 0  # ties go to the first
+    assert consensus_index([[5]]) == 0
+
+
+def test_mbr_is_the_consensus_of_greedy_and_the_samples() -> None:
+    logits, state = _start(3)
+    kw = {"stop_ids": [0], "max_new_tokens": 4}
+    # Reference: the candidates drawn independently (greedy, then 16 seeded samples per row).
+    greedy = sample_or_greedy(Bigram(), logits, state, **kw)
+    rows = torch.arange(3).repeat_interleave(16)
+    gen = torch.Generator().manual_seed(5)
+    samples = sample_or_greedy(
+        Bigram(), logits[rows], state[rows], temperature=1.0, generator=gen, **kw
+    )
+    expected = []
+    for r in range(3):
+        cands = [greedy[r], *samples[16 * r : 16 * (r + 1)]]
+        expected.append(cands[consensus_index(cands)])
+    mbr = generate(Bigram(), logits, state, strategy="mbr", num_samples=16, seed=5, **kw)
+    assert mbr == expected
+    assert generate(Bigram(), logits, state, strategy="mbr", num_samples=0, **kw) == greedy
 
 
 def test_bad_decoding_arguments_are_clear_errors() -> None:

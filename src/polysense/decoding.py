@@ -1,5 +1,5 @@
-"""Decoding for autoregressive models: greedy, beam search, temperature / top-p sampling; batched,
-with a maximum length and stop tokens.
+"""Decoding for autoregressive models: greedy, beam search, temperature / top-p sampling and
+minimum-Bayes-risk (consensus) decoding; batched, with a maximum length and stop tokens.
 
 The decoders only need a `Stepper`: given the state after a prefix, `step(ids, state)` feeds one
 token per row and returns the next-token logits; `reorder(state, index)` selects/duplicates rows
@@ -9,7 +9,9 @@ it with a bigram table so beam search can be checked against a hand-computed ans
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -187,33 +189,116 @@ def beam_search(
     return results
 
 
+def ngram_counts(tokens: Sequence[Hashable], n: int = 4) -> Counter:
+    """Counts of every 1..n-gram of a token sequence."""
+    counts: Counter = Counter()
+    for k in range(1, n + 1):
+        for i in range(len(tokens) - k + 1):
+            counts[tuple(tokens[i : i + k])] += 1
+    return counts
+
+
+def ngram_cosine(a: Counter, b: Counter) -> float:
+    """Cosine similarity of two n-gram count vectors (0 when either is empty)."""
+    dot = sum(v * b.get(g, 0) for g, v in a.items())
+    na = math.sqrt(sum(v * v for v in a.values()))
+    nb = math.sqrt(sum(v * v for v in b.values()))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def consensus_index(candidates: Sequence[Sequence[Hashable]], n: int = 4) -> int:
+    """The candidate with the highest summed 1..n-gram cosine to the others (ties: the first):
+    Devlin et al.'s consensus caption, and the minimum-Bayes-risk choice when the candidates
+    are samples of a model."""
+    grams = [ngram_counts(c, n) for c in candidates]
+    scores = [
+        sum(ngram_cosine(g, o) for j, o in enumerate(grams) if j != i) for i, g in enumerate(grams)
+    ]
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def mbr_decode(
+    stepper: Stepper,
+    logits: torch.Tensor,
+    state: Any,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Minimum-Bayes-risk decoding (Kumar & Byrne 2004) with n-gram cosine as the utility: per
+    row the greedy output and `num_samples` samples are the candidates, and the one that agrees
+    most with the others (`consensus_index`) is returned. Greedy wins ties, so with no samples
+    this is greedy decoding."""
+    if num_samples < 0:
+        raise PolysenseError(f"num_samples={num_samples}: must be 0 or more")
+    kw = {"max_new_tokens": max_new_tokens, "stop_ids": stop_ids}
+    greedy = sample_or_greedy(stepper, logits, state, **kw)
+    if num_samples == 0:
+        return greedy
+    b = logits.shape[0]
+    rows = torch.arange(b, device=logits.device).repeat_interleave(num_samples)  # (B*S,)
+    samples = sample_or_greedy(
+        stepper,
+        logits.index_select(0, rows),
+        stepper.reorder(state, rows),
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        **kw,
+    )
+    out = []
+    for r in range(b):
+        cands = [greedy[r], *samples[r * num_samples : (r + 1) * num_samples]]
+        out.append(cands[consensus_index(cands)])
+    return out
+
+
 def generate(
     stepper: Stepper,
     logits: torch.Tensor,
     state: Any,
     *,
     stop_ids: Sequence[int],
-    strategy: Literal["greedy", "beam", "sample"] = "greedy",
+    strategy: Literal["greedy", "beam", "sample", "mbr"] = "greedy",
     max_new_tokens: int = 32,
     num_beams: int = 3,
+    num_samples: int = 8,
     length_penalty: float = 0.0,
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[list[int]]:
-    """Token ids per row (stop token excluded) by the named strategy."""
+    """Token ids per row (stop token excluded) by the named strategy. `sample` and `mbr` use
+    `temperature`, `top_p` and `seed`; `mbr` draws `num_samples` samples per row."""
     if max_new_tokens < 1:
         raise PolysenseError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     if strategy == "greedy":
         return sample_or_greedy(
             stepper, logits, state, max_new_tokens=max_new_tokens, stop_ids=stop_ids
         )
-    if strategy == "sample":
+    if strategy in ("sample", "mbr"):
         if temperature <= 0 or not 0 < top_p <= 1:
             raise PolysenseError(
                 f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
             )
         gen = torch.Generator(device=logits.device).manual_seed(seed)
+    if strategy == "mbr":
+        return mbr_decode(
+            stepper,
+            logits,
+            state,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            temperature=temperature,
+            top_p=top_p,
+            generator=gen,
+        )
+    if strategy == "sample":
         return sample_or_greedy(
             stepper,
             logits,
@@ -234,4 +319,4 @@ def generate(
             stop_ids=stop_ids,
             length_penalty=length_penalty,
         )
-    raise PolysenseError(f"strategy={strategy!r}; use greedy, beam or sample")
+    raise PolysenseError(f"strategy={strategy!r}; use greedy, beam, sample or mbr")

@@ -11,12 +11,19 @@ from polysense.cli import app, bench_app, console
 from polysense.errors import PolysenseError
 
 _CKPT = Annotated[Path, typer.Option(help="VLM checkpoint dir (polysense train vlm-tiny-stage2).")]
-_STRATEGY = Annotated[str, typer.Option(help="Decoding: greedy, beam or sample.")]
+_STRATEGY = Annotated[
+    str,
+    typer.Option(
+        help="Decoding: greedy, beam, sample, or mbr (the consensus of greedy and --samples "
+        "samples: minimum Bayes risk)."
+    ),
+]
 _MAX_NEW = Annotated[int, typer.Option(help="Most tokens to generate.")]
 _BEAMS = Annotated[int, typer.Option(help="Beams for --strategy beam.")]
-_TEMP = Annotated[float, typer.Option(help="Temperature for --strategy sample.")]
-_TOP_P = Annotated[float, typer.Option(help="Nucleus mass for --strategy sample.")]
-_SEED = Annotated[int, typer.Option(help="Seed for --strategy sample.")]
+_SAMPLES = Annotated[int, typer.Option(help="Samples per image for --strategy mbr.")]
+_TEMP = Annotated[float, typer.Option(help="Temperature for --strategy sample / mbr.")]
+_TOP_P = Annotated[float, typer.Option(help="Nucleus mass for --strategy sample / mbr.")]
+_SEED = Annotated[int, typer.Option(help="Seed for --strategy sample / mbr.")]
 
 
 def _open(paths: list[Path]) -> list:
@@ -35,14 +42,21 @@ def _open(paths: list[Path]) -> list:
 
 
 def _decode_args(
-    strategy: str, max_new_tokens: int, beams: int, temperature: float, top_p: float, seed: int
+    strategy: str,
+    max_new_tokens: int,
+    beams: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    samples: int = 8,
 ) -> dict:
-    if strategy not in ("greedy", "beam", "sample"):
-        raise PolysenseError(f"--strategy {strategy!r}: use greedy, beam or sample")
+    if strategy not in ("greedy", "beam", "sample", "mbr"):
+        raise PolysenseError(f"--strategy {strategy!r}: use greedy, beam, sample or mbr")
     return {
         "strategy": strategy,
         "max_new_tokens": max_new_tokens,
         "num_beams": beams,
+        "num_samples": samples,
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
@@ -56,13 +70,15 @@ def caption_cmd(
     strategy: _STRATEGY = "greedy",
     max_new_tokens: _MAX_NEW = 40,
     beams: _BEAMS = 3,
+    samples: _SAMPLES = 8,
     temperature: _TEMP = 0.7,
     top_p: _TOP_P = 0.9,
     seed: _SEED = 0,
 ) -> None:
     """Describe each image with the VLM (one line per image).
 
-    Example: `polysense caption --ckpt runs/vlm/stage2 scene.png other.png`
+    Example: `polysense caption --ckpt runs/vlm/stage2 scene.png other.png`;
+    `--strategy mbr` returns the caption its samples agree on most.
     """
     import torch
 
@@ -70,7 +86,7 @@ def caption_cmd(
 
     model = load_vlm(ckpt)
     opened = _open(images)
-    args = _decode_args(strategy, max_new_tokens, beams, temperature, top_p, seed)
+    args = _decode_args(strategy, max_new_tokens, beams, temperature, top_p, seed, samples)
     with torch.no_grad():
         out = model.generate(opened, [chat_prompt(CAPTION_INSTRUCTION)] * len(opened), **args)
     for path, text in zip(images, out, strict=True):

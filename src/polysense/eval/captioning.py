@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from polysense.data.loader import normalize
+from polysense.decoding import consensus_index, ngram_counts
 from polysense.errors import PolysenseError
 
 _PUNCT = re.compile(r"[^\w\s']")
@@ -35,14 +36,6 @@ def tokenize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def _ngrams(words: Sequence[str], n: int) -> Counter:
-    counts: Counter = Counter()
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            counts[tuple(words[i : i + k])] += 1
-    return counts
-
-
 def bleu(refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4) -> list[float]:
     """Corpus BLEU-1..n of hypotheses against their references (pre-tokenised strings)."""
     _check(refs, hyps)
@@ -50,13 +43,13 @@ def bleu(refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4) -> list
     test_len = ref_len = 0
     for rs, h in zip(refs, hyps, strict=True):
         words = h.split()
-        counts = _ngrams(words, n)
+        counts = ngram_counts(words, n)
         max_ref: dict[tuple, int] = {}
         lens = []
         for r in rs:
             rw = r.split()
             lens.append(len(rw))
-            for g, c in _ngrams(rw, n).items():
+            for g, c in ngram_counts(rw, n).items():
                 max_ref[g] = max(max_ref.get(g, 0), c)
         test_len += len(words)
         ref_len += min((abs(x - len(words)), x) for x in lens)[1]  # closest, shorter on ties
@@ -80,7 +73,7 @@ def cider_d(
 ) -> tuple[float, np.ndarray]:
     """CIDEr-D (corpus mean, per-image scores) of pre-tokenised hypotheses."""
     _check(refs, hyps)
-    ref_counts = [[_ngrams(r.split(), n) for r in rs] for rs in refs]
+    ref_counts = [[ngram_counts(r.split(), n) for r in rs] for rs in refs]
     df: Counter = Counter()
     for rcs in ref_counts:
         df.update({g for rc in rcs for g in rc})
@@ -100,7 +93,7 @@ def cider_d(
 
     scores = []
     for rcs, h in zip(ref_counts, hyps, strict=True):
-        vh, nh, lh = vec(_ngrams(h.split(), n))
+        vh, nh, lh = vec(ngram_counts(h.split(), n))
         total = np.zeros(n)
         for rc in rcs:
             vr, nr, lr = vec(rc)
@@ -140,13 +133,6 @@ def most_frequent_caption(train_captions: Sequence[Sequence[str]]) -> str:
     return counts.most_common(1)[0][0]
 
 
-def _cos(a: Counter, b: Counter) -> float:
-    dot = sum(v * b.get(g, 0) for g, v in a.items())
-    na = math.sqrt(sum(v * v for v in a.values()))
-    nb = math.sqrt(sum(v * v for v in b.values()))
-    return dot / (na * nb) if na and nb else 0.0
-
-
 def nearest_neighbour_captions(
     query: torch.Tensor, bank: torch.Tensor, bank_captions: Sequence[Sequence[str]], k: int = 5
 ) -> list[str]:
@@ -159,12 +145,7 @@ def nearest_neighbour_captions(
         top = (q[i : i + 1024] @ b.T).topk(k, dim=-1).indices  # (q, k)
         for row in top.tolist():
             cands = [tokenize(c) for j in row for c in bank_captions[j]]
-            grams = [_ngrams(c.split(), 4) for c in cands]
-            scores = [
-                sum(_cos(g, o) for j, o in enumerate(grams) if j != i2)
-                for i2, g in enumerate(grams)
-            ]
-            out.append(cands[int(np.argmax(scores))])
+            out.append(cands[consensus_index([c.split() for c in cands])])
     return out
 
 
