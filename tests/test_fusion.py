@@ -27,10 +27,12 @@ from polysense.models.fusion import (
     FusionConfig,
     FusionRunConfig,
     FusionTrainConfig,
+    LateFusion,
     build_fusion,
 )
 from polysense.train.fusion import (
     TaskData,
+    build_optimizer,
     evaluate,
     itm_metrics,
     load_fusion,
@@ -284,6 +286,18 @@ def test_bad_inputs_and_config_are_clear_errors():
     frozen = build_fusion(FusionConfig(style="late", freeze_image=True, **TINY))
     assert not any(p.requires_grad for p in frozen.image.parameters())
     assert all(p.requires_grad for p in frozen.text.parameters())
+    # xattn's learned image-token positions train with the image encoder frozen, and matter
+    torch.manual_seed(0)
+    xattn = build_fusion(FusionConfig(style="xattn", freeze_image=True, **TINY))
+    for layer in xattn.xattn.values():
+        layer.gate_attn.data.fill_(1.0)
+    x_inputs = (*_inputs(xattn.cfg, 2), torch.ones(2, 3, dtype=torch.bool))
+    out = xattn(*x_inputs)["answer"]
+    out.square().sum().backward()
+    assert xattn.pos_media.grad.abs().sum() > 0 and xattn.image.pos_embed.grad is None
+    with torch.no_grad():
+        xattn.pos_media.add_(torch.randn_like(xattn.pos_media))
+        assert differs(xattn(*x_inputs)["answer"], out)
     with pytest.raises(PolysenseError, match="does not exist"):
         build_fusion(dataclasses.replace(cfg, image_init="/nonexistent"))
 
@@ -437,10 +451,143 @@ def test_killed_run_resumes_exactly(tmp_path, train_tasks):
         assert torch.equal(a, b)
 
 
+# ---------------------------------------------------------------------------------------------
+# fusion on a pretrained CLIP: product combine, image layer, cached image features, gate lr
+
+
+def test_product_combine_adds_the_pairwise_products():
+    torch.manual_seed(0)
+    model = build_fusion(FusionConfig(style="late", combine="product", **TINY)).eval()
+    assert isinstance(model, LateFusion)
+    w = TINY["width"]
+    vecs = torch.randn(4, 3, w)  # (B, image / text / audio, W)
+    image, text, audio = vecs.unbind(1)
+    with torch.no_grad():
+        model.combine.bias.zero_()
+        for block, want in (
+            (0, image),
+            (2, audio),
+            (3, image * text),
+            (4, image * audio),
+            (5, text * audio),
+        ):  # the weight that reads one block of [image, text, audio, it, ia, ta] unchanged
+            model.combine.weight.zero_()
+            model.combine.weight[:, block * w : (block + 1) * w] = torch.eye(w)
+            torch.testing.assert_close(model.combine_vectors(vecs), want)
+    assert model.combine.in_features == 6 * w
+    with pytest.raises(PolysenseError, match="product"):
+        build_fusion(FusionConfig(style="late", combine="outer", **TINY))  # type: ignore[arg-type]
+
+
+def test_image_layer_minus_two_is_the_second_to_last_block_output():
+    torch.manual_seed(0)
+    cfg = FusionConfig(style="xattn", image_layer=-2, **{**TINY, "layers": 3})
+    model = build_fusion(cfg).eval()
+    vit = model.image
+    images = _inputs(cfg, 2)[0]
+    with torch.no_grad():  # the ViT written out by hand: stem, cls, positions, blocks 0 and 1
+        x = vit.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, W)
+        x = torch.cat([vit.cls_token.expand(2, -1, -1), x], dim=1) + vit.pos_embed
+        x = vit.ln_pre(x)
+        second_to_last = vit.blocks[1](vit.blocks[0](x))
+        torch.testing.assert_close(model.image_features(images), second_to_last)
+        last = build_fusion(dataclasses.replace(cfg, image_layer=-1))
+        last.load_state_dict(model.state_dict())
+        torch.testing.assert_close(
+            last.image_features(images), vit.ln_post(vit.blocks[2](second_to_last))
+        )
+    # the last image block takes no part in the fused output at image_layer=-2
+    for layer in model.xattn.values():
+        layer.gate_attn.data.fill_(1.0)
+    ids, audio = _inputs(cfg, 2)[1:]
+    present = torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        before = model(images, ids, audio, present)["answer"]
+        for p in vit.blocks[2].parameters():
+            p.add_(torch.randn_like(p))
+        torch.testing.assert_close(model(images, ids, audio, present)["answer"], before)
+    for bad in ({"image_layer": 0}, {"image_layer": -4}, {"image_layer": -2, "style": "late"}):
+        with pytest.raises(PolysenseError, match="image_layer"):
+            build_fusion(dataclasses.replace(cfg, **bad))
+
+
+@pytest.mark.parametrize("style", ["late", "xattn"])
+def test_cached_image_features_equal_recomputed(style, train_tasks, monkeypatch):
+    cfg = _run_cfg(style, steps=4, lr=3e-3)
+    layer = -2 if style == "xattn" else -1
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, freeze_image=True, image_layer=layer)
+    )
+    cached = train_fusion(cfg, train_tasks, progress=False)
+    model = cached.model
+    data = TaskData(
+        tasks=train_tasks,
+        tokenizer=cached.tokenizer,
+        mean=model.cfg.image_mean,
+        std=model.cfg.image_std,
+    )
+    batch = data.batch("vqa", torch.arange(7, 40))
+    with torch.no_grad():
+        cache = data.image_features(model)  # (scenes, ...)
+        assert cache.shape[0] == len(train_tasks)
+        torch.testing.assert_close(cache[batch.scene], model.image_features(batch.images))
+        torch.testing.assert_close(
+            model(batch.images, batch.ids, batch.audio, batch.present)["answer"],
+            model(
+                batch.images,
+                batch.ids,
+                batch.audio,
+                batch.present,
+                image_features=cache[batch.scene],
+            )["answer"],
+        )
+    # training without the cache (the image encoder run at every step) ends at the same weights
+    monkeypatch.setattr(TaskData, "image_features", lambda self, model: None)
+    recomputed = train_fusion(cfg, train_tasks, progress=False)
+    for (name, a), b in zip(
+        cached.model.state_dict().items(), recomputed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    early = build_fusion(FusionConfig(style="early", **TINY))
+    with pytest.raises(PolysenseError, match="early fusion"):
+        early(
+            *_inputs(early.cfg, 2),
+            torch.ones(2, 3, dtype=torch.bool),
+            image_features=torch.zeros(2, 1),
+        )
+
+
+def test_gate_lr_scale_moves_the_gates_that_much_faster():
+    torch.manual_seed(0)
+    cfg = FusionConfig(style="xattn", **TINY)
+    model = build_fusion(cfg)
+    lr, scale = 1e-3, 10.0
+    opt = build_optimizer(model, lr, 0.05, gate_lr_scale=scale)
+    assert [g["base_lr"] for g in opt.param_groups] == [lr, lr, lr * scale]
+    images, ids, audio = _inputs(cfg, 3)
+    model(images, ids, audio, torch.ones(3, 3, dtype=torch.bool))[
+        "answer"
+    ].square().sum().backward()
+    gate, bias = model.xattn["0"].gate_attn, model.heads.answer.bias  # neither decays
+    before = {
+        "gate": (gate.detach().clone(), gate.grad.clone()),
+        "bias": (bias.detach().clone(), bias.grad.clone()),
+    }
+    opt.step()
+    # Adam's first step with bias correction: -lr * g / (|g| + eps), whatever the scale of g
+    for name, p, step_lr in (("gate", gate, lr * scale), ("bias", bias, lr)):
+        value, grad = before[name]
+        torch.testing.assert_close(p.detach(), value - step_lr * grad / (grad.abs() + 1e-6))
+
+
 def test_polysense_train_preset_and_bench_help(tmp_path, world):
     from polysense.presets import get_preset, get_runner
 
     assert get_preset("fusion-xattn-tiny").model.style == "xattn"
+    for name in ("fusion-xattn-clip", "fusion-late-clip"):  # documented runs of <= 20 min
+        clip_cfg = get_preset(name)
+        assert clip_cfg.model.freeze_image and clip_cfg.model.text_init
+        assert 0 < clip_cfg.train.max_seconds <= 20 * 60
     run = get_runner("fusion-early-tiny")
     cfg = dataclasses.replace(_run_cfg("early", steps=3), name="fusion-early-tiny")
     metrics = run(cfg, data=world, out=tmp_path / "ck", resume=False, eval_splits=("test",))

@@ -168,14 +168,7 @@ def _late_query_ms(model: nn.Module, data: TaskData) -> float:
         t = time.perf_counter()
         txt = model.text(itm.ids[:1]).expand(N_CANDIDATES, -1)
         aud = model.missing[2].expand(N_CANDIDATES, -1)
-        vecs = torch.stack([cached, txt, aud], dim=1)
-        if model.cfg.combine == "concat":
-            fused = model.combine(vecs.flatten(1))
-        elif model.cfg.combine == "sum":
-            fused = vecs.sum(dim=1)
-        else:
-            fused = (torch.sigmoid(model.gate(vecs.flatten(1)))[..., None] * vecs).sum(dim=1)
-        model.heads(fused)
+        model.heads(model.combine_vectors(torch.stack([cached, txt, aud], dim=1)))
         return (time.perf_counter() - t) * 1000
 
 

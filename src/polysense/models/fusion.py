@@ -8,7 +8,8 @@ on any subset of inputs. The styles differ only in where the modalities meet:
 - `EarlyFusion`: patch, word and audio-frame tokens (+ modality and position embeddings) in one
   sequence through one transformer; a cls token is pooled.
 - `LateFusion`: an encoder per modality, each pooled to a vector; the vectors are combined by
-  concat / sum / gated sum, then the heads.
+  concat / sum / gated sum / concat with pairwise products (Antol et al.'s VQA baseline), then
+  the heads.
 - `CrossAttnFusion`: a text transformer whose blocks are interleaved with Flamingo-style gated
   cross-attention layers onto image and audio tokens; the gates are tanh(alpha) with alpha = 0 at
   init, so the untrained model is exactly its text-only path.
@@ -46,6 +47,8 @@ from polysense.models.vit import (
 )
 
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+# The modality pairs whose elementwise products late fusion's "product" combine adds.
+PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
 STYLES: tuple[str, ...] = ("early", "late", "xattn")
 
 
@@ -71,13 +74,19 @@ class FusionConfig:
     audio_bins: int = 32  # lowest STFT bins kept: 0-2 kHz at 16 kHz, where the world's tones are
     frames_per_token: int = 2
     n_answers: int = 30
-    combine: Literal["concat", "sum", "gated"] = "concat"  # late fusion only
+    combine: Literal["concat", "sum", "gated", "product"] = "concat"  # late fusion only
     xattn_every: int = 1  # xattn: a gated cross-attention layer after every k text blocks
     # A CLIP checkpoint (e.g. runs/quickstart/ckpt, same vision config) whose image tower
     # initialises the image encoder: the whole ViT for late / xattn; the conv stem, patch
     # position embeddings and blocks for early fusion. "" = random init.
     image_init: str = ""
     freeze_image: bool = False  # late / xattn: keep the image encoder fixed (Flamingo-style)
+    # xattn: the image tokens are the output of this ViT block. -1: the last, through the final
+    # LayerNorm (`forward_features`); -2: the second to last, the raw residual stream (LLaVA's
+    # hidden_states[-2]; the cross-attention's own LayerNorm normalises it). A cls-pooled CLIP
+    # never trains the last block's patch outputs (only its cls output reaches the loss), while
+    # the second to last block's patch tokens are what that cls token attends to.
+    image_layer: int = -1
     # A CLIP checkpoint whose text tower initialises the text encoder of late / xattn fusion
     # (token and position embeddings, blocks, final norm); the trainer then uses its tokenizer,
     # and `with_text_init` takes its vocabulary, context length, mask and pooling. "" = random.
@@ -97,6 +106,9 @@ class FusionTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
+    # xattn: the tanh gates learn at lr * gate_lr_scale. Zero-initialised, under Adam they move
+    # about lr per step, so at lr 5e-4 a few hundred steps open them only to ~0.1.
+    gate_lr_scale: float = 1.0
     grad_clip: float = 1.0
     modality_dropout: float = 0.0  # per sample and modality; one modality is always kept
     task_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)  # vqa, itm, sound share of a batch
@@ -226,13 +238,33 @@ class FusionModel(nn.Module):
         ids: torch.Tensor,
         audio: torch.Tensor,
         present: torch.Tensor,
+        *,
+        image_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) normalised, ids (B, L), audio (B, T), present (B, 3) bool."""
+        """images (B, 3, H, W) normalised, ids (B, L), audio (B, T), present (B, 3) bool.
+        `image_features`: `self.image_features(images)` computed earlier (a frozen image
+        encoder's output, cached by the trainer); the image encoder is then not run."""
         _check_inputs(self.cfg, images, ids, audio, present)
-        return self.heads(self.fuse(images, ids, audio, present.bool()))
+        if image_features is not None and image_features.shape[0] != images.shape[0]:
+            raise PolysenseError(
+                f"image_features has {image_features.shape[0]} rows for {images.shape[0]} images"
+            )
+        return self.heads(self.fuse(images, ids, audio, present.bool(), image_features))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the image encoder gives the fusion: a pooled vector (late) or tokens (xattn)."""
+        raise NotImplementedError
+
+    def _image(self, images: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        return self.image_features(images) if features is None else features
 
     def fuse(
-        self, images: torch.Tensor, ids: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        audio: torch.Tensor,
+        present: torch.Tensor,
+        image_features: torch.Tensor | None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -288,8 +320,18 @@ class EarlyFusion(FusionModel):
         self.image_stem.reset_parameters()
 
     def fuse(
-        self, images: torch.Tensor, ids: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        audio: torch.Tensor,
+        present: torch.Tensor,
+        image_features: torch.Tensor | None,
     ) -> torch.Tensor:
+        if image_features is not None:
+            raise PolysenseError(
+                "early fusion has no separate image encoder whose output could be reused; "
+                "pass image_features=None"
+            )
         b = images.shape[0]
         ones = images.new_ones
         embed = (
@@ -327,36 +369,59 @@ class LateFusion(FusionModel):
         self.image = VisionTransformer(cfg=_vision_cfg(cfg))
         self.text = TextTransformer(cfg=_text_cfg(cfg))
         self.audio = AudioEncoder(cfg=cfg)
+        m = len(MODALITIES)
         if cfg.combine == "concat":
-            self.combine = nn.Linear(len(MODALITIES) * w, w)
+            self.combine = nn.Linear(m * w, w)
+        elif cfg.combine == "product":
+            self.combine = nn.Linear(len(PAIRS) * w + m * w, w)
         elif cfg.combine == "gated":
-            self.gate = nn.Linear(len(MODALITIES) * w, len(MODALITIES))
+            self.gate = nn.Linear(m * w, m)
         elif cfg.combine != "sum":
             raise PolysenseError(
-                f"model.combine={cfg.combine!r}: choose concat, sum or gated for late fusion"
+                f"model.combine={cfg.combine!r}: choose concat, sum, gated or product for late "
+                "fusion"
             )
         self.audio.apply(init_linear)
-        if cfg.combine in ("concat", "gated"):
-            init_linear(self.combine if cfg.combine == "concat" else self.gate)
+        if cfg.combine != "sum":
+            init_linear(self.gate if cfg.combine == "gated" else self.combine)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image(images)  # (B, W)
 
     def fuse(
-        self, images: torch.Tensor, ids: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        audio: torch.Tensor,
+        present: torch.Tensor,
+        image_features: torch.Tensor | None,
     ) -> torch.Tensor:
         b = images.shape[0]
         vecs = []
         for m, encode in enumerate(
-            (lambda: self.image(images), lambda: self.text(ids), lambda: self.audio(audio))
+            (
+                lambda: self._image(images, image_features),
+                lambda: self.text(ids),
+                lambda: self.audio(audio),
+            )
         ):
             if present[:, m].any():  # an encoder no sample needs is skipped
                 vecs.append(torch.where(present[:, m, None], encode(), self.missing[m]))
             else:
                 vecs.append(self.missing[m].expand(b, -1))
-        vecs = torch.stack(vecs, dim=1)  # (B, 3, W)
+        return self.combine_vectors(torch.stack(vecs, dim=1))
+
+    def combine_vectors(self, vecs: torch.Tensor) -> torch.Tensor:
+        """The pooled (image, text, audio) vectors (B, 3, W) -> one fused vector (B, W)."""
+        flat = rearrange(vecs, "b m w -> b (m w)")  # (B, 3W)
         if self.cfg.combine == "concat":
-            return self.combine(rearrange(vecs, "b m w -> b (m w)"))  # (B, W)
+            return self.combine(flat)
+        if self.cfg.combine == "product":  # [image, text, audio, image*text, image*audio, ...]
+            products = [vecs[:, i] * vecs[:, j] for i, j in PAIRS]  # 3 x (B, W)
+            return self.combine(torch.cat([flat, *products], dim=-1))  # (B, 6W) -> (B, W)
         if self.cfg.combine == "sum":
             return vecs.sum(dim=1)
-        g = torch.sigmoid(self.gate(rearrange(vecs, "b m w -> b (m w)")))  # (B, 3)
+        g = torch.sigmoid(self.gate(flat))  # (B, 3)
         return (g[..., None] * vecs).sum(dim=1)  # (B, W)
 
 
@@ -426,14 +491,33 @@ class CrossAttnFusion(FusionModel):
                 if (i + 1) % every == 0
             }
         )
+        if not -cfg.layers <= cfg.image_layer <= -1:
+            raise PolysenseError(
+                f"model.image_layer={cfg.image_layer}: choose a block from -1 (the last) to "
+                f"-{cfg.layers} (the first)"
+            )
         self.media_embed = nn.Parameter(torch.randn(2, w) * 0.02)  # image, audio
+        # Learned positions of the image tokens as the cross-attention sees them (trained even
+        # when the image encoder is frozen): where an attended object is, for position questions.
+        self.pos_media = nn.Parameter(torch.randn(1, 1 + self.image.num_patches, w) * 0.02)
         self.ln = nn.LayerNorm(w)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         for module in (self.audio, self.blocks, self.xattn):
             module.apply(init_linear)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B, 1 + N, W), cls first, from block `cfg.image_layer` (see there)."""
+        if self.cfg.image_layer == -1:
+            return self.image.forward_features(images)
+        x, _ = self.image._embed(images)  # (B, 1 + N, W) entering the blocks
+        return run_blocks(self.image.blocks[: self.cfg.image_layer + 1], x, None, grad_ckpt=False)
+
     def media(
-        self, images: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
+        self,
+        images: torch.Tensor,
+        audio: torch.Tensor,
+        present: torch.Tensor,
+        image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and audio tokens (B, N + Ta, W) with the missing token where absent."""
         b = images.shape[0]
@@ -442,7 +526,7 @@ class CrossAttnFusion(FusionModel):
             (
                 0,
                 lambda: (
-                    self.image.forward_features(images),
+                    self._image(images, image_features) + self.pos_media,
                     ones(b, 1 + self.image.num_patches, dtype=torch.bool),
                 ),
             ),
@@ -485,9 +569,15 @@ class CrossAttnFusion(FusionModel):
         return masked_mean(self.ln(x), keep)  # (B, W)
 
     def fuse(
-        self, images: torch.Tensor, ids: torch.Tensor, audio: torch.Tensor, present: torch.Tensor
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        audio: torch.Tensor,
+        present: torch.Tensor,
+        image_features: torch.Tensor | None,
     ) -> torch.Tensor:
-        return self.text_path(ids, present[:, 1], self.media(images, audio, present))
+        media = self.media(images, audio, present, image_features)
+        return self.text_path(ids, present[:, 1], media)
 
 
 def build_fusion(cfg: FusionConfig) -> FusionModel:
@@ -496,6 +586,11 @@ def build_fusion(cfg: FusionConfig) -> FusionModel:
     styles = {"early": EarlyFusion, "late": LateFusion, "xattn": CrossAttnFusion}
     if cfg.style not in styles:
         raise PolysenseError(f"model.style={cfg.style!r}: choose one of {', '.join(STYLES)}")
+    if cfg.image_layer != -1 and cfg.style != "xattn":
+        raise PolysenseError(
+            f"model.image_layer={cfg.image_layer} selects cross-attention's image tokens; "
+            f"{cfg.style} fusion takes none (leave it at -1)"
+        )
     if cfg.text_init and cfg.style == "early":
         raise PolysenseError(
             "model.text_init needs a separate text encoder: early fusion has none (use late or "

@@ -1,10 +1,14 @@
 """Fusion presets: `polysense train fusion-{early,late,xattn}-tiny --data runs/world-all --out D`.
 
 Each trains one style on the world's VQA, image-text matching and sound tasks with
-`polysense.train.fusion` and evaluates it on test and test_novel (docs/fusion.md).
+`polysense.train.fusion` and evaluates it on test and test_novel (docs/fusion.md). The `-clip`
+presets start from the quickstart CLIP (`polysense quickstart`: runs/quickstart/ckpt): its
+image tower, frozen, and its text tower and tokenizer, under a wall-clock budget.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from polysense.models.fusion import FusionConfig, FusionRunConfig, FusionTrainConfig
 from polysense.presets import register
@@ -35,3 +39,43 @@ def fusion_late_tiny() -> FusionRunConfig:
 def fusion_xattn_tiny() -> FusionRunConfig:
     """`polysense train fusion-xattn-tiny --data runs/world-all --out runs/fusion-xattn`."""
     return _tiny("xattn")
+
+
+QUICKSTART_CKPT = "runs/quickstart/ckpt"
+
+
+def _clip(style: str, minutes: float, **model) -> FusionRunConfig:
+    """`_tiny(style)` on the quickstart CLIP's frozen image tower and its text tower, trained for
+    `minutes` (the lr schedule follows the clock; `steps` is only a cap), VQA 60 % of a batch."""
+    run = _tiny(style)
+    return FusionRunConfig(
+        model=dataclasses.replace(
+            run.model,
+            image_init=QUICKSTART_CKPT,
+            text_init=QUICKSTART_CKPT,
+            freeze_image=True,
+            **model,
+        ),
+        train=dataclasses.replace(
+            run.train,
+            steps=100_000,
+            max_seconds=minutes * 60,
+            lr=5e-4,
+            task_mix=(0.6, 0.2, 0.2),
+        ),
+    )
+
+
+@register("fusion-xattn-clip", runner=_RUNNER)
+def fusion_xattn_clip() -> FusionRunConfig:
+    """`polysense train fusion-xattn-clip --data runs/world-all --out runs/fusion/xattn-clip`:
+    cross-attention onto the second to last block's image tokens, gates at 20x the lr."""
+    run = _clip("xattn", 20, image_layer=-2)
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, gate_lr_scale=20.0))
+
+
+@register("fusion-late-clip", runner=_RUNNER)
+def fusion_late_clip() -> FusionRunConfig:
+    """`polysense train fusion-late-clip --data runs/world-all --out runs/fusion/late-clip`:
+    late fusion of the pooled vectors and their pairwise products."""
+    return _clip("late", 10, combine="product")

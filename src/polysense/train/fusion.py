@@ -5,6 +5,10 @@ sums the losses: cross-entropy over `ANSWERS` for VQA and the sound task, a logi
 image–text matching. Batches are a pure function of (seed, step), so a resumed run sees the same
 data as an uninterrupted one; `state.pt` (model, optimiser, step, RNG) is written atomically.
 
+With `model.freeze_image` the image encoder's output (`FusionModel.image_features`) is computed
+once per training scene before the first step and looked up by scene index afterwards: the same
+values (up to float rounding), and a step costs only the trainable part.
+
 Missing modalities: `modality_dropout` hides each present modality of a sample with probability
 `train.modality_dropout` (never all of them) and the model sees its learned missing token
 instead. `evaluate(..., condition=)` measures every task with all inputs, with one modality
@@ -78,6 +82,7 @@ class TaskBatch:
     answer: torch.Tensor  # (B,) long
     label: torch.Tensor  # (B,) float
     index: torch.Tensor  # (B,) long: item index within its task
+    scene: torch.Tensor  # (B,) long: scene index within the split
 
 
 def modality_dropout(
@@ -131,7 +136,18 @@ class TaskData:
         else:
             raise PolysenseError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         images = normalize(t.images[scene], self.mean, self.std)
-        return TaskBatch(task, images, ids, audio, present, answer, label, idx)
+        return TaskBatch(task, images, ids, audio, present, answer, label, idx, scene)
+
+    @torch.no_grad()
+    def image_features(self, model: FusionModel, batch_size: int = 512) -> torch.Tensor:
+        """`model.image_features` of every scene of the split (N, ...), in batches."""
+        images = self.tasks.images
+        return torch.cat(
+            [
+                model.image_features(normalize(images[s : s + batch_size], self.mean, self.std))
+                for s in range(0, len(images), batch_size)
+            ]
+        )
 
 
 class TaskBatches:
@@ -181,8 +197,15 @@ def task_loss(out: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
     return F.cross_entropy(out["answer"], batch.answer, reduction="sum")
 
 
-def _forward(model: nn.Module, batch: TaskBatch, present: torch.Tensor) -> dict[str, torch.Tensor]:
-    return model(batch.images, batch.ids, batch.audio, present)
+def _forward(
+    model: nn.Module,
+    batch: TaskBatch,
+    present: torch.Tensor,
+    image_cache: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model on a batch; `image_cache` (scenes, ...) holds precomputed image features."""
+    features = None if image_cache is None else image_cache[batch.scene]
+    return model(batch.images, batch.ids, batch.audio, present, image_features=features)
 
 
 def apply_condition(
@@ -306,13 +329,18 @@ def evaluate(
 # training
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without decay on 0/1-D tensors, embeddings, position and missing tokens."""
-    decay, other = [], []
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, gate_lr_scale: float = 1.0
+) -> torch.optim.AdamW:
+    """AdamW without decay on 0/1-D tensors, embeddings, position and missing tokens; the
+    cross-attention gates (if any) in a third group at lr * gate_lr_scale."""
+    decay, other, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim >= 2 and not any(k in name for k in _NO_DECAY):
+        if name.rsplit(".", 1)[-1] in ("gate_attn", "gate_ff"):
+            gates.append(p)
+        elif p.ndim >= 2 and not any(k in name for k in _NO_DECAY):
             decay.append(p)
         else:
             other.append(p)
@@ -320,6 +348,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         {"params": decay, "weight_decay": weight_decay, "base_lr": lr},
         {"params": other, "weight_decay": 0.0, "base_lr": lr},
     ]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "base_lr": lr * gate_lr_scale})
+    for group in groups:  # the loop rescales "lr" from "base_lr" at every step
+        group["lr"] = group["base_lr"]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
@@ -380,7 +412,7 @@ def train_fusion(
     cfg = dataclasses.replace(cfg, model=model_cfg)
     torch.manual_seed(tc.seed)
     model = build_fusion(model_cfg)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.gate_lr_scale)
     data = TaskData(
         tasks=train_tasks, tokenizer=tokenizer, mean=model_cfg.image_mean, std=model_cfg.image_std
     )
@@ -415,6 +447,9 @@ def train_fusion(
     from polysense.train.loop import StepLog
 
     t0 = time.perf_counter()
+    # a frozen image encoder gives every scene the same features at every step: compute them
+    # once (inside the clock and the time budget)
+    image_cache = data.image_features(model) if model_cfg.freeze_image else None
     steplog = StepLog(
         train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress
     )
@@ -438,7 +473,7 @@ def train_fusion(
             total = torch.zeros(())
             for batch in batches.batch(step):
                 present = modality_dropout(batch.present, tc.modality_dropout)
-                total = total + task_loss(_forward(model, batch, present), batch)
+                total = total + task_loss(_forward(model, batch, present, image_cache), batch)
             loss = total / tc.batch_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
