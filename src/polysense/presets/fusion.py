@@ -78,4 +78,4 @@ def fusion_xattn_clip() -> FusionRunConfig:
 def fusion_late_clip() -> FusionRunConfig:
     """`polysense train fusion-late-clip --data runs/world-all --out runs/fusion/late-clip`:
     late fusion of the pooled vectors and their pairwise products."""
-    return _clip("late", 10, combine="product")
+    return _clip("late", 20, combine="product")
