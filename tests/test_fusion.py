@@ -265,6 +265,36 @@ def test_xattn_at_init_is_exactly_its_text_only_path():
         assert differs(model(images, ids, audio, present)["fused"], text_only)
 
 
+def test_cross_attention_equals_masked_self_attention_on_text_and_media():
+    """The reference: the ViT's self-attention on [ln_q(x); ln_kv(media)], text keys masked
+    out, text rows kept."""
+    from polysense.models.fusion import GatedCrossAttention
+
+    torch.manual_seed(0)
+    layer = GatedCrossAttention(width=32, heads=4, mlp_ratio=2.0)
+    layer.gate_attn.data.fill_(0.7)
+    layer.gate_ff.data.fill_(0.3)
+    x = torch.randn(3, 5, 32, requires_grad=True)  # (B, L, W)
+    media = torch.randn(3, 7, 32, requires_grad=True)  # (B, M, W)
+    keep = torch.rand(3, 7) > 0.4
+    keep[:, 0] = True
+
+    def reference(x, media):
+        seq = torch.cat([layer.ln_q(x), layer.ln_kv(media)], dim=1)  # (B, L + M, W)
+        keys = torch.cat([torch.zeros(3, 5, dtype=torch.bool), keep], dim=1)
+        out = layer.attn(seq, keys[:, None, None, :])[:, :5]
+        y = x + torch.tanh(layer.gate_attn) * out
+        return y + torch.tanh(layer.gate_ff) * layer.mlp(layer.ln_ff(y))
+
+    got, want = layer(x, media, keep), reference(x, media)
+    torch.testing.assert_close(got, want)
+    params = [x, media, layer.attn.qkv.weight, layer.attn.proj.weight, layer.gate_attn]
+    g_got = torch.autograd.grad(got.square().sum(), params)
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_gradients_reach_the_gates_at_init():
     torch.manual_seed(0)
     cfg = FusionConfig(style="xattn", **TINY)

