@@ -594,6 +594,7 @@ def test_gate_lr_scale_moves_the_gates_that_much_faster():
     lr, scale = 1e-3, 10.0
     opt = build_optimizer(model, lr, 0.05, gate_lr_scale=scale)
     assert [g["base_lr"] for g in opt.param_groups] == [lr, lr, lr * scale]
+    assert opt.defaults["fused"]  # train.optim.adamw: one kernel per step
     images, ids, audio = _inputs(cfg, 3)
     model(images, ids, audio, torch.ones(3, 3, dtype=torch.bool))[
         "answer"

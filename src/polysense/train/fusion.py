@@ -54,7 +54,7 @@ from polysense.models.fusion import (
     with_text_init,
 )
 from polysense.train.checkpoint import load_state, save_state, trim_metrics
-from polysense.train.optim import NO_DECAY_NAMES, lr_factor
+from polysense.train.optim import NO_DECAY_NAMES, adamw, lr_factor
 
 CONDITIONS: tuple[str, ...] = (
     "all",
@@ -332,8 +332,8 @@ def evaluate(
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, gate_lr_scale: float = 1.0
 ) -> torch.optim.AdamW:
-    """AdamW without decay on 0/1-D tensors, embeddings, position and missing tokens; the
-    cross-attention gates (if any) in a third group at lr * gate_lr_scale."""
+    """AdamW (fused where possible) without decay on 0/1-D tensors, embeddings, position and
+    missing tokens; the cross-attention gates (if any) in a third group at lr * gate_lr_scale."""
     decay, other, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -352,7 +352,7 @@ def build_optimizer(
         groups.append({"params": gates, "weight_decay": 0.0, "base_lr": lr * gate_lr_scale})
     for group in groups:  # the loop rescales "lr" from "base_lr" at every step
         group["lr"] = group["base_lr"]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return adamw(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def build_tokenizer(tasks: WorldTasks, cfg: FusionRunConfig) -> Tokenizer:

@@ -75,9 +75,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = param_groups(model, cfg)
     for group in groups:
         group.pop("names")
+    return adamw(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def adamw(
+    groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
+    """AdamW over parameter groups, fused (see `build_optimizer`) where every parameter allows."""
     params = [p for g in groups for p in g["params"]]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if fused:
         opt.register_step_post_hook(_bump_versions)
     return opt
