@@ -272,6 +272,7 @@ def test_runner_writes_the_design_metric_keys(world, clip_ckpt, tmp_path) -> Non
         if key not in ("cider", "ocr_cer"):  # CIDEr is on a 0-10 scale, CER can pass 1
             assert on_disk[key] <= 1.0
     assert "bleu4" in metrics["baseline_nn"] and "bleu4" in metrics["baseline_most_frequent"]
+    assert "cider" in on_disk["greedy"]  # beam search is the reported decoding, greedy beside it
     for s in ("random", "popular", "adversarial"):
         assert f"pope_{s}_f1" in on_disk
 
@@ -288,6 +289,9 @@ def test_commands_caption_ask_chat(world, clip_ckpt, tmp_path) -> None:
     res = runner.invoke(app, ["caption", "--ckpt", ck, str(img), str(img), "--strategy", "beam"])
     assert res.exit_code == 0, res.output
     assert res.output.count(str(img)) == 2
+    args = ["caption", "--ckpt", ck, str(img), "--strategy", "mbr", "--samples", "3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and res.output.count(str(img)) == 1, res.output
     res = runner.invoke(app, ["ask", "--ckpt", ck, str(img), "what color is the square?"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["chat", "--ckpt", ck, str(img)], input="how many shapes?\n\n")

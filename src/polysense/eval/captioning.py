@@ -28,6 +28,9 @@ from polysense.decoding import consensus_index, ngram_counts
 from polysense.errors import PolysenseError
 
 _PUNCT = re.compile(r"[^\w\s']")
+# How captions are decoded for evaluation (CIDEr, BLEU, CHAIR): beam search, as the COCO captioning
+# papers report; `evaluate` reports greedy decoding beside it.
+CAPTION_DECODING: dict[str, Any] = {"strategy": "beam", "num_beams": 3, "max_new_tokens": 40}
 
 
 def tokenize(text: str) -> str:
@@ -162,10 +165,12 @@ def scene_pixels(vision: Any, images: torch.Tensor) -> list[torch.Tensor]:
 def generate_captions(
     model: Any, images: torch.Tensor, *, batch_size: int = 256, **decode_args: Any
 ) -> list[str]:
+    """Captions of uint8 scenes (N, H, W, 3); `decode_args` go to `VLM.generate` (default
+    `CAPTION_DECODING`: beam search with 3 beams, as captioning results are usually reported)."""
     from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
 
     prompt = chat_prompt(CAPTION_INSTRUCTION)
-    decode_args.setdefault("max_new_tokens", 40)
+    decode_args = CAPTION_DECODING | decode_args
     out: list[str] = []
     for i in range(0, len(images), batch_size):
         pix = scene_pixels(model.cfg.vision, images[i : i + batch_size])
@@ -185,11 +190,14 @@ def pooled_features(model: Any, images: torch.Tensor, batch_size: int = 512) -> 
 def evaluate(
     model: Any, data: Any, *, train: Any, batch_size: int = 256, clip: Any = None
 ) -> dict[str, Any]:
-    """Greedy captions of `data` (a train.vlm.SplitData) scored against its references, beside
-    the nearest-neighbour (over `train`) and most-frequent-caption baselines. The neighbours are
-    found with `clip.encode_image` when a CLIP model is given, else with the VLM's own ViT."""
+    """Captions of `data` (a train.vlm.SplitData; `CAPTION_DECODING`) scored against its
+    references, beside greedy captions (`metrics["greedy"]`) and the nearest-neighbour (over
+    `train`) and most-frequent-caption baselines. The neighbours are found with
+    `clip.encode_image` when a CLIP model is given, else with the VLM's own ViT."""
     captions = generate_captions(model, data.images, batch_size=batch_size)
     metrics: dict[str, Any] = caption_metrics(data.captions, captions)
+    greedy = generate_captions(model, data.images, batch_size=batch_size, strategy="greedy")
+    metrics["greedy"] = caption_metrics(data.captions, greedy)
     if clip is not None:
         q, bank = clip_features(clip, data.images), clip_features(clip, train.images)
     else:

@@ -263,7 +263,8 @@ def eval_chair_task(
     limit: int | None,
     clip: Path | None,
 ) -> dict[str, Any]:
-    """`polysense eval chair`: CHAIR-i / CHAIR-s of the greedy captions of a split."""
+    """`polysense eval chair`: CHAIR-i / CHAIR-s of the captions of a split (decoded as for
+    `polysense eval caption`: `captioning.CAPTION_DECODING`)."""
     from polysense.eval.captioning import generate_captions
 
     model, split_data = _load(ckpt, data, split, limit)
