@@ -479,6 +479,14 @@ def test_killed_run_resumes_exactly(tmp_path, train_tasks):
     assert loaded_cfg == resumed.cfg and tok.vocab_size == resumed.tokenizer.vocab_size
     for a, b in zip(model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    # weights that do not fit the config (e.g. from an older model version): a clear error
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "cut" / "model.safetensors")
+    weights.pop("missing")
+    save_file(weights, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(PolysenseError, match=r"does not fit.*missing"):
+        load_fusion(tmp_path / "cut")
 
 
 # ---------------------------------------------------------------------------------------------

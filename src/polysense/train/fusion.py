@@ -534,7 +534,14 @@ def load_fusion(ckpt: str | Path) -> tuple[FusionModel, Tokenizer, FusionRunConf
     )
     # the weights come from the checkpoint: no need for the init checkpoints to still exist
     model = build_fusion(dataclasses.replace(cfg.model, image_init="", text_init=""))
-    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    try:
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    except RuntimeError as exc:
+        raise PolysenseError(
+            f"{ckpt / 'model.safetensors'} does not fit the fusion model its config.json "
+            f"describes ({str(exc).splitlines()[-1].strip()}); a checkpoint from an older "
+            "polysense (xattn before pos_media) has to be retrained"
+        ) from None
     return model.eval(), tokenizer, cfg
 
 
