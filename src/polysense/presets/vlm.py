@@ -24,8 +24,8 @@ from polysense.presets import register
 def lm_tiny() -> LMRunConfig:
     """`polysense train lm-tiny --data runs/world-all --out runs/vlm/lm`: GPT on world text."""
     return LMRunConfig(
-        model=LMConfig(vocab_size=512, context_length=128, width=192, layers=4, heads=4),
-        train=VLMTrainConfig(batch_size=64, steps=300, lr=2e-3, warmup_steps=30, max_minutes=2.5),
+        model=LMConfig(vocab_size=512, context_length=128, width=128, layers=4, heads=4),
+        train=VLMTrainConfig(batch_size=64, steps=600, lr=2e-3, warmup_steps=30, max_minutes=2.5),
     )
 
 
@@ -52,22 +52,24 @@ def vlm_tiny_stage1() -> VLMRunConfig:
 @register("vlm-tiny-stage2", runner="polysense.train.vlm:run_vlm")
 def vlm_tiny_stage2() -> VLMRunConfig:
     """`polysense train vlm-tiny-stage2 --data runs/world-all --out runs/vlm/stage2`: instruction
-    tuning (LM + projector) on captions, QA and OCR, from stage 1's checkpoint."""
+    tuning (LM, projector and every ViT block) on captions, QA and OCR, from stage 1's
+    checkpoint. The step count is a ceiling: the 16-minute budget ends the run and the cosine
+    schedule follows the clock."""
     return VLMRunConfig(
         model=VLMConfig(projector="mlp2x"),
         train=VLMTrainConfig(
-            batch_size=64,
-            steps=1200,
-            max_minutes=12.0,
+            batch_size=32,
+            steps=6000,
+            max_minutes=16.0,
             lr=1e-3,
-            warmup_steps=50,
+            warmup_steps=100,
             train_lm=True,
             train_projector=True,
-            train_vision_top=1,
+            train_vision_top=4,
             lr_vision=2e-4,
-            mix_caption=0.35,
-            mix_qa=0.5,
-            mix_ocr=0.15,
+            mix_caption=0.3,
+            mix_qa=0.6,
+            mix_ocr=0.1,
             qa_turns=4,
         ),
         init=InitConfig(vlm="runs/vlm/stage1", vision="runs/quickstart/ckpt"),
