@@ -627,6 +627,9 @@ def test_polysense_train_preset_and_bench_help(tmp_path, world):
         clip_cfg = get_preset(name)
         assert clip_cfg.model.freeze_image and clip_cfg.model.text_init
         assert 0 < clip_cfg.train.max_seconds <= 20 * 60
+    ft = get_preset("fusion-late-clip-ft")  # the same recipe with a trainable image tower
+    assert not ft.model.freeze_image and ft.model.combine == "product"
+    assert ft.model.image_init and 0 < ft.train.max_seconds <= 13 * 60
     run = get_runner("fusion-early-tiny")
     cfg = dataclasses.replace(_run_cfg("early", steps=3), name="fusion-early-tiny")
     metrics = run(cfg, data=world, out=tmp_path / "ck", resume=False, eval_splits=("test",))

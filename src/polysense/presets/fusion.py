@@ -3,7 +3,8 @@
 Each trains one style on the world's VQA, image-text matching and sound tasks with
 `polysense.train.fusion` and evaluates it on test and test_novel (docs/fusion.md). The `-clip`
 presets start from the quickstart CLIP (`polysense quickstart`: runs/quickstart/ckpt): its
-image tower, frozen, and its text tower and tokenizer, under a wall-clock budget.
+image tower, frozen (`-ft`: trained), and its text tower and tokenizer, under a wall-clock
+budget.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def fusion_xattn_tiny() -> FusionRunConfig:
 QUICKSTART_CKPT = "runs/quickstart/ckpt"
 
 
-def _clip(style: str, minutes: float, **model) -> FusionRunConfig:
+def _clip(style: str, minutes: float, *, freeze_image: bool = True, **model) -> FusionRunConfig:
     """`_tiny(style)` on the quickstart CLIP's frozen image tower and its text tower, trained for
     `minutes` (the lr schedule follows the clock; `steps` is only a cap), VQA 60 % of a batch."""
     run = _tiny(style)
@@ -53,7 +54,7 @@ def _clip(style: str, minutes: float, **model) -> FusionRunConfig:
             run.model,
             image_init=QUICKSTART_CKPT,
             text_init=QUICKSTART_CKPT,
-            freeze_image=True,
+            freeze_image=freeze_image,
             **model,
         ),
         train=dataclasses.replace(
@@ -79,3 +80,10 @@ def fusion_late_clip() -> FusionRunConfig:
     """`polysense train fusion-late-clip --data runs/world-all --out runs/fusion/late-clip`:
     late fusion of the pooled vectors and their pairwise products."""
     return _clip("late", 20, combine="product")
+
+
+@register("fusion-late-clip-ft", runner=_RUNNER)
+def fusion_late_clip_ft() -> FusionRunConfig:
+    """`polysense train fusion-late-clip-ft --data runs/world-all --out runs/fusion/late-clip-ft`:
+    fusion-late-clip with the image tower trained too (not frozen), for 13 minutes."""
+    return _clip("late", 13, combine="product", freeze_image=False)
