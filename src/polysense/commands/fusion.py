@@ -19,7 +19,7 @@ def bench_fusion(
     ] = Path("runs/world-all"),
     seconds: Annotated[
         float, typer.Option(help="Training seconds per style (and per dropout variant).")
-    ] = 80.0,
+    ] = 70.0,
     dropout: Annotated[
         float, typer.Option(help="Modality dropout rate of the second model of each style.")
     ] = 0.3,
