@@ -514,10 +514,7 @@ class CrossAttnFusion(FusionModel):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, 1 + N, W), cls first, from block `cfg.image_layer` (see there)."""
-        if self.cfg.image_layer == -1:
-            return self.image.forward_features(images)
-        x, _ = self.image._embed(images)  # (B, 1 + N, W) entering the blocks
-        return run_blocks(self.image.blocks[: self.cfg.image_layer + 1], x, None, grad_ckpt=False)
+        return self.image.forward_features(images, layer=self.cfg.image_layer)
 
     def media(
         self,

@@ -325,14 +325,19 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, *, layer: int = -1) -> torch.Tensor:
         """Images (B, C, H, W), already normalised -> tokens (B, N, W) after the final LayerNorm.
 
-        N is the number of patches, plus one leading cls token when `pool == "cls"`.
+        N is the number of patches, plus one leading cls token when `pool == "cls"`. `layer`
+        below -1 returns the output of that block instead (-2: the second to last), the raw
+        residual stream without the final LayerNorm (LLaVA's hidden_states[-2]).
         """
         x, dtype = self._embed(x)
-        x = run_blocks(self.blocks, x, None, grad_ckpt=self.grad_checkpointing and self.training)
-        return self.ln_post(x).to(dtype)  # (B, N, W), in the dtype it would have without the cast
+        blocks = self.blocks if layer == -1 else self.blocks[: layer + 1]
+        x = run_blocks(blocks, x, None, grad_ckpt=self.grad_checkpointing and self.training)
+        if layer == -1:
+            x = self.ln_post(x)
+        return x.to(dtype)  # (B, N, W), in the dtype it would have without the cast
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """Images -> (tokens (B, N, W) entering the blocks, the dtype to return tokens in)."""

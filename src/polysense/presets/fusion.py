@@ -46,8 +46,9 @@ QUICKSTART_CKPT = "runs/quickstart/ckpt"
 
 
 def _clip(style: str, minutes: float, *, freeze_image: bool = True, **model) -> FusionRunConfig:
-    """`_tiny(style)` on the quickstart CLIP's frozen image tower and its text tower, trained for
-    `minutes` (the lr schedule follows the clock; `steps` is only a cap), VQA 60 % of a batch."""
+    """`_tiny(style)` on the quickstart CLIP's image tower (frozen unless `freeze_image=False`)
+    and its text tower, trained for `minutes` (the lr schedule follows the clock; `steps` is only
+    a cap), VQA 60 % of a batch."""
     run = _tiny(style)
     return FusionRunConfig(
         model=dataclasses.replace(
