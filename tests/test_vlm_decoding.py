@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from polysense.decoding import (
+    MaskedStepper,
     beam_search,
     consensus_index,
     generate,
@@ -59,6 +60,26 @@ def test_greedy_follows_the_argmax_and_stops_at_eos() -> None:
     logits, state = _start()
     # A (0.5), then after A the most likely token is EOS (0.35) -> stop.
     assert sample_or_greedy(Bigram(), logits, state, max_new_tokens=5, stop_ids=[0]) == [[1]]
+
+
+def test_masked_ids_are_never_picked() -> None:
+    """A banned: greedy takes B (0.4), then C (0.9 after B), then EOS (0.9 after C)."""
+    stepper = MaskedStepper(Bigram(), banned=[1])
+    logits, state = _start()
+    out = sample_or_greedy(stepper, stepper.mask(logits), state, max_new_tokens=5, stop_ids=[0])
+    assert out == [[2, 3]]
+    gen = torch.Generator().manual_seed(0)
+    logits, state = _start(64)
+    drawn = sample_or_greedy(
+        stepper,
+        stepper.mask(logits),
+        state,
+        max_new_tokens=6,
+        stop_ids=[0],
+        temperature=1.0,
+        generator=gen,
+    )
+    assert drawn and not any(1 in row for row in drawn)
 
 
 def test_beam_search_finds_the_better_sequence_greedy_misses() -> None:

@@ -58,6 +58,25 @@ class LMStepper:
         return LMState(cache=cache, key_mask=state.key_mask.index_select(0, index))
 
 
+class MaskedStepper:
+    """A `Stepper` whose logits give `banned` ids -inf, so no decoder picks them (the special
+    tokens a response must not hold: padding, begin, `<image>`). `mask` applies the same to the
+    first logits, which come from the prefix, not from `step`."""
+
+    def __init__(self, inner: Any, banned: Sequence[int]) -> None:
+        self.inner, self.banned = inner, torch.tensor(list(banned), dtype=torch.long)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(-1, self.banned.to(logits.device), float("-inf"))
+
+    def step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        logits, state = self.inner.step(ids, state)
+        return self.mask(logits), state
+
+    def reorder(self, state: Any, index: torch.Tensor) -> Any:
+        return self.inner.reorder(state, index)
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability mass reaches `top_p` (nucleus); the
     rest get -inf. logits (B, V)."""

@@ -71,43 +71,55 @@ def bleu(refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4) -> list
     return scores
 
 
-def cider_d(
-    refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4, sigma: float = 6.0
-) -> tuple[float, np.ndarray]:
-    """CIDEr-D (corpus mean, per-image scores) of pre-tokenised hypotheses."""
-    _check(refs, hyps)
-    ref_counts = [[ngram_counts(r.split(), n) for r in rs] for rs in refs]
-    df: Counter = Counter()
-    for rcs in ref_counts:
-        df.update({g for rc in rcs for g in rc})
-    log_n = math.log(float(len(refs)))
+class CiderD:
+    """CIDEr-D scorer whose document frequencies come from a reference corpus (one list of
+    pre-tokenised references per image). `cider_d` builds one over the evaluated references, as
+    the COCO toolkit does; self-critical training builds one over the training references and
+    scores sampled captions with it (its reward)."""
 
-    def vec(counts: Counter) -> tuple[list[dict], list[float], int]:
-        v: list[dict] = [{} for _ in range(n)]
-        norms = [0.0] * n
+    def __init__(self, corpus: Sequence[Sequence[str]], *, n: int = 4, sigma: float = 6.0) -> None:
+        self.n, self.sigma = n, sigma
+        self.df: Counter = Counter()
+        for rs in corpus:
+            self.df.update({g for r in rs for g in ngram_counts(r.split(), n)})
+        self.log_n = math.log(float(len(corpus)))
+
+    def _vec(self, text: str) -> tuple[list[dict], list[float], int]:
+        """tf-idf vectors per n-gram order, their norms, and the bigram count ("length")."""
+        v: list[dict] = [{} for _ in range(self.n)]
+        norms = [0.0] * self.n
         length = 0
-        for g, tf in counts.items():
+        for g, tf in ngram_counts(text.split(), self.n).items():
             k = len(g) - 1
-            v[k][g] = float(tf) * (log_n - math.log(max(1.0, df[g])))
+            v[k][g] = float(tf) * (self.log_n - math.log(max(1.0, self.df[g])))
             norms[k] += v[k][g] ** 2
             if k == 1:  # as in the reference code: the bigram count is the "length"
                 length += tf
         return v, [math.sqrt(x) for x in norms], length
 
-    scores = []
-    for rcs, h in zip(ref_counts, hyps, strict=True):
-        vh, nh, lh = vec(ngram_counts(h.split(), n))
-        total = np.zeros(n)
-        for rc in rcs:
-            vr, nr, lr = vec(rc)
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
-            for k in range(n):
+    def score(self, refs: Sequence[str], hyp: str) -> float:
+        """CIDEr-D (x10 scale) of one pre-tokenised hypothesis against its references."""
+        vh, nh, lh = self._vec(hyp)
+        total = np.zeros(self.n)
+        for r in refs:
+            vr, nr, lr = self._vec(r)
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
+            for k in range(self.n):
                 val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
                 if nh[k] != 0 and nr[k] != 0:
                     val /= nh[k] * nr[k]
                 total[k] += val * penalty
-        scores.append(float(np.mean(total)) / len(rcs) * 10.0)
-    arr = np.array(scores)
+        return float(np.mean(total)) / len(refs) * 10.0
+
+
+def cider_d(
+    refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4, sigma: float = 6.0
+) -> tuple[float, np.ndarray]:
+    """CIDEr-D (corpus mean, per-image scores) of pre-tokenised hypotheses; document frequencies
+    over the evaluated references."""
+    _check(refs, hyps)
+    scorer = CiderD(refs, n=n, sigma=sigma)
+    arr = np.array([scorer.score(rs, h) for rs, h in zip(refs, hyps, strict=True)])
     return float(arr.mean()), arr
 
 

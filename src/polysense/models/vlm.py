@@ -95,6 +95,21 @@ class VLMConfig:
 
 
 @dataclass(frozen=True)
+class SCSTConfig:
+    """Self-critical sequence training (Rennie et al. 2017) of the caption task: the last
+    `fraction` of a stage (of its steps, or of its clock when `max_minutes` is set) samples
+    `samples` captions per image and follows the policy gradient of their CIDEr-D reward, each
+    sample's baseline being the mean reward of the image's other samples (Luo 2020)."""
+
+    fraction: float = 0.0  # 0 = off; the cross-entropy schedule anneals over the rest
+    lr: float = 2e-5  # constant; the ViT trains at lr * lr_vision / train.lr
+    batch_size: int = 16  # images per step
+    samples: int = 5  # captions sampled per image (>= 2)
+    temperature: float = 0.5  # sampling temperature (the policy is softmax(logits / T))
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
 class VLMTrainConfig:
     seed: int = 0
     batch_size: int = 64
@@ -121,6 +136,7 @@ class VLMTrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (fast on CPUs with AMX)
     log_every: int = 10
     ckpt_every: int = 200
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
 
 
 @dataclass(frozen=True)
@@ -571,12 +587,36 @@ class VLM(nn.Module):
             pi, ri = self.prompt_ids(p), self.response_ids(r)
             rows.append(pi + (ri if eos else ri[:-1]))
             n_prompt.append(len(pi))
-        batch = self.build_batch(rows, self.image_tokens(images), n_prompt=n_prompt)
-        logits, _ = self.lm(batch.embeds, batch.key_mask)
-        logp = logits.float().log_softmax(-1)  # (B, T, V)
+        return self.sequence_logprobs(rows, self.image_tokens(images), n_prompt=n_prompt)
+
+    def banned_ids(self) -> list[int]:
+        """Ids a response never holds: padding, begin, `<image>` and the LM's rows past the
+        tokenizer's vocabulary."""
+        t = self.tokenizer
+        return [t.pad_id, t.bos_id, t.image_id, *range(t.vocab_size, self.cfg.lm.vocab_size)]
+
+    def sequence_logprobs(
+        self,
+        rows: Sequence[Sequence[int]],
+        image_tokens: Sequence[torch.Tensor | None],
+        *,
+        n_prompt: Sequence[int],
+        temperature: float = 1.0,
+        banned: Sequence[int] = (),
+    ) -> torch.Tensor:
+        """Sum over each row's tokens after its first n_prompt of log softmax(logits / T), the
+        `banned` ids masked out: (B,). Differentiable (self-critical training); `score` calls it
+        without gradients."""
+        batch = self.build_batch(rows, image_tokens, n_prompt=n_prompt)
+        logits, _ = self.lm(batch.embeds, batch.key_mask)  # (B, T, V)
+        if banned:
+            logits = logits.index_fill(
+                -1, torch.tensor(list(banned), device=self.device), -torch.inf
+            )
+        logp = (logits.float() / temperature).log_softmax(-1)
         keep = batch.labels != -100
         picked = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
-        return (picked * keep).sum(1)
+        return torch.where(keep, picked, 0.0).sum(1)  # masked ids give -inf off the targets
 
 
 # ---------------------------------------------------------------------------------------------

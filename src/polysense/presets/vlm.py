@@ -13,6 +13,7 @@ from polysense.models.vlm import (
     InitConfig,
     LMConfig,
     LMRunConfig,
+    SCSTConfig,
     VLMConfig,
     VLMRunConfig,
     VLMTrainConfig,
@@ -53,8 +54,9 @@ def vlm_tiny_stage1() -> VLMRunConfig:
 def vlm_tiny_stage2() -> VLMRunConfig:
     """`polysense train vlm-tiny-stage2 --data runs/world-all --out runs/vlm/stage2`: instruction
     tuning (LM, projector and every ViT block) on captions, QA and OCR, from stage 1's
-    checkpoint. The step count is a ceiling: the 16-minute budget ends the run and the cosine
-    schedule follows the clock."""
+    checkpoint; its last fifth tunes the captions by self-critical sequence training (CIDEr-D
+    reward). The step count is a ceiling: the 16-minute budget ends the run and the schedule
+    follows the clock."""
     return VLMRunConfig(
         model=VLMConfig(projector="mlp2x"),
         train=VLMTrainConfig(
@@ -71,6 +73,7 @@ def vlm_tiny_stage2() -> VLMRunConfig:
             mix_qa=0.6,
             mix_ocr=0.1,
             qa_turns=4,
+            scst=SCSTConfig(fraction=0.2, lr=2e-5, batch_size=16, samples=5, temperature=0.5),
         ),
         init=InitConfig(vlm="runs/vlm/stage1", vision="runs/quickstart/ckpt"),
     )

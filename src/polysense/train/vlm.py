@@ -359,6 +359,13 @@ def train_stage(
 
     t0 = time.perf_counter()
     loss_value, step, stopped = math.nan, start, False
+    xe_steps = round(tc.steps * (1 - tc.scst.fraction))  # the cross-entropy part of the schedule
+    reward = None
+    if tc.scst.fraction:
+        _check_scst(tc, model)
+        from polysense.eval.captioning import CiderD, tokenize
+
+        reward = CiderD([[tokenize(c) for c in caps] for caps in train.captions])
     log = StepLog(train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress)
     with log:
         for step in range(start, tc.steps):
@@ -369,26 +376,21 @@ def train_stage(
                 if schedule_step >= tc.steps:
                     stopped = True
                     break
-            set_lr(
-                optimizer,
-                lr_factor(
-                    step if step < tc.warmup_steps else schedule_step,
-                    warmup=tc.warmup_steps,
-                    total=tc.steps,
-                    min_ratio=tc.min_lr_ratio,
-                ),
-            )
-            if isinstance(model, GPT):
-                gen = np.random.default_rng([tc.seed, step])
-                picked = [texts[i] for i in gen.integers(len(texts), size=tc.batch_size)]
-                embeds, mask, labels = lm_batch(model, tok, picked)
-                with _autocast(tc.precision):
-                    logits, _ = model(embeds, mask)
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
-                )
+            extra: dict[str, float] = {}
+            if reward is not None and schedule_step >= xe_steps:
+                set_lr(optimizer, tc.scst.lr / tc.lr)
+                loss, extra["reward"] = scst_loss(model, train, tc, step, reward)
             else:
-                loss = _vlm_loss(model, train, sample_examples(train, tc, step), tc.precision)
+                set_lr(
+                    optimizer,
+                    lr_factor(
+                        step if step < tc.warmup_steps else schedule_step,
+                        warmup=tc.warmup_steps,
+                        total=xe_steps,
+                        min_ratio=tc.min_lr_ratio,
+                    ),
+                )
+                loss = _xe_loss(model, tok, train, texts, tc, step)
             if not torch.isfinite(loss):
                 raise PolysenseError(
                     f"loss is {loss.item()} at step {step}; lower train.lr (now {tc.lr})"
@@ -402,7 +404,7 @@ def train_stage(
             done = step + 1
             if log.due(done):
                 lr = optimizer.param_groups[0]["lr"]
-                log.write(done, loss=loss_value, lr=lr, grad_norm=float(grad_norm))
+                log.write(done, loss=loss_value, lr=lr, grad_norm=float(grad_norm), **extra)
             if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
                 save(done, elapsed_before + time.perf_counter() - t0)
         else:
@@ -424,6 +426,101 @@ def train_stage(
 
 def _autocast(precision: str) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _xe_loss(
+    model: VLM | GPT,
+    tok: ChatTokenizer,
+    data: SplitData,
+    texts: list[str],
+    tc: VLMTrainConfig,
+    step: int,
+) -> torch.Tensor:
+    """The cross-entropy of step `step`: next-token loss on world text (the LM alone) or on the
+    answer tokens of the step's instruction rows (the VLM)."""
+    if isinstance(model, GPT):
+        gen = np.random.default_rng([tc.seed, step])
+        picked = [texts[i] for i in gen.integers(len(texts), size=tc.batch_size)]
+        embeds, mask, labels = lm_batch(model, tok, picked)
+        with _autocast(tc.precision):
+            logits, _ = model(embeds, mask)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    return _vlm_loss(model, data, sample_examples(data, tc, step), tc.precision)
+
+
+def _check_scst(tc: VLMTrainConfig, model: VLM | GPT) -> None:
+    sc = tc.scst
+    if isinstance(model, GPT):
+        raise PolysenseError(
+            "train.scst tunes a VLM's captions; for the LM use train.scst.fraction=0"
+        )
+    if not 0 <= sc.fraction < 1:
+        raise PolysenseError(f"train.scst.fraction={sc.fraction}: use a value in [0, 1)")
+    if sc.samples < 2:
+        raise PolysenseError(
+            f"train.scst.samples={sc.samples}: each sample's baseline is the others' mean; use >= 2"
+        )
+    if sc.temperature <= 0:
+        raise PolysenseError(f"train.scst.temperature={sc.temperature}: use a value > 0")
+
+
+def scst_loss(
+    model: VLM, data: SplitData, tc: VLMTrainConfig, step: int, reward: Any
+) -> tuple[torch.Tensor, float]:
+    """Self-critical loss of step `step` and the mean reward of its samples. Per image,
+    `scst.samples` captions are drawn from softmax(logits / T); a caption's advantage is its
+    CIDEr-D (`reward`, a `CiderD` over the training references) minus the mean of the image's
+    other captions; the loss is -sum(advantage * log p(caption)) over the caption tokens (the
+    end token included when drawn), divided by their number. Special tokens are never drawn."""
+    from polysense.decoding import LMStepper, MaskedStepper, sample_or_greedy
+    from polysense.eval.captioning import tokenize
+
+    sc, v = tc.scst, model.cfg.vision
+    rows = np.random.default_rng([tc.seed, step]).integers(len(data), size=sc.batch_size).tolist()
+    pixels = normalize(data.images[rows], v.image_mean, v.image_std)[:, None]  # (B, 1, 3, H, W)
+    with _autocast(tc.precision):
+        tokens = model.encode_tiles(pixels).repeat_interleave(sc.samples, 0)  # (B*K, N, C)
+    prompt = model.prompt_ids(chat_prompt(CAPTION_INSTRUCTION))
+    eos, banned = model.tokenizer.eos_id, model.banned_ids()
+    with torch.no_grad():
+        prefix = model.build_batch([prompt] * len(tokens), list(tokens.detach()))
+        lm_stepper = LMStepper(model.lm)
+        logits, state = lm_stepper.start(prefix.embeds, prefix.key_mask)
+        stepper = MaskedStepper(lm_stepper, banned)
+        logits = stepper.mask(logits)
+        gen = torch.Generator(device=logits.device).manual_seed(tc.seed * 1_000_003 + step)
+        drawn = sample_or_greedy(
+            stepper,
+            logits,
+            state,
+            max_new_tokens=sc.max_new_tokens,
+            stop_ids=(eos,),
+            temperature=sc.temperature,
+            generator=gen,
+        )
+    scores = torch.tensor(
+        [
+            reward.score(
+                [tokenize(c) for c in data.captions[rows[j // sc.samples]]],
+                tokenize(model.tokenizer.decode(ids)),
+            )
+            for j, ids in enumerate(drawn)
+        ]
+    ).view(len(rows), sc.samples)  # (B, K)
+    others = (scores.sum(1, keepdim=True) - scores) / (sc.samples - 1)
+    advantage = (scores - others).flatten().to(model.device)  # (B*K,)
+    # a caption that stopped before max_new_tokens drew the end token: it is part of the action
+    seqs = [prompt + ids + [eos] * (len(ids) < sc.max_new_tokens) for ids in drawn]
+    with _autocast(tc.precision):
+        logp = model.sequence_logprobs(
+            seqs,
+            list(tokens),
+            n_prompt=[len(prompt)] * len(seqs),
+            temperature=sc.temperature,
+            banned=banned,
+        )  # (B*K,)
+    n_tokens = sum(len(x) - len(prompt) for x in seqs)
+    return -(advantage * logp).sum() / max(n_tokens, 1), float(scores.mean())
 
 
 def _vlm_loss(model: VLM, data: SplitData, examples: list[Example], precision: str) -> torch.Tensor:
