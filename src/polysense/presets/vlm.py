@@ -26,7 +26,7 @@ def lm_tiny() -> LMRunConfig:
     """`polysense train lm-tiny --data runs/world-all --out runs/vlm/lm`: GPT on world text."""
     return LMRunConfig(
         model=LMConfig(vocab_size=512, context_length=128, width=128, layers=4, heads=4),
-        train=VLMTrainConfig(batch_size=64, steps=600, lr=2e-3, warmup_steps=30, max_minutes=2.5),
+        train=VLMTrainConfig(batch_size=64, steps=200, lr=2e-3, warmup_steps=30, max_minutes=2.5),
     )
 
 

@@ -50,6 +50,7 @@ from polysense.models.vlm import (
     conversation,
     load_lm,
     load_vlm,
+    read_config,
     save_vlm,
 )
 from polysense.train.checkpoint import load_state, save_state, trim_metrics
@@ -573,7 +574,7 @@ def run_lm(
             loss = _lm_val_loss(out, data, split)
             figures = {"lm_loss": loss, "lm_perplexity": math.exp(loss), "split": split}
             metrics |= figures if i == 0 else {split: figures}
-    metrics |= summary | {"config": to_dict(cfg)}
+    metrics |= summary | {"config": to_dict(read_config(out))}  # as built (LM width, ...)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -594,7 +595,7 @@ def run_vlm(
             figures = evaluate_vlm(model, data, split=split, clip=clip) | {"split": split}
             metrics |= figures if i == 0 else {split: figures}
             _print_table(figures, f"{cfg.name} on {data} ({split})")
-    metrics |= summary | {"config": to_dict(cfg)}
+    metrics |= summary | {"config": to_dict(read_config(out))}  # as built (LM width, ...)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
