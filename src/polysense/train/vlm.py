@@ -8,7 +8,8 @@ Three stages, each a preset (presets/vlm.py) and one call of `train_stage`:
   into LM inputs from captions.
 - `vlm-tiny-stage2` (instruct): LM unfrozen (optionally the top ViT blocks at a lower learning
   rate), on instructions built from the world: captions, QA pairs, "what is written here?" on the
-  OCR images.
+  OCR images; its last fifth tunes the captions by self-critical sequence training (`scst_loss`:
+  sampled captions, CIDEr-D reward, the other samples' mean as baseline).
 
 What trains is config (`train.train_lm`, `train_projector`, `train_vision_top`); frozen parameters
 have requires_grad False and are not in the optimiser. The batch of step s is a pure function of
