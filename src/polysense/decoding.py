@@ -58,16 +58,22 @@ class LMStepper:
         return LMState(cache=cache, key_mask=state.key_mask.index_select(0, index))
 
 
+def ban(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """logits (..., V) with the `ids` set to -inf: no decoder picks them, softmax gives them 0."""
+    index = torch.tensor(list(ids), dtype=torch.long, device=logits.device)
+    return logits.index_fill(-1, index, float("-inf"))
+
+
 class MaskedStepper:
-    """A `Stepper` whose logits give `banned` ids -inf, so no decoder picks them (the special
-    tokens a response must not hold: padding, begin, `<image>`). `mask` applies the same to the
-    first logits, which come from the prefix, not from `step`."""
+    """A `Stepper` whose logits `ban` some ids (the special tokens a response must not hold:
+    padding, begin, `<image>`). `mask` bans them from the first logits, which come from the
+    prefix, not from `step`."""
 
     def __init__(self, inner: Any, banned: Sequence[int]) -> None:
-        self.inner, self.banned = inner, torch.tensor(list(banned), dtype=torch.long)
+        self.inner, self.banned = inner, list(banned)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.index_fill(-1, self.banned.to(logits.device), float("-inf"))
+        return ban(logits, self.banned)
 
     def step(self, ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         logits, state = self.inner.step(ids, state)

@@ -35,6 +35,7 @@ from torch import nn
 
 from polysense.config import ConfigError, VisionConfig, dumps, from_dict
 from polysense.data.transforms import images_to_tensor
+from polysense.decoding import ban
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_path, atomic_write_text
 from polysense.models.vit import MLP, Attention, VisionTransformer, init_linear
@@ -610,9 +611,7 @@ class VLM(nn.Module):
         batch = self.build_batch(rows, image_tokens, n_prompt=n_prompt)
         logits, _ = self.lm(batch.embeds, batch.key_mask)  # (B, T, V)
         if banned:
-            logits = logits.index_fill(
-                -1, torch.tensor(list(banned), device=self.device), -torch.inf
-            )
+            logits = ban(logits, banned)
         logp = (logits.float() / temperature).log_softmax(-1)
         keep = batch.labels != -100
         picked = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
