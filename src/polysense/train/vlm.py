@@ -381,6 +381,7 @@ def train_stage(
             extra: dict[str, float] = {}
             if reward is not None and schedule_step >= xe_steps:
                 set_lr(optimizer, tc.scst.lr / tc.lr)
+                log.batch_size = tc.scst.batch_size * tc.scst.samples  # samples/s: captions drawn
                 loss, extra["reward"] = scst_loss(model, train, tc, step, reward)
             else:
                 set_lr(
