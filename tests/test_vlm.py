@@ -275,13 +275,13 @@ def test_a_run_killed_in_its_scst_phase_resumes_exactly(world, clip_ckpt, tmp_pa
 
 
 class _Reward:
-    """Duck-types `CiderD.score`: a function of the caption alone."""
+    """Duck-types `CiderD.scores`: a function of the caption alone."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
 
-    def score(self, refs: list[str], hyp: str) -> float:
-        return self.fn(hyp)
+    def scores(self, refs: list[str], hyps: list[str]) -> list[float]:
+        return [self.fn(h) for h in hyps]
 
 
 def _mean_reward(model: VLM, data, tc: VLMTrainConfig, reward: _Reward, steps: range) -> float:

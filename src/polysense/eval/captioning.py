@@ -97,19 +97,25 @@ class CiderD:
                 length += tf
         return v, [math.sqrt(x) for x in norms], length
 
-    def score(self, refs: Sequence[str], hyp: str) -> float:
-        """CIDEr-D (x10 scale) of one pre-tokenised hypothesis against its references."""
-        vh, nh, lh = self._vec(hyp)
-        total = np.zeros(self.n)
-        for r in refs:
-            vr, nr, lr = self._vec(r)
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
-            for k in range(self.n):
-                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
-                if nh[k] != 0 and nr[k] != 0:
-                    val /= nh[k] * nr[k]
-                total[k] += val * penalty
-        return float(np.mean(total)) / len(refs) * 10.0
+    def scores(self, refs: Sequence[str], hyps: Sequence[str]) -> list[float]:
+        """CIDEr-D (x10 scale) of pre-tokenised hypotheses of one image against its references
+        (the references are vectorised once for all of them)."""
+        ref_vecs = [self._vec(r) for r in refs]
+        out = []
+        for hyp in hyps:
+            vh, nh, lh = self._vec(hyp)
+            total = np.zeros(self.n)
+            for vr, nr, lr in ref_vecs:
+                penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
+                for k in range(self.n):
+                    val = sum(
+                        min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items()
+                    )
+                    if nh[k] != 0 and nr[k] != 0:
+                        val /= nh[k] * nr[k]
+                    total[k] += val * penalty
+            out.append(float(np.mean(total)) / len(refs) * 10.0)
+        return out
 
 
 def cider_d(
@@ -119,7 +125,7 @@ def cider_d(
     over the evaluated references."""
     _check(refs, hyps)
     scorer = CiderD(refs, n=n, sigma=sigma)
-    arr = np.array([scorer.score(rs, h) for rs, h in zip(refs, hyps, strict=True)])
+    arr = np.array([scorer.scores(rs, [h])[0] for rs, h in zip(refs, hyps, strict=True)])
     return float(arr.mean()), arr
 
 

@@ -501,15 +501,16 @@ def scst_loss(
             temperature=sc.temperature,
             generator=gen,
         )
+    texts = [tokenize(model.tokenizer.decode(ids)) for ids in drawn]
     scores = torch.tensor(
         [
-            reward.score(
-                [tokenize(c) for c in data.captions[rows[j // sc.samples]]],
-                tokenize(model.tokenizer.decode(ids)),
+            reward.scores(
+                [tokenize(c) for c in data.captions[i]],
+                texts[b * sc.samples : (b + 1) * sc.samples],
             )
-            for j, ids in enumerate(drawn)
+            for b, i in enumerate(rows)
         ]
-    ).view(len(rows), sc.samples)  # (B, K)
+    )  # (B, K)
     others = (scores.sum(1, keepdim=True) - scores) / (sc.samples - 1)
     advantage = (scores - others).flatten().to(model.device)  # (B*K,)
     # a caption that stopped before max_new_tokens drew the end token: it is part of the action
