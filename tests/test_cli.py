@@ -145,3 +145,32 @@ def test_train_on_data_without_samples_is_a_one_line_error(tmp_path):
     assert result.returncode != 0
     assert "no samples with both an image and a caption" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_quickstart_that_hits_its_safety_limit_says_so_and_fails(tmp_path):
+    """A quickstart stopped by `--time-limit` (here at once) is never reported as the result:
+    the table is marked INCOMPLETE, stderr names the limit and the fix, metrics.json says
+    complete=false, and the exit status is 1."""
+    from helpers import TINY
+
+    small = [o for o in TINY if not o.startswith(("train.steps", "train.ckpt_every"))]
+    sets = [a for o in small for a in ("--set", o)]
+    result = polysense(
+        "quickstart",
+        "--out",
+        str(tmp_path / "run"),
+        "--world",
+        str(tmp_path / "world"),
+        "--n",
+        "400",
+        "--time-limit",
+        "1e-9",
+        *sets,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "INCOMPLETE" in result.stdout and "Traceback" not in result.stderr
+    assert "safety limit" in result.stderr and "--time-limit" in result.stderr
+    import json
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["complete"] is False and metrics["train_steps"] == 0

@@ -1,7 +1,10 @@
 """End to end, as a user runs it: `polysense quickstart` (world, clip-tiny training, evaluation),
 then an index over the test split and text queries judged by the world's ground truth.
 
-One quickstart per session (about 6.5 minutes on 2 cores) is shared by these tests.
+One quickstart per session is shared by these tests. It runs the quickstart's fixed step schedule,
+so what it learns is a function of the seed, not of the machine's speed; no test here measures
+time (that is `polysense bench quickstart`). The thresholds sit below the lowest figure of the
+three seeds measured (docs/performance.md, "The quickstart recipe").
 """
 
 from __future__ import annotations
@@ -64,11 +67,11 @@ def _has(objects: list[dict], colour: str, shape: str) -> bool:
 def test_quickstart_metrics(quickstart):
     _, out = quickstart
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["train_steps"] == metrics["config"]["train"]["steps"]
     assert metrics["zeroshot_top1"] >= 0.95  # 24 classes: chance is 1/24
     assert metrics["test_novel"]["zeroshot_top1"] > 0.5  # colour-shape pairs never seen in training
     for split in (metrics, metrics["test_novel"]):
         assert split["i2t_r5"] > 0.5 and split["t2i_r5"] > 0.5
-    assert metrics["wall_seconds"] < 600
     assert (out / "loss.png").stat().st_size > 0
 
 

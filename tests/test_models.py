@@ -43,7 +43,9 @@ def tiny_model(tok: Tokenizer, **changes) -> CLIP:
 # --- vision ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("pool", "n_tokens"), [("cls", 17), ("map", 16), ("mean", 16)])
+@pytest.mark.parametrize(
+    ("pool", "n_tokens"), [("cls", 17), ("map", 16), ("mean", 16), ("cls_mean", 17)]
+)
 def test_vit_pooling_shapes(pool, n_tokens):
     torch.manual_seed(0)
     vit = VisionTransformer(cfg=dataclasses.replace(VISION, pool=pool)).eval()
@@ -54,8 +56,22 @@ def test_vit_pooling_shapes(pool, n_tokens):
     assert pooled.shape == (3, 32)
     if pool == "cls":  # the last block computes the cls token alone: equal up to rounding
         torch.testing.assert_close(pooled, tokens[:, 0], atol=1e-6, rtol=1e-5)
-    if pool == "mean":
+    if pool in ("mean", "cls_mean"):
         torch.testing.assert_close(pooled, tokens.mean(1))
+
+
+def test_cls_mean_vit_has_the_cls_vits_weights_and_tokens():
+    """pool="cls_mean" changes only the pooling: a cls ViT's state dict loads into it strictly
+    and both give the same tokens, so checkpoints move between the two (fusion, the VLM)."""
+    torch.manual_seed(0)
+    cls_vit = VisionTransformer(cfg=dataclasses.replace(VISION, pool="cls")).eval()
+    mean_vit = VisionTransformer(cfg=dataclasses.replace(VISION, pool="cls_mean")).eval()
+    mean_vit.load_state_dict(cls_vit.state_dict())  # strict: the same names and shapes
+    x = torch.randn(2, 3, 16, 16)
+    tokens = cls_vit.forward_features(x)
+    torch.testing.assert_close(mean_vit.forward_features(x), tokens)
+    torch.testing.assert_close(mean_vit(x), tokens.mean(1))
+    assert not torch.allclose(mean_vit(x), cls_vit(x))
 
 
 def test_vit_rejects_wrong_image_size():
@@ -336,6 +352,10 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_hf_export(tmp_path):
     assert vit.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 48)
     with pytest.raises(PolysenseError, match="power-of-two"):
         ConvStem(in_channels=3, width=48, patch_size=6)
+    # stem_channels: the first conv's width, doubled per conv, at most the tower width
+    wide = ConvStem(in_channels=3, width=48, patch_size=8, channels=16)
+    convs = [m for m in wide.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 48]
 
     from polysense.models.hf import export_hf
     from polysense.presets import get_preset

@@ -170,3 +170,53 @@ def test_bench_command_errors_name_the_option(tmp_path):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_time_to_target_is_the_first_curve_point_that_reaches_it():
+    from polysense.bench.quickstart import time_to
+
+    curve = [
+        {"step": 100, "elapsed_s": 10.0, "val_zeroshot_top1": 0.5},
+        {"step": 200, "elapsed_s": 21.0, "val_zeroshot_top1": 0.96},
+        {"step": 300, "elapsed_s": 30.5, "val_zeroshot_top1": 0.94},
+        {"step": 400, "elapsed_s": 41.0, "val_zeroshot_top1": 0.99},
+    ]
+    assert time_to(curve, 0.95) == 21.0
+    assert time_to(curve, 0.99) == 41.0
+    assert time_to(curve, 0.995) is None
+
+
+def test_bench_quickstart_writes_the_curves_of_the_runs(tmp_path):
+    """A tiny run of `bench quickstart`: the curve in the report is the run's own val log, and
+    bf16 is run exactly where the CPU multiplies bf16 natively."""
+    from helpers import TINY
+    from polysense.bench.quickstart import run_quickstart_bench
+    from polysense.data.world import generate_world
+    from polysense.precision import native_bf16
+
+    world = tmp_path / "world"
+    generate_world(world, n=400, modalities=("image", "text"), progress=False)
+    sets = (*(o for o in TINY if not o.startswith("train.steps")), "train.steps=8")
+    res = run_quickstart_bench(
+        tmp_path / "out", world=world, target=0.01, eval_every=4, overrides=sets
+    )
+    fp32 = res["runs"]["fp32"]
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "quickstart-fp32" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert fp32["curve"] == [
+        {k: r[k] for k in ("step", "elapsed_s", "val_zeroshot_top1")}
+        for r in log
+        if "val_zeroshot_top1" in r
+    ]
+    assert [p["step"] for p in fp32["curve"]] == [4, 8] and fp32["steps"] == 8
+    assert fp32["seconds_to_target"] == fp32["curve"][0]["elapsed_s"]  # val >= 0.01 at once
+    if native_bf16("cpu"):
+        assert [p["step"] for p in res["runs"]["bf16"]["curve"]] == [4, 8]
+    else:
+        assert res["runs"]["bf16"] == {"skipped": "no bf16 units"}
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / "out" / f"quickstart.{ext}").stat().st_size > 0

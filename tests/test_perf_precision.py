@@ -20,21 +20,46 @@ NO_BF16 = {"amx_bf16": False, "avx512_bf16": False, "avx2": True}
 AMX = {"amx_bf16": True, "avx512_bf16": True}
 
 
+def _cpu(monkeypatch, caps: dict, aten: str = "AVX512") -> None:
+    """Pretend the CPU has `caps` and ATen dispatches its kernels at capability `aten`."""
+    monkeypatch.setattr(precision.torch.cpu, "get_capabilities", lambda: caps)
+    monkeypatch.setattr(precision.torch.backends.cpu, "get_cpu_capability", lambda: aten)
+
+
 def test_resolve_precision(monkeypatch):
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "meta") == "fp32"  # no bf16 matrix units known there
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         resolve_precision("fp16", "cpu")
-    monkeypatch.setattr(precision.torch.cpu, "get_capabilities", lambda: NO_BF16)
+    _cpu(monkeypatch, NO_BF16, "AVX2")
     assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(precision.torch.cpu, "get_capabilities", lambda: AMX)
+    _cpu(monkeypatch, AMX)
     assert native_bf16("cpu") and resolve_precision("auto", "cpu") == "bf16"
+    # an AMX chip with ATen capped at AVX2 (ATEN_CPU_CAPABILITY=avx2) cannot use its bf16 units
+    _cpu(monkeypatch, AMX, "AVX2")
+    assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_aten_capability_cap_turns_auto_to_fp32():
+    """In a child process with ATEN_CPU_CAPABILITY=avx2 (the AVX2-only machine's dispatch),
+    "auto" resolves to fp32 whatever the chip has."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from polysense.precision import resolve_precision; print(resolve_precision('auto', 'cpu'))"
+    )
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "fp32"
 
 
 @pytest.mark.parametrize(("caps", "dtype"), [(NO_BF16, torch.float32), (AMX, torch.bfloat16)])
 def test_training_autocast_follows_auto(monkeypatch, caps, dtype):
-    monkeypatch.setattr(precision.torch.cpu, "get_capabilities", lambda: caps)
+    _cpu(monkeypatch, caps)
     lin = torch.nn.Linear(4, 4)
     with _autocast(torch.device("cpu"), "auto"):
         assert lin(torch.randn(2, 4)).dtype == dtype

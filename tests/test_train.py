@@ -318,6 +318,43 @@ def test_time_budget_stops_early_with_an_annealed_schedule(pairs_jsonl, tmp_path
     assert rows[-1]["lr"] < 0.5 * cfg.train.lr
 
 
+def test_time_limit_is_a_safety_net_that_never_bends_the_schedule(
+    pairs_jsonl, tmp_path, monkeypatch
+):
+    """`train.time_limit_minutes` on a machine far too slow (a fake clock: every reading is 5 s
+    later): the run stops at the limit and says so, and every logged lr is the step schedule's
+    own, unlike `train.max_minutes`, whose decay follows the clock."""
+    from polysense.train import loop
+
+    clock = iter(range(0, 10**6, 5))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    steps = 40
+    cfg = tiny_config(
+        "clip-tiny",
+        f"train.steps={steps}",
+        "train.time_limit_minutes=1",
+        "train.ckpt_every=0",
+        "train.log_every=1",
+    )
+    result = train(cfg, data=pairs_jsonl, out=tmp_path, progress=False)
+    assert result.stopped_early and 0 < result.steps < steps
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    t = cfg.train
+    for row in rows:
+        expected = t.lr * lr_factor(
+            row["step"] - 1, warmup=t.warmup_steps, total=steps, min_ratio=t.min_lr_ratio
+        )
+        assert row["lr"] == pytest.approx(expected, rel=1e-6)
+    # the same clock under max_minutes=1: the decay runs ahead of the steps
+    budget = dataclasses.replace(cfg, train=dataclasses.replace(t, time_limit_minutes=0.0))
+    budget = dataclasses.replace(budget, train=dataclasses.replace(budget.train, max_minutes=1.0))
+    clock = iter(range(0, 10**6, 5))
+    train(budget, data=pairs_jsonl, out=tmp_path / "budget", progress=False)
+    last = json.loads((tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()[-1])
+    follows_steps = t.lr * lr_factor(last["step"] - 1, warmup=t.warmup_steps, total=steps)
+    assert last["lr"] < 0.5 * follows_steps
+
+
 def test_periodic_evaluation_joins_the_log(pairs_jsonl, tmp_path):
     calls = []
 

@@ -30,7 +30,11 @@ class VisionConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    pool: Literal["cls", "map", "mean"] = "cls"
+    # cls: the cls token's output (CLIP); map: attention pooling (SigLIP); mean: the mean of
+    # the patch tokens (no cls token); cls_mean: a cls token as in "cls" (same weights and
+    # tokens), pooled as the mean of all tokens, which lets the patch features reach the
+    # embedding from the first step (the quickstart learns shapes ~2x sooner).
+    pool: Literal["cls", "map", "mean", "cls_mean"] = "cls"
     dropout: float = 0.0
     ln_eps: float = 1e-5
     # Fields that let one ViT express both HF CLIP (the defaults) and HF SigLIP vision towers.
@@ -40,6 +44,7 @@ class VisionConfig:
     # "patch": one conv with kernel = stride = patch_size (ViT, HF-exportable); "conv": early
     # convolutions (Xiao et al. 2021), log2(patch_size) 3x3 stride-2 convs, same token grid.
     stem: Literal["patch", "conv"] = "patch"
+    stem_channels: int = 32  # the conv stem's first width, doubling per conv up to `width`
     # Pixel normalisation used by `encode_image` on PIL images (CLIP's; SigLIP uses 0.5).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -114,6 +119,7 @@ class VideoConfig:
     attention: Literal["joint", "divided"] = "divided"
     pool: Literal["cls", "mean"] = "cls"
     stem: Literal["patch", "conv"] = "patch"
+    stem_channels: int = 32  # as VisionConfig.stem_channels
     dropout: float = 0.0
     ln_eps: float = 1e-5
     act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
@@ -177,6 +183,11 @@ class TrainConfig:
     # Wall-clock budget (0 = none): training stops when it is spent, and the learning-rate
     # schedule advances by max(step, elapsed / budget * steps) so it still anneals in time.
     max_minutes: float = 0.0
+    # Safety net (0 = none): stop at this wall time *without* touching the step schedule, and
+    # mark the run incomplete (TrainResult.stopped_early). Unlike max_minutes, which makes the
+    # clock part of the recipe, a limit set far above a normal run leaves the result a function
+    # of the seed alone, on every machine (the quickstart's 30 minutes).
+    time_limit_minutes: float = 0.0
     lr: float = 1e-3
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1

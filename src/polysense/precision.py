@@ -22,6 +22,10 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        # ATen's kernels capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as on an AVX2-only CPU
+        # or when simulating one) cannot use the bf16 instructions even where the chip has them.
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         caps = torch.cpu.get_capabilities()
         return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
     return False

@@ -129,3 +129,52 @@ def bench_scaling(
             f"the {nproc}-process loss curve differs from the single-process one by "
             f"{res['max_rel_loss_diff']:.1e} (relative); see {out / 'scaling.md'}"
         )
+
+
+@bench_app.command("quickstart")
+def bench_quickstart(
+    out: Annotated[Path, typer.Option(help="Output directory for quickstart.json/.md/.png.")],
+    world: Annotated[
+        Path, typer.Option(help="World to train on (the quickstart's 20k scenes if absent).")
+    ] = Path("runs/world"),
+    precisions: Annotated[
+        str, typer.Option(help="Comma-separated: fp32, bf16 (bf16 is skipped without bf16 units).")
+    ] = "fp32,bf16",
+    target: Annotated[float, typer.Option(help="Val zero-shot top-1 to time.")] = 0.95,
+    eval_every: Annotated[int, typer.Option(help="Steps between val evaluations.")] = 100,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra config override (repeatable).")
+    ] = None,
+) -> None:
+    """Time to quality of the quickstart recipe: val zero-shot against training seconds, in fp32
+    and in bf16 (where the CPU has bf16 units), and the bf16 / fp32 speed-up to `--target`.
+
+    Example: `flock /tmp/polysense-heavy.lock polysense bench quickstart --out runs/bench`
+    (AVX2-only case on a newer CPU: prefix `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`)
+    """
+    from polysense.bench.quickstart import run_quickstart_bench
+
+    names = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    bad = [p for p in names if p not in ("fp32", "bf16")]
+    if bad or not names:
+        raise PolysenseError(f"--precisions {precisions!r}: use fp32, bf16 or fp32,bf16")
+    if not 0 < target <= 1:
+        raise PolysenseError(f"--target must be in (0, 1], got {target}")
+    if eval_every < 1:
+        raise PolysenseError(f"--eval-every must be >= 1, got {eval_every}")
+    if not (world / "manifest.json").is_file():
+        from polysense.data.world import generate_world
+
+        console.print(f"{world} has no world: generating the quickstart's 20000 scenes there")
+        generate_world(world, n=20000, modalities=("image", "text"))
+    run_quickstart_bench(
+        out,
+        world=world,
+        precisions=names,
+        target=target,
+        eval_every=eval_every,
+        seed=seed,
+        overrides=tuple(set_ or ()),
+    )
+    _show(out, "quickstart")

@@ -50,7 +50,7 @@ class TrainResult:
     train_samples_per_s: float
     seconds: float
     skipped_steps: int
-    stopped_early: bool
+    stopped_early: bool  # a time budget (max_minutes) or limit (time_limit_minutes) ended it
 
 
 def _distributed() -> tuple[int, int]:
@@ -320,13 +320,19 @@ def train(
         for step in range(start_step, tc.steps):
             # With a time budget the schedule follows whichever runs out first, steps or time,
             # so a run cut short by the clock still ends with an annealed learning rate.
+            # `time_limit_minutes` only stops the run (a safety net); the schedule stays by step.
             schedule_step = step
-            if tc.max_minutes:
+            if tc.max_minutes or tc.time_limit_minutes:
                 elapsed = torch.tensor([elapsed_before + time.perf_counter() - t_start])
                 if world > 1:  # every rank must stop at the same step
                     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                schedule_step = max(step, int(elapsed.item() / (tc.max_minutes * 60) * tc.steps))
-                if schedule_step >= tc.steps:
+                if tc.max_minutes:
+                    schedule_step = max(
+                        step, int(elapsed.item() / (tc.max_minutes * 60) * tc.steps)
+                    )
+                if schedule_step >= tc.steps or (
+                    tc.time_limit_minutes and elapsed.item() >= tc.time_limit_minutes * 60
+                ):
                     stopped_early = True
                     break
             apply_locks(step)
