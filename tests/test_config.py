@@ -28,16 +28,17 @@ def test_overrides_are_typed_and_leave_original_untouched():
         [
             "train.lr=3e-4",
             "train.steps=7",
-            "train.lock_text=true",
+            "train.lock_text=false",
             "model.vision.pool=map",
             "train.betas=0.9,0.95",
             "model.init_logit_bias=none",
         ],
     )
-    assert cfg.train.lr == 3e-4 and cfg.train.steps == 7 and cfg.train.lock_text is True
+    assert cfg.train.lr == 3e-4 and cfg.train.steps == 7 and cfg.train.lock_text is False
     assert cfg.model.vision.pool == "map" and cfg.train.betas == (0.9, 0.95)
     assert cfg.model.init_logit_bias is None
-    assert base.train.lr != 3e-4 and base.model.vision.pool == "cls"
+    assert base.train.lr != 3e-4 and base.model.vision.pool == "cls_mean"
+    assert base.train.lock_text is True
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_overrides_are_typed_and_leave_original_untouched():
         ("train.lrr=1", "unknown config key 'train.lrr'.*train.lr"),
         ("bogus=1", "unknown config key 'bogus'"),
         ("train.steps=abc", "expected an integer"),
-        ("model.vision.pool=max", r"expected one of \['cls', 'map', 'mean'\]"),
+        ("model.vision.pool=max", r"expected one of \['cls', 'map', 'mean', 'cls_mean'\]"),
         ("train.lock_text=maybe", "expected true or false"),
         ("model.vision=3", "is a group"),
         ("train.lr", "key=value"),

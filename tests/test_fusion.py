@@ -357,8 +357,8 @@ def test_image_init_copies_the_clip_vision_tower(style, tmp_path):
             assert torch.equal(
                 model.blocks[0].attn.qkv.weight, clip.visual.blocks[0].attn.qkv.weight
             )
-        else:
-            got, want = model.image(images), clip.visual(images)
+        else:  # the tokens: clip-tiny pools them by mean, the fusion tower by its cls token
+            got, want = model.image.forward_features(images), clip.visual.forward_features(images)
     torch.testing.assert_close(got, want)
     with pytest.raises(PolysenseError, match="does not fit"):
         build_fusion(dataclasses.replace(cfg, width=64, heads=2))

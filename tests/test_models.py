@@ -352,10 +352,6 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_hf_export(tmp_path):
     assert vit.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 48)
     with pytest.raises(PolysenseError, match="power-of-two"):
         ConvStem(in_channels=3, width=48, patch_size=6)
-    # stem_channels: the first conv's width, doubled per conv, at most the tower width
-    wide = ConvStem(in_channels=3, width=48, patch_size=8, channels=16)
-    convs = [m for m in wide.convs if isinstance(m, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [16, 32, 48]
 
     from polysense.models.hf import export_hf
     from polysense.presets import get_preset

@@ -268,7 +268,7 @@ def _train_and_evaluate(
     console.print(
         f"trained {result.steps} steps in {result.seconds:.0f} s "
         f"({result.train_samples_per_s:.0f} samples/s); final loss {result.final_loss:.4f}"
-        + (" (stopped at the time budget)" if result.stopped_early else "")
+        + (" (stopped early by the clock)" if result.stopped_early else "")
     )
     metrics: dict = {}
     if eval_splits and detect_format(data) == "world":
@@ -644,8 +644,12 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
         return
     from polysense.fileio import atomic_open
 
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    text = metrics_jsonl.read_text() if metrics_jsonl.is_file() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
+    if not train_rows:
+        console.print(f"{metrics_jsonl} logs no training step: no loss plot")
+        return
     val_rows = [r for r in rows if "val_zeroshot_top1" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")

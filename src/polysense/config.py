@@ -44,7 +44,6 @@ class VisionConfig:
     # "patch": one conv with kernel = stride = patch_size (ViT, HF-exportable); "conv": early
     # convolutions (Xiao et al. 2021), log2(patch_size) 3x3 stride-2 convs, same token grid.
     stem: Literal["patch", "conv"] = "patch"
-    stem_channels: int = 32  # the conv stem's first width, doubling per conv up to `width`
     # Pixel normalisation used by `encode_image` on PIL images (CLIP's; SigLIP uses 0.5).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -119,7 +118,6 @@ class VideoConfig:
     attention: Literal["joint", "divided"] = "divided"
     pool: Literal["cls", "mean"] = "cls"
     stem: Literal["patch", "conv"] = "patch"
-    stem_channels: int = 32  # as VisionConfig.stem_channels
     dropout: float = 0.0
     ln_eps: float = 1e-5
     act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"

@@ -43,6 +43,14 @@ from polysense.precision import resolve_precision
 DIMS = ("clip-tiny", "clip-small")
 # Batch per dims: clip-tiny's preset batch; clip-small's is 256, halved so a step stays ~seconds.
 DEFAULT_BATCH = {"clip-tiny": 128, "clip-small": 128}
+# HF CLIPModel's architecture at a preset's widths: patch embedding, cls and eot pooling, both
+# towers trained (clip-tiny's quickstart recipe departs from each; presets/__init__.py)
+HF_ARCH = (
+    "model.vision.stem=patch",
+    "model.vision.pool=cls",
+    "model.text.pool=eot",
+    "train.lock_text=false",
+)
 QUICK_OVERRIDES = (
     "model.vision.layers=1",
     "model.text.layers=1",
@@ -139,7 +147,8 @@ class Pair:
 
 
 def build_pair(preset: str, *, batch: int, seed: int = 0, overrides: tuple[str, ...] = ()) -> Pair:
-    """Our CLIP for `preset` with the patch stem, and an HF CLIPModel holding the same weights."""
+    """Our CLIP for `preset` in HF CLIP's architecture (`HF_ARCH`), and an HF CLIPModel holding
+    the same weights."""
     import transformers
 
     from polysense.data.tokenizer import Tokenizer
@@ -148,9 +157,12 @@ def build_pair(preset: str, *, batch: int, seed: int = 0, overrides: tuple[str, 
     from polysense.models.text import quiet_transformers
     from polysense.presets import get_preset
 
-    run = apply_overrides(get_preset(preset), ["model.vision.stem=patch", *overrides])
+    run = apply_overrides(get_preset(preset), [*HF_ARCH, *overrides])
     if run.model.family != "clip":
         raise PolysenseError(f"bench throughput compares CLIP presets; {preset} is not one")
+    if run.model.text.layers == 0:  # clip-tiny's locked word embeddings: bench the CLIP text
+        text = dataclasses.replace(run.model.text, layers=run.model.vision.layers)  # tower
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, text=text))
     text = run.model.text
     captions = world_captions(max(2000, batch), seed=seed, size=run.model.vision.image_size)
     tokenizer = Tokenizer.train(

@@ -2,9 +2,10 @@
 
 Each trains one style on the world's VQA, image-text matching and sound tasks with
 `polysense.train.fusion` and evaluates it on test and test_novel (docs/fusion.md). The `-clip`
-presets start from the quickstart CLIP (`polysense quickstart`: runs/quickstart/ckpt): its
-image tower, frozen (`-ft`: trained), and its text tower and tokenizer, under a wall-clock
-budget.
+presets start from a CLIP with a trained text transformer (`polysense train clip-tiny-full --data
+runs/world --out runs/clip-tiny-full`, the earlier quickstart recipe; the quickstart's own text
+encoder is locked word embeddings, which text_init cannot take): its image tower, frozen (`-ft`:
+trained), and its text tower and tokenizer, under a wall-clock budget.
 """
 
 from __future__ import annotations
@@ -42,19 +43,19 @@ def fusion_xattn_tiny() -> FusionRunConfig:
     return _tiny("xattn")
 
 
-QUICKSTART_CKPT = "runs/quickstart/ckpt"
+CLIP_CKPT = "runs/clip-tiny-full"
 
 
 def _clip(style: str, minutes: float, *, freeze_image: bool = True, **model) -> FusionRunConfig:
-    """`_tiny(style)` on the quickstart CLIP's image tower (frozen unless `freeze_image=False`)
+    """`_tiny(style)` on clip-tiny-full's image tower (frozen unless `freeze_image=False`)
     and its text tower, trained for `minutes` (the lr schedule follows the clock; `steps` is only
     a cap), VQA 60 % of a batch."""
     run = _tiny(style)
     return FusionRunConfig(
         model=dataclasses.replace(
             run.model,
-            image_init=QUICKSTART_CKPT,
-            text_init=QUICKSTART_CKPT,
+            image_init=CLIP_CKPT,
+            text_init=CLIP_CKPT,
             freeze_image=freeze_image,
             **model,
         ),

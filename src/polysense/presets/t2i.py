@@ -41,7 +41,7 @@ class T2IEvalConfig:
 @dataclass(frozen=True)
 class T2IRunConfig:
     name: str = ""
-    text_ckpt: str = "runs/quickstart/ckpt"  # the frozen conditioning text tower (a CLIP dir)
+    text_ckpt: str = "runs/clip-tiny-full"  # the frozen conditioning text tower (a CLIP dir)
     model: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: T2ITrainConfig = field(default_factory=T2ITrainConfig)
     eval: T2IEvalConfig = field(default_factory=T2IEvalConfig)
