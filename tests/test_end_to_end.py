@@ -1,10 +1,13 @@
 """End to end, as a user runs it: `polysense quickstart` (world, clip-tiny training, evaluation),
 then an index over the test split and text queries judged by the world's ground truth.
 
-One quickstart per session is shared by these tests. It runs the quickstart's fixed step schedule,
-so what it learns is a function of the seed, not of the machine's speed; no test here measures
-time (that is `polysense bench quickstart`). The thresholds sit below the lowest figure of the
-three seeds measured (docs/performance.md, "The quickstart recipe").
+One quickstart per session is shared by these tests: the README's command with a shorter fixed
+schedule (`SHORT_STEPS` of the recipe's 800; about 1.5 minutes on an AVX-512 core pair in fp32),
+so what it learns is a function of the seed, not of the machine's speed. No test here measures
+time (that is `polysense bench quickstart`). At 600 steps, seeds 0, 1 and 2 gave test zero-shot
+0.999 / 0.991 / 0.999, test_novel 0.69 / 0.76 / 0.79, i2t R@5 >= 0.94 and t2i R@5 >= 0.74, "a red
+circle" 5 of 5 and colour-shape P@5 1.0 each (docs/performance.md, "The quickstart recipe"); the
+thresholds below sit under the lowest of them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
+SHORT_STEPS = 600
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +38,8 @@ def quickstart(tmp_path_factory) -> tuple[Path, Path]:
             str(out),
             "--world",
             str(world),
+            "--set",
+            f"train.steps={SHORT_STEPS}",
         ],
         capture_output=True,
         text=True,
@@ -67,7 +73,7 @@ def _has(objects: list[dict], colour: str, shape: str) -> bool:
 def test_quickstart_metrics(quickstart):
     _, out = quickstart
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["complete"] and metrics["train_steps"] == metrics["config"]["train"]["steps"]
+    assert metrics["complete"] and metrics["train_steps"] == SHORT_STEPS
     assert metrics["zeroshot_top1"] >= 0.95  # 24 classes: chance is 1/24
     assert metrics["test_novel"]["zeroshot_top1"] > 0.5  # colour-shape pairs never seen in training
     for split in (metrics, metrics["test_novel"]):

@@ -86,7 +86,7 @@ def clip_tiny() -> RunConfig:
     """`polysense train clip-tiny --data runs/world --out runs/clip-tiny` (quickstart's model).
 
     A recipe chosen for time to quality on a 2-core CPU in fp32 (docs/performance.md, "The
-    quickstart recipe"): 900 steps of 128 pairs on a fixed schedule, with
+    quickstart recipe"): 800 steps of 128 pairs on a fixed schedule, with
     - a locked text encoder: random token and position embeddings, no transformer layers,
       mean-pooled; only its projection trains. A text transformer trained from scratch first
       learns colours and, while the image tower cannot yet tell shapes apart, makes "a red
@@ -119,7 +119,7 @@ def clip_tiny() -> RunConfig:
             ),
         ),
         data=DataConfig(),
-        train=TrainConfig(batch_size=128, steps=900, lr=2e-3, warmup_steps=100, lock_text=True),
+        train=TrainConfig(batch_size=128, steps=800, lr=2e-3, warmup_steps=100, lock_text=True),
     )
 
 
