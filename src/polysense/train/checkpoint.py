@@ -9,6 +9,7 @@ checkpoint. `model.safetensors` + `config.json` + `tokenizer.json` (the inferenc
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,20 @@ def save_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(out: Path) -> dict[str, Any]:
+    """The resume state at `out`, read with torch's restricted unpickler (`weights_only=True`:
+    tensors, containers and primitive types only), so a crafted `state.pt` cannot run code; a
+    file holding anything else is refused with one line."""
     path = out / STATE
     if not path.exists():
         raise PolysenseError(f"{path} does not exist: nothing to resume; drop --resume to start")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PolysenseError(
+            f"{path} holds objects other than tensors and plain values "
+            f"({str(exc).splitlines()[0][:120]}); it is not a polysense training state. Delete it "
+            "and drop --resume to start afresh"
+        ) from None
 
 
 def trim_metrics(out: Path, step: int) -> None:
