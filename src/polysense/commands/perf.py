@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from polysense.cli import bench_app, console
+from polysense.cli import _load_world, bench_app, console
 from polysense.errors import PolysenseError
 
 
@@ -163,11 +163,7 @@ def bench_quickstart(
         raise PolysenseError(f"--target must be in (0, 1], got {target}")
     if eval_every < 1:
         raise PolysenseError(f"--eval-every must be >= 1, got {eval_every}")
-    if not (world / "manifest.json").is_file():
-        from polysense.data.world import generate_world
-
-        console.print(f"{world} has no world: generating the quickstart's 20000 scenes there")
-        generate_world(world, n=20000, modalities=("image", "text"))
+    _load_world(world, 20000)  # the quickstart's world, generated where absent
     run_quickstart_bench(
         out,
         world=world,

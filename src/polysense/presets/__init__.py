@@ -158,7 +158,7 @@ def clip_small() -> RunConfig:
 @register("siglip-tiny")
 def siglip_tiny() -> RunConfig:
     """`polysense train siglip-tiny --data runs/world --out runs/siglip-tiny`."""
-    base = clip_tiny()
+    base = clip_tiny_full()  # the trained text tower, not the quickstart's locked embeddings
     # SigLIP's architecture: vision without cls token or pre-LayerNorm, pooled by a MAP head that
     # is the embedding itself (no projection); bidirectional text with a biased head. Departures
     # for a model trained from scratch on the CPU: the conv stem of clip-tiny, and text pooled by
@@ -170,24 +170,22 @@ def siglip_tiny() -> RunConfig:
         base.model,
         family="siglip",
         vision=dataclasses.replace(base.model.vision, pool="map", ln_pre=False, patch_bias=True),
-        text=dataclasses.replace(base.model.text, causal=False, pool="mean", layers=4),
+        text=dataclasses.replace(base.model.text, causal=False, pool="mean"),
         vision_proj="none",
         text_proj="linear_bias",
         init_logit_scale=2.302585092994046,  # ln 10
         init_logit_bias=-10.0,
     )
-    # SigLIP keeps its own recipe (2000 steps, text tower trained), not clip-tiny's lock
-    train = dataclasses.replace(base.train, lr=1e-3, steps=2000, lock_text=False)
+    train = dataclasses.replace(base.train, lr=1e-3, steps=2000)
     return dataclasses.replace(base, model=model, train=train)
 
 
 @register("lit-minilm")
 def lit_minilm() -> RunConfig:
     """`polysense train lit-minilm --data runs/world --out runs/lit-minilm`: LiT, locked MiniLM."""
-    base = clip_tiny()
+    base = clip_tiny_full()
     model = dataclasses.replace(
         base.model,
-        vision=dataclasses.replace(base.model.vision, pool="cls"),
         text=TextConfig(
             pretrained="minilm", vocab_size=30522, context_length=32, width=384, layers=6, heads=12
         ),
