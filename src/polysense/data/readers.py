@@ -6,20 +6,28 @@ A sample is a dict with optional modalities (see docs/data.md): ``key``, ``sourc
 A bad sample (missing file, undecodable image, empty caption, broken JSON line ...) never stops a
 run: it is skipped and recorded in a :class:`Rejects`. A problem that would reject every sample
 (no image column, unknown format, missing path) raises :class:`DataError` instead.
+
+Hostile input is bounded before it costs anything: only regular files are opened (a FIFO or a
+device would block or never end), lines, captions and decoded pixels have caps (below), checked
+before a line is parsed or an image decoded.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
 import os
+import stat
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any
 
 import numpy as np
@@ -34,6 +42,18 @@ SUPPORTED_FORMATS = ("world", "wds", "csv", "tsv", "jsonl", "coco", "imagefolder
 WORLD_SPLITS = ("train", "val", "test", "test_novel")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")  # decoded with PyAV; ".npy" with numpy
+# Files that are a dataset of their own; a directory of several is read one by one by `inspect`.
+TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".json")
+# Caps on hostile input; what goes over one is a reject with the reason in brackets.
+MAX_PIXELS = 2**25  # decoded pixels of one image, 32 Mi (8192 x 4096), read from the header
+#                     before decoding [too_many_pixels]; Pillow's own limit is ~89 M
+MAX_LINE_BYTES = 2**20  # one CSV/TSV/JSONL line, 1 MiB, read past in chunks [line_too_long]
+MAX_CAPTION_CHARS = 8192  # one caption [caption_too_long]; CLIP-style models read ~300 of them
+# The fix a wrong-column error names: `data inspect` takes flags, `train` config overrides.
+FLAG_FIX = MappingProxyType({"image": "--image-key {}", "caption": "--caption-key {}"})
+CONFIG_FIX = MappingProxyType(
+    {"image": "--set data.image_key={}", "caption": "--set data.caption_key={}"}
+)
 # Fields a reader sets itself; a CSV column or JSON field with one of these names is not copied.
 _RESERVED = frozenset(
     {"key", "source", "image", "text", "audio", "sample_rate", "video", "ocr_image", "image_path"}
@@ -72,7 +92,11 @@ class Rejects:
         if self.path is not None:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self._partial, "w", encoding="utf-8")  # noqa: SIM115
+                # backslashreplace: a lone surrogate (a key from JSON "\\udc80") is written as
+                # its JSON escape instead of failing the write
+                self._fh = open(  # noqa: SIM115
+                    self._partial, "w", encoding="utf-8", errors="backslashreplace"
+                )
             self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._fh.flush()
 
@@ -114,6 +138,7 @@ class _Options:
     image_root: Path | None
     caption_template: str
     rejects: Rejects
+    key_fix: Mapping[str, str]  # FLAG_FIX or CONFIG_FIX: how wrong-column errors name the fix
     sample_rate: int | None = None  # resample every clip to this rate (None: keep the file's)
     num_frames: int | None = None  # sample this many frames from every video (None: keep all)
 
@@ -126,14 +151,40 @@ def _is_brace_pattern(path: str) -> bool:
     return "{" in path and ".." in path and "}" in path
 
 
+def _source_file(path: Path) -> Path:
+    """``path`` when it is a regular file; DataError for a FIFO, device or socket (never opened:
+    reading one would block or never end)."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket); pass a data file")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    """A whole UTF-8 file (BOM skipped); DataError naming it when it cannot be read."""
+    try:
+        return _source_file(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` that raises ValueError for deep nesting too (RecursionError otherwise)."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
 def _world_manifest(root: Path) -> dict[str, Any] | None:
     """The parsed manifest.json when ``root`` is a polysense world directory, else None."""
     manifest = root / "manifest.json"
     if not manifest.is_file():
         return None
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = _parse_json(_read_text(manifest))
+    except ValueError as exc:
         raise DataError(f"{manifest}: not valid JSON ({exc}); regenerate the world") from exc
     if isinstance(data, dict) and data.get("generator") == "polysense.world":
         return data
@@ -142,13 +193,10 @@ def _world_manifest(root: Path) -> dict[str, Any] | None:
 
 def _sniff_json(path: Path) -> str | None:
     """'coco' for a JSON object with images+annotations, 'jsonl' for one object per line."""
+    text = _read_text(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
+        whole = _parse_json(text)
+    except ValueError:
         whole = None
     if isinstance(whole, dict):
         if "images" in whole and "annotations" in whole:
@@ -156,8 +204,8 @@ def _sniff_json(path: Path) -> str | None:
         return "jsonl"  # a single object on one line is a one-line JSONL file
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
-        return "jsonl" if isinstance(json.loads(first), dict) else None
-    except json.JSONDecodeError:
+        return "jsonl" if isinstance(_parse_json(first), dict) else None
+    except ValueError:
         return None
 
 
@@ -166,6 +214,40 @@ def _has_image_subfolders(root: Path) -> bool:
         if sub.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in sub.iterdir()):
             return True
     return False
+
+
+def _dir_format(root: Path) -> str | None:
+    """'world', 'wds' or 'imagefolder' for a directory that is one dataset, else None."""
+    if _world_manifest(root) is not None:
+        return "world"
+    if any(root.glob("*.tar")) or any(root.glob("*/*.tar")):
+        return "wds"
+    if _has_image_subfolders(root):
+        return "imagefolder"
+    return None
+
+
+def collection_sources(path: str | Path) -> list[Path]:
+    """The sources of a directory that is no dataset itself but holds several, for
+    `polysense data inspect` to read one by one: its CSV/TSV/JSONL/JSON files (whatever kind of
+    file) and its sub-directories that are a dataset (world, tar shards, image folder), sorted.
+    Other files (the images and clips the tables point to) are not sources. Empty when ``path``
+    is one dataset, or not a directory."""
+    root = Path(path)
+    if _is_brace_pattern(str(path)) or not root.is_dir() or _dir_format(root) is not None:
+        return []
+    sources = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            try:
+                is_dataset = _dir_format(entry) is not None
+            except DataError:  # a broken world manifest: a source, which inspect reports
+                is_dataset = True
+            if is_dataset:
+                sources.append(entry)
+        elif entry.suffix.lower() in TABLE_EXTS:
+            sources.append(entry)
+    return sources
 
 
 def detect_format(path: str | Path) -> str:
@@ -188,16 +270,14 @@ def detect_format(path: str | Path) -> str:
         raise DataError(f"{p} does not exist; pass a data file or directory")
     supported = ", ".join(SUPPORTED_FORMATS)
     if p.is_dir():
-        if _world_manifest(p) is not None:
-            return "world"
-        if any(p.glob("*.tar")) or any(p.glob("*/*.tar")):
-            return "wds"
-        if _has_image_subfolders(p):
-            return "imagefolder"
+        fmt = _dir_format(p)
+        if fmt is not None:
+            return fmt
         raise DataError(
             f"{p}: directory is not a known dataset (no world manifest.json, no .tar shards, no "
             f"class sub-folders with images); supported formats: {supported}"
         )
+    _source_file(p)
     suffix = p.suffix.lower()
     simple = {".tar": "wds", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
     if suffix in simple:
@@ -217,12 +297,38 @@ def detect_format(path: str | Path) -> str:
 # decoding helpers: each raises _Skip with a reason code for a bad sample
 
 
-def _decode_image(data: bytes | Path, reason: str = "undecodable_image") -> Image.Image:
+def _regular(path: Path) -> Path:
+    """``path`` when it is a regular file (symlinks followed); a FIFO, device or directory is a
+    reject and is never opened."""
     try:
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with Image.open(src) as im:
+        mode = path.stat().st_mode
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise _Skip("missing_file", f"{path} does not exist ({type(exc).__name__})") from exc
+    if not stat.S_ISREG(mode):
+        raise _Skip("not_regular_file", f"{path} is not a regular file (FIFO, device, folder)")
+    return path
+
+
+def _decode_image(data: bytes | Path, reason: str = "undecodable_image") -> Image.Image:
+    """An RGB image; more than MAX_PIXELS (from the header, before decoding) is a reject."""
+    src = io.BytesIO(data) if isinstance(data, bytes) else _regular(data)
+    try:
+        # record=True: Pillow's DecompressionBombWarning (over ~89 Mpx) is not printed; the cap
+        # below is lower. Over ~179 Mpx Pillow raises DecompressionBombError itself.
+        with warnings.catch_warnings(record=True), Image.open(src) as im:  # header only
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise _Skip(
+                    "too_many_pixels",
+                    f"{width}x{height} = {width * height} pixels, over the cap of "
+                    f"{MAX_PIXELS} (MAX_PIXELS)",
+                )
             im.load()  # decode now, so a truncated file fails here and not later in a batch
             return im.convert("RGB")
+    except _Skip:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _Skip("too_many_pixels", f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise _Skip(reason, f"{type(exc).__name__}: {exc}") from exc
 
@@ -317,15 +423,19 @@ def _captions(value: Any) -> list[str]:
     captions = [c.strip() for c in items if c.strip()]
     if not captions:
         raise _Skip("empty_caption", f"caption is empty: {value!r}")
+    longest = max(len(c) for c in captions)
+    if longest > MAX_CAPTION_CHARS:
+        raise _Skip(
+            "caption_too_long",
+            f"a caption of {longest} characters, over the cap of {MAX_CAPTION_CHARS} "
+            "(MAX_CAPTION_CHARS)",
+        )
     return captions
 
 
 def _file(cell: str, base: Path) -> Path:
     path = Path(cell)
-    path = path if path.is_absolute() else base / path
-    if not path.is_file():
-        raise _Skip("missing_file", f"{path} does not exist")
-    return path
+    return _regular(path if path.is_absolute() else base / path)
 
 
 def _load_media(fields: dict[str, Any], base: Path, opts: _Options) -> dict[str, Any]:
@@ -378,29 +488,92 @@ def _guarded(
 _MEDIA = ("audio", "video")
 
 
+def _open_source(path: Path) -> IO[bytes]:
+    try:
+        return open(_source_file(path), "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _lines(fh: IO[bytes]) -> Iterator[str | _Skip]:
+    """The lines of a binary file, decoded as UTF-8; a line that is not UTF-8, or over
+    MAX_LINE_BYTES (read past in chunks, never held whole), comes as the _Skip rejecting it."""
+    cap = MAX_LINE_BYTES
+    first = True
+    while raw := fh.readline(cap + 1):
+        if first:
+            raw, first = raw.removeprefix(codecs.BOM_UTF8), False
+        if len(raw) > cap and not raw.endswith(b"\n"):
+            size = len(raw)
+            while raw and not raw.endswith(b"\n"):
+                raw = fh.readline(2**16)
+                size += len(raw)
+            yield _Skip("line_too_long", f"{size} bytes, over the cap of {cap} (MAX_LINE_BYTES)")
+            continue
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield _Skip("not_utf8", f"not UTF-8 at byte {exc.start} of the line; save as UTF-8")
+
+
+def _csv_records(fh: IO[bytes], delimiter: str) -> Iterator[tuple[int, list[str] | _Skip]]:
+    """``(last line number, cells)`` per CSV record, or the _Skip of a record that holds a bad
+    line (not UTF-8, too long) or that the csv module refuses (a field over its size limit)."""
+    bad: dict[int, _Skip] = {}
+
+    def text() -> Iterator[str]:
+        for number, line in enumerate(_lines(fh), start=1):
+            if isinstance(line, _Skip):
+                bad[number] = line
+                line = "\n"  # an empty record, or an empty line inside a quoted field
+            yield line
+
+    reader = csv.reader(text(), delimiter=delimiter)
+    while True:
+        try:
+            record: list[str] | _Skip = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the reader starts afresh on the next line
+            reason = "field_too_long" if "field larger" in str(exc) else "bad_row"
+            record = _Skip(reason, f"csv: {exc}")
+        held = sorted(n for n in bad if n <= reader.line_num)
+        if held:
+            record = bad[held[0]]
+            for n in held:
+                del bad[n]
+        if record != []:  # blank lines are no records
+            yield reader.line_num, record
+
+
 def _read_table(path: Path, opts: _Options, delimiter: str) -> Iterator[dict[str, Any]]:
     """CSV/TSV with a header: one caption per row; rows sharing an image are not merged."""
     used = {opts.image_key, opts.caption_key, *_MEDIA, "key", "id"}
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        columns = list(reader.fieldnames or [])
+    with _open_source(path) as fh:
+        records = _csv_records(fh, delimiter)
+        _, header = next(records, (0, []))
+        if isinstance(header, _Skip):
+            raise DataError(f"{path}: the header line is unreadable: {header.detail}")
+        columns = list(header)
         # Audio or video columns can stand in for the image column; captions are required.
         if not {opts.image_key, *_MEDIA} & set(columns):
             raise DataError(
                 f"{path}: no '{opts.image_key}' column; columns are {columns}; "
-                "name the right one with --image-key COLUMN"
+                f"name the right one with {opts.key_fix['image'].format('COLUMN')}"
             )
         if opts.caption_key not in columns:
             raise DataError(
                 f"{path}: no '{opts.caption_key}' column; columns are {columns}; "
-                "name the right one with --caption-key COLUMN"
+                f"name the right one with {opts.key_fix['caption'].format('COLUMN')}"
             )
 
-        def build(key: str, row: dict[str | None, Any]) -> dict[str, Any]:
-            if None in row:  # DictReader files surplus cells under None
-                raise _Skip(
-                    "bad_row", f"{len(columns) + len(row[None])} cells, header has {len(columns)}"
-                )
+        def build(key: str, cells: list[str] | _Skip) -> dict[str, Any]:
+            if isinstance(cells, _Skip):
+                raise cells
+            if len(cells) > len(columns):
+                raise _Skip("bad_row", f"{len(cells)} cells, header has {len(columns)}")
+            row: dict[str, Any] = dict.fromkeys(columns)  # missing cells are None
+            row.update(zip(columns, cells, strict=False))
             text = _captions(row.get(opts.caption_key) or "")
             media = _load_media(row, path.parent, opts)
             return {
@@ -411,7 +584,11 @@ def _read_table(path: Path, opts: _Options, delimiter: str) -> Iterator[dict[str
                 "text": text,
             }
 
-        rows = ((r.get("key") or r.get("id") or f"line{reader.line_num:06d}", r) for r in reader)
+        def key(number: int, cells: list[str] | _Skip) -> str:
+            named = {} if isinstance(cells, _Skip) else dict(zip(columns, cells, strict=False))
+            return named.get("key") or named.get("id") or f"line{number:06d}"
+
+        rows = ((key(number, cells), cells) for number, cells in records)
         yield from _guarded(rows, build, str(path), opts)
 
 
@@ -420,10 +597,12 @@ def _read_jsonl(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
     used = {opts.image_key, opts.caption_key, *_MEDIA, "key", "id"}
     first_fields: list[list[str]] = []  # fields of the first object, for the error message
 
-    def build(key: str, line: str) -> dict[str, Any]:
+    def build(key: str, line: str | _Skip) -> dict[str, Any]:
+        if isinstance(line, _Skip):
+            raise line
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+            obj = _parse_json(line)
+        except ValueError as exc:
             raise _Skip("bad_json", str(exc)) from exc
         if not isinstance(obj, dict):
             raise _Skip("bad_json", f"line is a {type(obj).__name__}, not an object")
@@ -437,21 +616,25 @@ def _read_jsonl(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
 
     before = Counter(opts.rejects.by_reason)
     n_yielded = 0
-    with open(path, encoding="utf-8-sig") as fh:
-        rows = ((f"line{i:06d}", line) for i, line in enumerate(fh, start=1) if line.strip())
+    with _open_source(path) as fh:
+        rows = (
+            (f"line{i:06d}", line)
+            for i, line in enumerate(_lines(fh), start=1)
+            if isinstance(line, _Skip) or line.strip()
+        )
         for sample in _guarded(rows, build, str(path), opts):
             n_yielded += 1
             yield sample
     # A field name that is wrong on every line is a flag problem, not a data problem.
     new = set(opts.rejects.by_reason - before)
-    for reason, field, flag in (
-        ("missing_image", opts.image_key, "--image-key"),
-        ("missing_caption", opts.caption_key, "--caption-key"),
+    for reason, field, kind in (
+        ("missing_image", opts.image_key, "image"),
+        ("missing_caption", opts.caption_key, "caption"),
     ):
         if n_yielded == 0 and new == {reason}:
             raise DataError(
                 f"{path}: no line has a '{field}' field; fields are {first_fields[0]}; "
-                f"name the right one with {flag} FIELD"
+                f"name the right one with {opts.key_fix[kind].format('FIELD')}"
             )
 
 
@@ -469,43 +652,69 @@ def _coco_image_path(file_name: str, json_path: Path, image_root: Path | None) -
             here.parent / split_dir / file_name,
         ]
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+        if candidate.exists():
+            return _regular(candidate)
     raise _Skip("missing_file", f"{file_name} not found in {[str(c.parent) for c in candidates]}")
+
+
+def _coco_id(value: Any) -> bool:
+    """COCO ids are ints (strings are accepted); a list, float, bool or null is not an id."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _read_coco(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
     """COCO captions: all captions of one image are kept together in ``text``."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = _parse_json(_read_text(path))
+    except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    annotations = [a for a in data.get("annotations") or [] if isinstance(a, dict)]
-    if annotations and not any("caption" in a for a in annotations):
+    for name in ("images", "annotations"):
+        if not isinstance(data.get(name) or [], list):
+            kind = type(data[name]).__name__
+            raise DataError(f"{path}: COCO '{name}' must be a list, got {kind}")
+    annotations = data.get("annotations") or []
+    if annotations and not any(isinstance(a, dict) and "caption" in a for a in annotations):
         raise DataError(
             f"{path}: COCO annotations hold no 'caption'; this reader reads caption files "
             "(captions_*.json), not instances or keypoints"
         )
-    captions: dict[Any, list[Any]] = {}
-    for ann in annotations:
-        if "caption" in ann:
-            captions.setdefault(ann.get("image_id"), []).append(ann["caption"])
+    captions: dict[int | str, list[Any]] = {}
+    for i, ann in enumerate(annotations):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if isinstance(ann, dict) and "caption" not in ann:
+            continue
+        if not _coco_id(image_id):
+            detail = f"a caption annotation needs an int 'image_id': {_short(ann)}"
+            opts.rejects.add(
+                key=f"annotation{i:06d}", reason="bad_annotation", source=str(path), detail=detail
+            )
+            continue
+        captions.setdefault(image_id, []).append(ann["caption"])
 
     def build(key: str, info: Any) -> dict[str, Any]:
-        if not isinstance(info, dict) or "file_name" not in info:
-            raise _Skip("bad_row", f"image entry without 'file_name': {info!r}")
-        if info.get("id") not in captions:
+        if not isinstance(info, dict):
+            raise _Skip("bad_row", f"image entry is a {type(info).__name__}, not an object")
+        image_id, file_name = info.get("id"), info.get("file_name")
+        if not _coco_id(image_id):
+            raise _Skip("bad_row", f"image entry needs an int 'id': {_short(info)}")
+        if not isinstance(file_name, str) or not file_name:
+            raise _Skip("bad_row", f"image entry needs a 'file_name' string: {_short(info)}")
+        if image_id not in captions:
             raise _Skip("missing_caption", f"no caption annotation for image id {key}")
-        text = _captions(captions[info["id"]])
-        image_path = _coco_image_path(info["file_name"], path, opts.image_root)
+        text = _captions(captions[image_id])
+        image_path = _coco_image_path(file_name, path, opts.image_root)
         image = _decode_image(image_path) if opts.decode else str(image_path)
         sample = {"key": key, "source": str(path), "image": image, "text": text}
-        return {**sample, "image_path": str(image_path), "image_id": info["id"]}
+        return {**sample, "image_path": str(image_path), "image_id": image_id}
 
-    images = data.get("images") or []
     rows = (
-        (str(x.get("id")) if isinstance(x, dict) else f"image{i:06d}", x)
-        for i, x in enumerate(images)
+        (str(x["id"]) if isinstance(x, dict) and _coco_id(x.get("id")) else f"image{i:06d}", x)
+        for i, x in enumerate(data.get("images") or [])
     )
     yield from _guarded(rows, build, str(path), opts)
 
@@ -519,7 +728,7 @@ def _read_imagefolder(root: Path, opts: _Options) -> Iterator[dict[str, Any]]:
 
     def build(key: str, item: tuple[Path, str]) -> dict[str, Any]:
         image_path, label = item
-        image = _decode_image(image_path) if opts.decode else str(image_path)
+        image = _decode_image(image_path) if opts.decode else str(_regular(image_path))
         caption = opts.caption_template.format(label=label.replace("_", " "))
         sample = {"key": key, "source": str(image_path), "image": image, "text": [caption]}
         return {**sample, "image_path": str(image_path), "label": label}
@@ -567,6 +776,8 @@ def _decode_member(suffix: str, data: bytes, sample: dict[str, Any], opts: _Opti
             if k not in _RESERVED:
                 sample.setdefault(k, v)
     elif suffix in ("txt", "caption", opts.caption_key):
+        if len(data) > 4 * MAX_CAPTION_CHARS:  # a UTF-8 character is at most 4 bytes
+            raise _Skip("caption_too_long", f"a {len(data)}-byte caption member")
         try:
             sample["text"] = _captions(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
@@ -594,11 +805,18 @@ def _read_tars(urls: list[str], opts: _Options) -> Iterator[dict[str, Any]]:
         opts.rejects.add(key="(shard)", reason="bad_shard", source=source, detail=str(exc.args[0]))
         return True  # keep going with the next shard
 
+    readable = []
     for url in urls:
+        try:
+            _regular(Path(url))
+        except _Skip as skip:  # a FIFO would block the tar reader
+            opts.rejects.add(key="(shard)", reason="bad_shard", source=url, detail=skip.detail)
+            continue
+        readable.append(url)
         if not _tar_complete(Path(url)):
             detail = "no end-of-archive blocks: the shard is cut short, its last samples are lost"
             opts.rejects.add(key="(shard)", reason="truncated_shard", source=url, detail=detail)
-    for raw in tarfile_samples(({"url": u} for u in urls), handler=on_error):
+    for raw in tarfile_samples(({"url": u} for u in readable), handler=on_error):
         key, source = raw["__key__"], raw["__url__"]
         sample: dict[str, Any] = {"key": key, "source": source}
         try:
@@ -689,6 +907,7 @@ def read_samples(
     caption_template: str = "a photo of a {label}",
     sample_rate: int | None = None,
     num_frames: int | None = None,
+    key_fix: Mapping[str, str] = FLAG_FIX,
 ) -> Iterator[dict[str, Any]]:
     """Stream the samples of any supported source (format from :func:`detect_format`).
 
@@ -697,6 +916,8 @@ def read_samples(
     raw bytes (tars). ``limit`` stops after that many good samples. Bad samples go to ``rejects``.
     ``sample_rate`` resamples every audio clip to that rate; ``num_frames`` samples that many
     frames (uniformly) from every video, .npy or a container PyAV decodes (mp4, webm ...).
+    ``key_fix`` is how a wrong-column error names the fix: :data:`FLAG_FIX` (``--image-key``)
+    or :data:`CONFIG_FIX` (``--set data.image_key=``, for config-driven runs such as `train`).
     """
     fmt = detect_format(path)
     if split is not None and fmt not in ("world", "wds"):
@@ -711,6 +932,7 @@ def read_samples(
         rejects=rejects if rejects is not None else Rejects(),
         sample_rate=sample_rate,
         num_frames=num_frames,
+        key_fix=key_fix,
     )
     readers: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
         "world": lambda: _read_world(Path(path), opts),

@@ -20,6 +20,10 @@ from polysense.errors import DataError, PolysenseError
 from polysense.fileio import atomic_path
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
+# The BPE trainer sees at most this many characters of each text. Its cost grows with the square
+# of a word's length (one 1 MB caption without spaces held it for minutes); a row holds at most
+# `context_length` tokens, a few hundred characters, so nothing a model reads is lost.
+MAX_TRAIN_CHARS = 1024
 
 
 def minilm_dir() -> Path:
@@ -68,7 +72,8 @@ class Tokenizer:
     def train(
         cls, texts: Iterable[str], *, vocab_size: int = 1024, context_length: int = 32
     ) -> Tokenizer:
-        """Train a lower-cased byte-level BPE on `texts` (e.g. a dataset's captions)."""
+        """Train a lower-cased byte-level BPE on `texts` (e.g. a dataset's captions), each cut
+        to its first MAX_TRAIN_CHARS characters."""
         tok = HFTokenizer(models.BPE())
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -79,7 +84,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator((text[:MAX_TRAIN_CHARS] for text in texts), trainer=trainer)
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A {EOS}",
             special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))],
