@@ -238,7 +238,11 @@ def bad_requests(index: EmbeddingIndex) -> list[tuple[str, dict, int]]:
         ("empty body", raw(b""), 400),
         ("empty body, no type", raw(b"", None), 400),
         ("not utf-8", raw(b'{"text": "\xff\xfe"}'), 400),
-        ("nested too deep", raw(b"[" * 100_000), 400),
+        ("nested too deep", raw(b"[" * 100_000), 413),  # refused by a byte count, unparsed
+        ("nested, under the count", raw(b"[" * 1000), 400),
+        ("a million empty lists", raw(b"[" + b"[]," * 1_000_000 + b"[]]"), 413),
+        ("lone surrogate in text", raw(b'{"text": "a \\ud800"}'), 422),
+        ("lone surrogate in a key", raw(b'{"\\udc00": 1, "text": "a"}'), 422),
         ("json array", {"json": ["a red circle"]}, 422),
         ("neither text nor image", {"json": {"k": 5}}, 422),
         ("both text and image", {"json": {"text": "a", "image": b64(good)}}, 422),

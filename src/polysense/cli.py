@@ -585,21 +585,41 @@ def serve_cmd(
     host: Annotated[
         str, typer.Option(help="Interface to bind; loopback by default.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1..65535).", min=1, max=65535)] = 8000,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another name clients may send in the Host header (repeatable; `*` for any). "
+            "Without it only the bound address and the loopback names are answered, which "
+            "stops DNS-rebinding pages from reaching a loopback server."
+        ),
+    ] = None,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Change one request limit, NAME=VALUE (repeatable), e.g. "
+            "--limit max_image_pixels=1000000 --limit max_decodes=4; the names and defaults "
+            "are in docs/serve.md and GET /health."
+        ),
+    ] = None,
 ) -> None:
     """Serve an index over HTTP: POST /search, GET /items/KEY/image, GET /health, and a search
     page at / (FastAPI + uvicorn; needs the `serve` extra).
 
+    Every request is bounded (bytes, pixels, decodes in flight, connections, header/body
+    timeouts); a client over a limit gets a 4xx or a 503 with a message, never the memory.
+
     Example: `polysense serve --index runs/index --port 8000` then open http://127.0.0.1:8000/
     """
     try:
-        from polysense.serve.app import serve
+        from polysense.serve.app import Limits, serve
     except ImportError as exc:
         raise PolysenseError(
             f"polysense serve needs the serve extra ({exc.name} is missing): "
             "pip install 'polysense[serve]'"
         ) from None
-    serve(index, host=host, port=port)
+    limits = Limits.parse(limit or [])
+    serve(index, host=host, port=port, limits=limits, allow_hosts=allow_host or [])
 
 
 @app.command("import-hf")

@@ -177,13 +177,17 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
         """Images -> (B, D) unit vectors. A tensor must be (B, 3, H, W), already normalised."""
         if not isinstance(images, torch.Tensor):
-            v = self.cfg.vision
-            images = images_to_tensor(
-                list(images), size=v.image_size, mean=v.image_mean, std=v.image_std
-            )
+            images = self.preprocess(images)
         visual, proj = self._inference_modules("visual", "image_proj")
         x = proj(visual(images.to(self.device)))  # (B, D)
         return F.normalize(x.float(), dim=-1)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> the (B, 3, H, W) normalised tensor `encode_image` takes (resize, centre
+        crop, normalise with the tower's mean/std); `encode_image(preprocess(x))` equals
+        `encode_image(x)`, so a caller can preprocess in worker threads and keep only tensors."""
+        v = self.cfg.vision
+        return images_to_tensor(list(images), size=v.image_size, mean=v.image_mean, std=v.image_std)
 
     def encode_text(self, ids: torch.Tensor | Sequence[str] | str) -> torch.Tensor:
         """Token ids (B, L) or strings -> (B, D) unit vectors."""

@@ -21,11 +21,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from polysense.errors import PolysenseError
 
@@ -53,23 +55,59 @@ FORM_FIELDS = ("file", "k", "modality", "dedup")
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry; anything larger is refused before it is decoded."""
+    """What the service bounds: the size of one request, the work in flight, and time.
+
+    Anything larger than a size limit is refused before it is decoded. Image decodes run in
+    `max_decodes` worker threads; `max_queued_decodes` more may wait for one, and an upload
+    beyond that gets 503 with Retry-After instead of memory. The timeouts close connections
+    that stall (uvicorn itself has none for headers or bodies). docs/serve.md lists them all."""
 
     max_image_bytes: int = 5 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = 4096 * 4096  # decoded pixels (width x height), read from the header
     max_text_chars: int = 1000
     max_k: int = 100
     max_body_bytes: int = 8 * 1024 * 1024  # base64 of a 5 MiB image is 6.7 MiB
+    max_json_containers: int = 1024  # `[` and `{` in a JSON body: a query is one flat object
+    max_decodes: int = 2  # images decoded at once
+    max_queued_decodes: int = 8  # uploads waiting for a decode slot; beyond: 503
+    max_connections: int = 64  # open connections plus running requests; beyond: 503
+    header_timeout_s: float = 10.0  # from connect (or the last response) to complete headers
+    body_timeout_s: float = 10.0  # longest silence while a request body arrives
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    request_timeout_s: float = 30.0  # decode + queue + model time of one search; beyond: 503
 
     def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_image_pixels", "max_text_chars", "max_k"):
-            if getattr(self, name) < 1:
-                raise PolysenseError(f"Limits.{name} must be >= 1, got {getattr(self, name)}")
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise PolysenseError(f"Limits.{name} must be a number > 0, got {value!r}")
         if self.max_body_bytes < self.max_image_bytes:
             raise PolysenseError(
                 f"Limits.max_body_bytes ({self.max_body_bytes}) must be >= max_image_bytes "
                 f"({self.max_image_bytes}), or no image of the allowed size could be uploaded"
             )
+        if self.max_json_containers < 2:
+            raise PolysenseError("Limits.max_json_containers must be >= 2 (one object, one list)")
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Limits:
+        """`NAME=VALUE` strings (the CLI's `--limit`) over the defaults."""
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for item in items:
+            name, sep, text = item.partition("=")
+            name = name.strip()
+            if not sep or name not in known:
+                raise PolysenseError(
+                    f"--limit {item!r}: use NAME=VALUE with NAME one of {', '.join(known)}"
+                )
+            kind = float if known[name] == "float" else int
+            try:
+                values[name] = kind(text.strip().replace("_", ""))
+            except ValueError:
+                raise PolysenseError(
+                    f"--limit {item!r}: {name} takes {'a number' if kind is float else 'an integer'}"
+                ) from None
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -85,10 +123,11 @@ class Batching:
 class ApiError(PolysenseError):
     """A request the service refuses: an HTTP status and a message for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 class MicroBatcher:
@@ -184,19 +223,59 @@ class MicroBatcher:
                 future.set_result(row)
 
 
+class DecodePool:
+    """Image decoding off the event loop, bounded: `workers` threads decode, at most `queued`
+    more requests wait for one, and a request beyond that is refused at once with 503 (the
+    client retries after `retry_after_s`) rather than holding its image in memory. The count is
+    guarded by a thread lock, not an asyncio primitive, so one pool serves any event loop."""
+
+    def __init__(self, *, workers: int, queued: int, retry_after_s: int = 1) -> None:
+        self.capacity = workers + queued
+        self.retry_after_s = retry_after_s
+        self.refused = 0
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="polysense-decode"
+        )
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a decode thread, or ApiError(503) when `capacity` requests are in."""
+        with self._lock:
+            if self._in_flight >= self.capacity:
+                self.refused += 1
+                raise ApiError(
+                    503,
+                    f"the server is decoding {self._in_flight} images already (its limit); "
+                    f"retry in {self.retry_after_s} s",
+                    headers={"Retry-After": str(self.retry_after_s)},
+                )
+            self._in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 # --- request parsing ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """One validated /search request: exactly one of `text` and `image`."""
+    """One validated /search request: exactly one of `text` and `raw` (an image's bytes, not yet
+    decoded). `image` is the decoded query in the form the model takes (see `prepare_image`)."""
 
     text: str | None
-    image: Image.Image | None
+    raw: bytes | None
     k: int
     modality: str
     dedup: float | None
-    image_bytes: int = 0
+    image: Any = None
+    image_size: tuple[int, int] | None = None
 
 
 def _show(value: Any) -> str:
@@ -250,6 +329,14 @@ def _form_number(value: Any, name: str, kind: type) -> Any:
 def check_text(value: Any, limits: Limits) -> str:
     if not isinstance(value, str):
         raise ApiError(422, f"text must be a string, got {_show(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" from a JSON escape
+        raise ApiError(
+            422,
+            f"text holds {value[exc.start]!a} at position {exc.start}, which is not a Unicode "
+            "character (a lone UTF-16 surrogate); send valid text",
+        ) from None
     text = value.strip()
     if not text:
         raise ApiError(422, 'text is empty; send a description such as "a red circle"')
@@ -320,17 +407,37 @@ def load_image(data: bytes, limits: Limits) -> Image.Image:
         raise ApiError(422, f"image could not be decoded ({exc}); is the file complete?") from None
 
 
-async def _json_query(body: bytes, limits: Limits) -> SearchQuery:
+def parse_json(body: bytes, limits: Limits) -> Any:
+    """The JSON body, refusing before parsing one with more arrays/objects than a query can hold.
+
+    A valid query is one flat object whose only free text is `text` (at most `max_text_chars`),
+    so counting `[` and `{` bytes bounds the parser's work and depth exactly: millions of nested
+    or empty lists cost a byte count, not seconds of the parser holding the GIL."""
+    containers = body.count(b"[") + body.count(b"{")
+    if containers > limits.max_json_containers:
+        raise ApiError(
+            413,
+            f"the JSON body holds {containers} '[' or '{{' characters; the limit is "
+            f"{limits.max_json_containers} (a search is one flat object like {_EXAMPLE})",
+        )
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, nesting too deep
         raise ApiError(400, f"the body is not valid JSON ({exc}); send e.g. {_EXAMPLE}") from None
+
+
+async def _json_query(body: bytes, limits: Limits) -> SearchQuery:
+    if len(body) > 64 * 1024:  # a base64 image: parse it off the event loop
+        data = await asyncio.to_thread(parse_json, body, limits)
+    else:
+        data = parse_json(body, limits)
     if not isinstance(data, dict):
         raise ApiError(422, f"the JSON body must be an object like {_EXAMPLE}")
     unknown = sorted(set(data) - set(JSON_FIELDS))
     if unknown:
         raise ApiError(
-            422, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(JSON_FIELDS)}"
+            422,
+            f"unknown field(s) {', '.join(map(_show, unknown))}; allowed: {', '.join(JSON_FIELDS)}",
         )
     k = check_k(data.get("k", 10), limits)
     modality = check_modality(data.get("modality", "image"))
@@ -344,9 +451,7 @@ async def _json_query(body: bytes, limits: Limits) -> SearchQuery:
         )
     if has_text:
         return SearchQuery(check_text(data["text"], limits), None, k, modality, dedup)
-    raw = decode_base64(data["image"], limits)
-    image = await asyncio.to_thread(load_image, raw, limits)
-    return SearchQuery(None, image, k, modality, dedup, len(raw))
+    return SearchQuery(None, decode_base64(data["image"], limits), k, modality, dedup)
 
 
 async def _form_query(request: Request, limits: Limits) -> SearchQuery:
@@ -363,7 +468,8 @@ async def _form_query(request: Request, limits: Limits) -> SearchQuery:
         if unknown:
             raise ApiError(
                 422,
-                f"unknown form field(s) {', '.join(unknown)}; allowed: {', '.join(FORM_FIELDS)}",
+                f"unknown form field(s) {', '.join(map(_show, unknown))}; allowed: "
+                f"{', '.join(FORM_FIELDS)}",
             )
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -372,11 +478,20 @@ async def _form_query(request: Request, limits: Limits) -> SearchQuery:
         k = check_k(10 if k is None else k, limits)
         modality = check_modality(form.get("modality", "image"))
         dedup = check_dedup(_form_number(form.get("dedup"), "dedup", float))
-        raw = await upload.read()
+        raw = await upload.read(limits.max_image_bytes + 1)
     finally:
         await form.close()
-    image = await asyncio.to_thread(load_image, raw, limits)
-    return SearchQuery(None, image, k, modality, dedup, len(raw))
+    return SearchQuery(None, raw, k, modality, dedup)
+
+
+def prepare_image(
+    raw: bytes, limits: Limits, preprocess: Callable[[list[Image.Image]], Any]
+) -> Any:
+    """Bytes -> the model's input for one image (`preprocess([image])`, e.g. a (1, 3, H, W)
+    tensor) and the image's size. Runs in a decode thread: the full-size decoded image lives only
+    here, so memory is bounded by `Limits.max_decodes` decodes, not by the queue's length."""
+    image = load_image(raw, limits)
+    return preprocess([image]), image.size
 
 
 _EXAMPLE = '{"text": "a red circle", "k": 10}'
@@ -401,11 +516,13 @@ async def parse_search(request: Request, limits: Limits) -> SearchQuery:
 
 class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413, with or without a
-    Content-Length header (a chunked upload is counted as it arrives)."""
+    Content-Length header (a chunked upload is counted as it arrives), and a body that goes
+    silent for `timeout_s` gets 408 and its connection closed."""
 
-    def __init__(self, app: Any, *, limit: int) -> None:
+    def __init__(self, app: Any, *, limit: int, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -421,17 +538,72 @@ class _BodyLimit:
             text = message if status == 413 else "the Content-Length header is not a number"
             await JSONResponse({"error": text}, status_code=status)(scope, receive, send)
             return
-        seen = 0
+        seen, done = 0, False
 
         async def limited() -> Any:
-            nonlocal seen
-            event = await receive()
+            nonlocal seen, done
+            if done:  # the body is complete: what follows is a wait for disconnect, untimed
+                return await receive()
+            try:
+                event = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    f"the request body stalled: nothing arrived for {self.timeout_s:g} s "
+                    f"after {seen} bytes; send the whole body at once",
+                    headers={"Connection": "close"},
+                ) from None
             seen += len(event.get("body", b""))
+            done = event["type"] != "http.request" or not event.get("more_body", False)
             if seen > self.limit:
                 raise ApiError(413, message)
             return event
 
         await self.app(scope, limited, send)
+
+
+def host_names(bound: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The Host header names a server bound to `bound` answers to: the loopback names when it
+    is loopback, the bound address otherwise, plus `extra` (`--allow-host`; `*` allows any)."""
+    loopback = ("127.0.0.1", "localhost", "::1")
+    try:
+        address = ipaddress.ip_address(bound)
+        names = loopback if address.is_loopback else (str(address), *loopback)
+    except ValueError:  # a host name
+        names = (bound.lower(), *loopback) if bound != "localhost" else loopback
+    return tuple(dict.fromkeys([*names, *(h.strip().lower() for h in extra)]))
+
+
+def _host_of(header: str) -> str:
+    """`example.com:8000` -> `example.com`; `[::1]:8000` -> `::1`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class _HostCheck:
+    """ASGI middleware against DNS rebinding: a request whose Host header is not one of the
+    server's own names (a page on evil.example that resolved its name to 127.0.0.1) gets 400."""
+
+    def __init__(self, app: Any, *, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or "*" in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        raw = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if _host_of(raw) not in self.allowed:
+            shown = raw[:60] or "(none)"
+            text = (
+                f"Host header {shown!r} is not a name of this server ({', '.join(sorted(self.allowed))}); "
+                "to serve under another name start it with --allow-host NAME"
+            )
+            await JSONResponse({"error": text}, status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 # --- the app ------------------------------------------------------------------------------------
@@ -449,8 +621,10 @@ def _answer(index: EmbeddingIndex, queries: Sequence[SearchQuery]) -> list[list[
     with torch.inference_mode():
         if queries[0].text is not None:
             emb = model.encode_text([q.text for q in queries])  # (B, D)
+        elif isinstance(queries[0].image, torch.Tensor):
+            emb = model.encode_image(torch.cat([q.image for q in queries]))  # (B, D)
         else:
-            emb = model.encode_image([q.image for q in queries])  # (B, D)
+            emb = model.encode_image([image for q in queries for image in q.image])  # (B, D)
     emb = emb.float().cpu().numpy()
     return [
         index.search(emb[i : i + 1], k=q.k, modality=q.modality, dedup=q.dedup)[0]
@@ -463,7 +637,28 @@ def _image_url(key: str) -> str:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # a message may quote a client's text; a lone surrogate in it must not fail the response
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _item_key(request: Request) -> tuple[str, bool]:
+    """The key of an /items/... request and whether it asks for the image. Read from the raw
+    path, so that a key holding `/` (an image-folder file `cats/1`) is sent as `cats%2F1`; a
+    literal `/image` ending asks for the image (`_image_url` always encodes the key's `/`)."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    rest = raw.decode("latin-1").partition("/items/")[2]
+    wants_image = rest.endswith("/image")
+    return unquote(rest[: -len("/image")] if wants_image else rest), wants_image
+
+
+def _without_paths(meta: dict[str, Any]) -> dict[str, Any]:
+    """Item metadata with each absolute path (`source`, an `image_path` ...) cut to its file
+    name: the server's directory layout is not the client's business."""
+    return {
+        k: Path(v).name if isinstance(v, str) and Path(v).is_absolute() else v
+        for k, v in meta.items()
+    }
 
 
 def create_app(
@@ -471,14 +666,19 @@ def create_app(
     *,
     limits: Limits = Limits(),
     batching: Batching = Batching(),
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """The search service over `index` (an opened `EmbeddingIndex`; its `.model` encodes queries).
 
     The model runs in one worker thread (torch parallelises inside a call; a batch at a time
-    keeps memory flat); index reads (thread-safe) run in the default thread pool, so neither
-    blocks the event loop."""
+    keeps memory flat); image decoding runs in a bounded `DecodePool`; index reads (thread-safe)
+    run in the default thread pool, so none of them blocks the event loop. `allowed_hosts`
+    (`host_names(...)`; `serve` always passes it) turns on the Host-header check; None leaves it
+    off for in-process use such as tests' clients."""
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polysense-model")
-    index.model  # noqa: B018  (loads the checkpoint now: a broken one fails at start, not per query)
+    model = index.model  # loads the checkpoint now: a broken one fails at start, not per query
+    preprocess = getattr(model, "preprocess", lambda images: images)
+    decoder = DecodePool(workers=limits.max_decodes, queued=limits.max_queued_decodes)
     batchers = {
         kind: MicroBatcher(answer=lambda qs: _answer(index, qs), batching=batching, executor=worker)
         for kind in ("text", "image")
@@ -497,15 +697,23 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.index, app.state.limits, app.state.batchers = index, limits, batchers
-    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    app.state.decoder = decoder
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    if allowed_hosts is not None:
+        app.add_middleware(_HostCheck, allowed=allowed_hosts)  # added last: runs first
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(PolysenseError)
     async def _polysense_error(request: Request, exc: PolysenseError) -> JSONResponse:
         return _error(422, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.info("client went away during %s %s", request.method, request.url.path)
+        return _error(400, "the client disconnected before sending the whole request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -526,19 +734,35 @@ def create_app(
         parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         return _error(422, "; ".join(parts) or "invalid request")
 
+    async def run_query(query: SearchQuery) -> tuple[SearchQuery, list[Hit]]:
+        if query.text is not None:
+            return query, await batchers["text"].submit(query)
+        assert query.raw is not None
+        image, size = await decoder.run(prepare_image, query.raw, limits, preprocess)
+        query = replace(query, raw=None, image=image, image_size=size)
+        return query, await batchers["image"].submit(query)
+
     @app.post("/search", openapi_extra=_SEARCH_OPENAPI)
     async def search(request: Request) -> JSONResponse:
         """Nearest items to a text or an image query (JSON, or a multipart `file` upload)."""
         start = time.perf_counter()
         query = await parse_search(request, limits)
+        n_bytes = 0 if query.raw is None else len(query.raw)
+        try:
+            query, hits = await asyncio.wait_for(run_query(query), limits.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                503,
+                f"the search took longer than {limits.request_timeout_s:g} s (the server is "
+                "busy); retry later",
+                headers={"Retry-After": "5"},
+            ) from None
         if query.text is not None:
-            hits = await batchers["text"].submit(query)  # fewer than k when the index holds fewer
             described: dict[str, Any] = {"text": query.text}
         else:
-            hits = await batchers["image"].submit(query)
-            assert query.image is not None
-            width, height = query.image.size
-            described = {"image": {"width": width, "height": height, "bytes": query.image_bytes}}
+            assert query.image_size is not None
+            width, height = query.image_size
+            described = {"image": {"width": width, "height": height, "bytes": n_bytes}}
         described.update(k=query.k, modality=query.modality, dedup=query.dedup)
         results = [
             {
@@ -548,28 +772,25 @@ def create_app(
                 "modality": hit.modality,
                 "image_url": _image_url(hit.key),
             }
-            for hit in hits
+            for hit in hits  # fewer than k when the index holds fewer
         ]
         took_ms = round((time.perf_counter() - start) * 1000, 2)
         return JSONResponse({"query": described, "results": results, "took_ms": took_ms})
 
-    @app.get("/items/{key:path}/image", response_class=Response)
-    async def item_image(key: str) -> Response:
-        """The item's image as PNG."""
-        data = await asyncio.to_thread(index.image_bytes, key)
-        if data is None:
-            if await asyncio.to_thread(index.item, key) is None:
-                raise ApiError(404, f"no item with key {key!r} in this index")
-            raise ApiError(404, f"item {key!r} has no image")
-        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
-
-    @app.get("/items/{key:path}")
-    async def item(key: str) -> JSONResponse:
-        """The item's metadata: key, captions, source, split."""
+    @app.get("/items/{key:path}", response_model=None)
+    async def item(request: Request) -> Response:
+        """An item's metadata (key, captions, source file name, split), or with `/image` after
+        the key, its image as PNG. Encode a `/` inside the key as `%2F`."""
+        key, wants_image = _item_key(request)
         meta = await asyncio.to_thread(index.item, key)
         if meta is None:
             raise ApiError(404, f"no item with key {key!r} in this index")
-        return JSONResponse({**meta, "image_url": _image_url(key)})
+        if wants_image:
+            data = await asyncio.to_thread(index.image_bytes, key)
+            if data is None:
+                raise ApiError(404, f"item {key!r} has no image")
+            return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        return JSONResponse({**_without_paths(meta), "image_url": _image_url(key)})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -580,6 +801,7 @@ def create_app(
             "dim": int(index.dim),
             "limits": {**limits.__dict__},
             "batches": {m: {"calls": b.calls, "items": b.items} for m, b in batchers.items()},
+            "refused_decodes": decoder.refused,
         }
 
     @app.get("/", include_in_schema=False)
@@ -637,33 +859,104 @@ def _warn_if_public(host: str) -> None:
         log.warning("serving on %s: reachable from other machines, with no authentication", host)
 
 
+class _TimedH11(H11Protocol):
+    """uvicorn's h11 protocol plus a header timeout: a connection that has not sent a request's
+    complete headers `header_timeout_s` after it opened (or after its last response) is closed.
+    uvicorn's keep-alive timer alone does not cover this: any byte, however slow, resets it."""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._armed_for = self.scope  # a new request's scope replaces it once headers are in
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            log.info(
+                "closing a connection that sent no complete request headers in %g s",
+                self.header_timeout_s,
+            )
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._header_timer is not None and self.scope is not self._armed_for:
+            self._disarm()  # headers complete; the body has its own timeout (_BodyLimit)
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._arm()  # before super(): it may start a pipelined request at once
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def uvicorn_config(
+    app: FastAPI, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Config:
+    """uvicorn settings from the app's `Limits`: header/body/keep-alive timeouts and the
+    connection limit (uvicorn answers 503 beyond it)."""
+    limits: Limits = app.state.limits
+    protocol = type("TimedH11", (_TimedH11,), {"header_timeout_s": limits.header_timeout_s})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+        limit_concurrency=limits.max_connections,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+
+
 def serve(
     index_dir: str | Path,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: Limits = Limits(),
+    allow_hosts: Sequence[str] = (),
 ) -> None:
-    """Open the index in `index_dir` and serve it (blocking) on http://host:port."""
+    """Open the index in `index_dir` and serve it (blocking) on http://host:port. Requests must
+    name the server in their Host header (`host_names(host, allow_hosts)`)."""
     from polysense.index import EmbeddingIndex
 
+    if not 1 <= port <= 65535:
+        raise PolysenseError(f"--port {port} is not a TCP port; use 1..65535 (e.g. 8000)")
     index = EmbeddingIndex.open(index_dir)
     _warn_if_public(host)
-    uvicorn.run(create_app(index, limits=limits), host=host, port=port, log_level="info")
+    app = create_app(index, limits=limits, allowed_hosts=host_names(host, allow_hosts))
+    uvicorn.Server(uvicorn_config(app, host=host, port=port)).run()
 
 
 @contextlib.contextmanager
 def serve_in_thread(
     app: FastAPI, *, host: str = "127.0.0.1", timeout: float = 20.0
 ) -> Iterator[str]:
-    """Run `app` under uvicorn in a background thread on a free port; yields its base URL and
-    shuts the server down on exit (for tests and notebooks)."""
+    """Run `app` under uvicorn in a background thread on a free port, with the same settings
+    as `serve`; yields its base URL and shuts the server down on exit (tests and notebooks)."""
     # IPPROTO_TCP as in uvicorn's own sockets: asyncio sets TCP_NODELAY only on those, and
     # without it every response stalls ~40 ms (Nagle + delayed ACK).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, host=host, port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
