@@ -3,6 +3,10 @@
 The report says how many samples, which modalities, how many captions and how many samples were
 rejected and why; the contact sheet shows the first images with their first caption, so a wrong
 image column or a broken caption template is visible at a glance.
+
+A directory that is no dataset itself but holds several (a CSV, a JSONL, a COCO file, an image
+folder ...) is inspected as a collection: each source is read with its own format into one report
+and one rejects file, and a source that cannot be read at all is one ``unreadable_source`` reject.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ import json
 import math
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from polysense.data.readers import Rejects, detect_format, read_samples
+from polysense.data.readers import Rejects, collection_sources, detect_format, read_samples
+from polysense.errors import DataError
 from polysense.fileio import atomic_open
 
 # Modalities counted in the report, in display order.
@@ -33,7 +40,8 @@ CAPTION_LINES = 3
 
 @dataclass(frozen=True)
 class InspectReport:
-    """What `inspect` found; ``splits`` holds the manifest's per-split counts for a world."""
+    """What `inspect` found; ``splits`` holds the manifest's per-split counts for a world, and
+    ``sources`` the number of sources per format for a collection."""
 
     path: str
     format: str
@@ -46,6 +54,7 @@ class InspectReport:
     sheet_path: str | None = None
     split: str | None = None
     splits: dict[str, int] | None = field(default=None)
+    sources: dict[str, int] | None = field(default=None)
 
 
 def _manifest_counts(root: Path) -> dict[str, int] | None:
@@ -66,6 +75,21 @@ def _manifest_counts(root: Path) -> dict[str, int] | None:
             if value is not None:
                 counts[name] = value
     return counts or None
+
+
+def _read_collection(
+    sources: list[Path], formats: Counter[str], rejects: Rejects, **options: Any
+) -> Iterator[dict[str, Any]]:
+    """The samples of every source in turn, each read with its own format (counted in
+    ``formats``); a source that cannot be read at all becomes one ``unreadable_source`` reject."""
+    for source in sources:
+        try:
+            formats[detect_format(source)] += 1
+            yield from read_samples(source, rejects=rejects, **options)
+        except (DataError, OSError) as exc:
+            rejects.add(
+                key="(source)", reason="unreadable_source", source=str(source), detail=str(exc)
+            )
 
 
 def _progress(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -150,22 +174,25 @@ def inspect(
     n_sheet: int = 16,
     limit: int | None = None,
 ) -> InspectReport:
-    """Read ``path`` once and report counts, modalities and rejects; optionally draw a sheet."""
-    fmt = detect_format(path)
+    """Read ``path`` once and report counts, modalities and rejects; optionally draw a sheet.
+
+    ``path`` may be a directory of several sources (see :func:`collection_sources`)."""
+    sources = collection_sources(path)
+    formats: Counter[str] = Counter()
+    fmt = "collection" if sources else detect_format(path)
+    if fmt == "collection" and split is not None:
+        raise DataError(f"{path}: --split applies to one world or shard set, not a collection")
     if fmt == "world" and split is None:
         split = "train"
     counts = dict.fromkeys(MODALITIES, 0)
     n_samples = n_captions = 0
     shown: list[dict[str, Any]] = []
     with Rejects(rejects_path) as rejects:
-        samples = read_samples(
-            path,
-            split=split,
-            image_key=image_key,
-            caption_key=caption_key,
-            rejects=rejects,
-            limit=limit,
-        )
+        keys = {"image_key": image_key, "caption_key": caption_key}
+        if sources:
+            samples = islice(_read_collection(sources, formats, rejects, **keys), limit)
+        else:
+            samples = read_samples(path, split=split, rejects=rejects, limit=limit, **keys)
         for sample in _progress(samples):
             n_samples += 1
             n_captions += len(sample.get("text") or [])
@@ -188,6 +215,7 @@ def inspect(
         sheet_path=str(sheet_path) if sheet_path is not None else None,
         split=split,
         splits=_manifest_counts(Path(path)) if fmt == "world" else None,
+        sources=dict(sorted(formats.items())) if sources else None,
     )
 
 
@@ -201,6 +229,9 @@ def format_report(report: InspectReport) -> list[str]:
         lines.append(
             "splits (manifest): " + ", ".join(f"{k} {v}" for k, v in report.splits.items())
         )
+    if report.sources is not None:
+        read = ", ".join(f"{k} {v}" for k, v in report.sources.items()) or "none readable"
+        lines.append(f"sources: {read}")
     lines += [
         f"samples: {report.n_samples}",
         f"captions: {report.n_captions}",

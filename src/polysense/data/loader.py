@@ -59,8 +59,9 @@ def load_pairs(
     rejects_path: Path | None = None,
     limit: int | None = None,
 ) -> PairData:
-    """Read any supported source (world, webdataset, CSV/JSONL, COCO, image folder) into memory."""
-    from polysense.data.readers import Rejects, read_samples
+    """Read any supported source (world, webdataset, CSV/JSONL, COCO, image folder) into memory;
+    a wrong column is named with its config override (`train` has no --image-key)."""
+    from polysense.data.readers import CONFIG_FIX, Rejects, read_samples
 
     where = f"{path}" + (f" (split {split})" if split else "")
     with Rejects(path=rejects_path) as rejects:  # closing moves the rejects file into place
@@ -71,6 +72,7 @@ def load_pairs(
             caption_key=caption_key,
             rejects=rejects,
             limit=limit,
+            key_fix=CONFIG_FIX,
         )
         return collect_pairs(samples, image_size=image_size, source=where)
 
@@ -233,8 +235,9 @@ def load_towers(
     rejects_path: Path | None = None,
     limit: int | None = None,
 ) -> TowerData:
-    """Read any supported source into memory for the towers of `model` (a `ModelConfig`)."""
-    from polysense.data.readers import Rejects, read_samples
+    """Read any supported source into memory for the towers of `model` (a `ModelConfig`); a
+    wrong column is named with its config override, as in `load_pairs`."""
+    from polysense.data.readers import CONFIG_FIX, Rejects, read_samples
 
     where = f"{path}" + (f" (split {split})" if split else "")
     audio, video = model.audio, model.video
@@ -247,6 +250,7 @@ def load_towers(
             rejects=rejects,
             limit=limit,
             sample_rate=audio.sample_rate if "audio" in model.towers else None,
+            key_fix=CONFIG_FIX,
         )
         return collect_towers(
             samples,
