@@ -112,7 +112,8 @@ def data_inspect(
     path: Annotated[
         str,
         typer.Argument(
-            help="World dir, .tar/shard pattern, CSV/TSV/JSONL, COCO json or image folder."
+            help="World dir, .tar/shard pattern, CSV/TSV/JSONL, COCO json, image folder, or a "
+            "directory of several of these (each read with its own format)."
         ),
     ],
     split: Annotated[str | None, typer.Option(help="World split to read (default train).")] = None,
