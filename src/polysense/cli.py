@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from polysense.errors import PolysenseError
+from polysense.fileio import writable_dir, write_failure
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -44,6 +45,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(bench_app, name="bench")
 
 SPLITS = ("train", "val", "test", "test_novel")
+WORLD_SIZES = (32, 64)  # the canvas sizes the world's objects, motion and sounds are tuned for
 
 
 def _parse_modalities(text: str) -> tuple[str, ...]:
@@ -92,6 +94,12 @@ def world_generate(
 
     from polysense.data.world import generate_world
 
+    if size not in WORLD_SIZES:
+        raise PolysenseError(
+            f"--size {size}: the world is drawn at {' or '.join(map(str, WORLD_SIZES))} px; "
+            "pass --size 32 or --size 64"
+        )
+    writable_dir(out, flag="--out")
     start = time.perf_counter()
     manifest = generate_world(
         out,
@@ -325,14 +333,16 @@ def train_cmd(
     from polysense.presets import get_preset, get_runner
 
     cfg = apply_overrides(get_preset(preset), set_ or [])
+    splits = tuple(s.strip() for s in eval_splits.split(",") if s.strip())
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise PolysenseError(
+            f"--eval-splits {eval_splits}: no split {unknown[0]!r}; choose from "
+            f"{','.join(SPLITS)} (comma-separated), or --eval-splits '' for none"
+        )
+    writable_dir(out, flag="--out")
     runner = get_runner(preset) or _train_and_evaluate
-    metrics = runner(
-        cfg,
-        data=data,
-        out=out,
-        resume=resume,
-        eval_splits=tuple(s for s in eval_splits.split(",") if s),
-    )
+    metrics = runner(cfg, data=data, out=out, resume=resume, eval_splits=splits)
     if "zeroshot_top1" in metrics or "i2t_r1" in metrics:
         console.print(_metrics_table(metrics, f"{preset} on {data}"))
     console.print(f"wrote {out / 'metrics.json'}")
@@ -477,6 +487,7 @@ def index_build(
     """
     from polysense.index import build_index
 
+    writable_dir(out.absolute().parent, flag="--out")
     index = build_index(
         ckpt, data, out, split=split, index_type=index_type, batch_size=batch_size, limit=limit
     )
@@ -496,7 +507,9 @@ def index_add(
     """
     from polysense.index import EmbeddingIndex
 
-    added = EmbeddingIndex.open(index).add(data, split=split, batch_size=batch_size)
+    opened = EmbeddingIndex.open(index)
+    writable_dir(index.absolute().parent, flag="--index")
+    added = opened.add(data, split=split, batch_size=batch_size)
     console.print(f"added {added} items to {index}")
 
 
@@ -714,11 +727,20 @@ def _load_area_commands() -> None:
 _load_area_commands()
 
 
+def _print_error(message: str) -> None:
+    err_console.print(f"error: {message}", style="bold red", markup=False, highlight=False)
+
+
 def main() -> None:
     try:
         app()
     except PolysenseError as exc:
-        err_console.print(f"error: {exc}", style="bold red", markup=False, highlight=False)
+        _print_error(str(exc))
+        sys.exit(2)
+    except OSError as exc:  # the environment, not the program: a path, a permission, a disk
+        where = exc.filename or "a file"
+        failure = write_failure(exc, where)
+        _print_error(str(failure) if failure else f"{where}: {exc.strerror or exc}; check the path")
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

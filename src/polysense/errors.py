@@ -7,3 +7,7 @@ class PolysenseError(Exception):
 
 class DataError(PolysenseError):
     """Unreadable or missing data: a path that does not exist, a source with no samples."""
+
+
+class OutputError(PolysenseError):
+    """An output that cannot be written: a read-only location, no permission, a full disk."""

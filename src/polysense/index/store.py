@@ -16,21 +16,25 @@ Layout of an index directory (format version 1):
 A live index is never written in place: `build_index` and `EmbeddingIndex.add` write a temporary
 sibling directory and swap it in with renames (live -> `.NAME.old`, new -> `NAME`, old removed).
 A process killed at any point leaves the previous index usable; `open` finishes or rolls back a
-swap cut between its two renames. One writer at a time.
+swap cut between its two renames, and removes the temporary directories of killed writers
+(`.NAME.tmp-XXXXXXXX`, see `polysense.fileio.remove_stale`: unlocked and a minute old; a live
+writer holds a lock on its own). One writer at a time. A write that fails for lack of space
+or permission (SQLite's "database or disk is full" included) is a one-line error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
-import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +45,7 @@ import torch
 from PIL import Image
 
 from polysense.errors import DataError, PolysenseError
+from polysense.fileio import remove_stale, temp_dir, write_failure
 from polysense.index import ann
 
 FORMAT, VERSION = "polysense-index", 1
@@ -99,9 +104,15 @@ def _is_index(path: Path) -> bool:
     return (path / META).is_file()
 
 
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
 def recover(out: str | Path) -> None:
-    """Finish or roll back a swap that a killed process left between its two renames."""
+    """Finish or roll back a swap that a killed process left between its two renames, and
+    remove the stale temporary directories of killed builds or adds of this index."""
     out = Path(out)
+    remove_stale(out.parent, re.compile(re.escape(_temp_prefix(out)) + r"[a-z0-9_]{8}"))
     old = _old_dir(out)
     if not old.exists():
         return
@@ -147,9 +158,18 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _temp_sibling(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+@contextlib.contextmanager
+def _temp_sibling(out: Path) -> Iterator[Path]:
+    """A locked temporary directory beside `out` to write the new index in (removed after the
+    block unless swapped in); a write failing for lack of space or permission is one line."""
+    try:
+        with temp_dir(out.parent, _temp_prefix(out)) as tmp:
+            yield tmp
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        failure = write_failure(exc, out)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -420,8 +440,7 @@ def build_index(
     recover(out)
     _check_out(out)
     model = load_model(ckpt)
-    tmp = _temp_sibling(out)
-    try:
+    with _temp_sibling(out) as tmp:
         source = _ingest(
             tmp,
             model,
@@ -461,8 +480,6 @@ def build_index(
         }
         _write_meta(tmp, meta)
         _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
     return EmbeddingIndex.open(out, model=model)
 
 
@@ -594,8 +611,7 @@ class EmbeddingIndex:
         faiss = ann.faiss_module()
         model = self.model
         out = self.directory
-        tmp = _temp_sibling(out)
-        try:
+        with _temp_sibling(out) as tmp:
             for name in (_emb_file("image"), _emb_file("text"), ITEMS_DB):
                 shutil.copyfile(out / name, tmp / name)
             source = _ingest(
@@ -636,8 +652,6 @@ class EmbeddingIndex:
             }
             _write_meta(tmp, meta)
             _swap_in(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self._db.close()  # the old files stay readable until here (open handles)
         self._load(out, _read_meta(out))
         return int(source["items"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -225,6 +226,44 @@ def _hf_class(model_type: str, where: Path) -> type:
     return classes[model_type]
 
 
+def _load_hf(cls: type, src: Path) -> Any:
+    """The HF model at `src`. safetensors weights load through transformers, told to use them
+    only; PyTorch `.bin` weights are read here with torch's restricted unpickler
+    (`weights_only=True`: tensors and plain values), whatever transformers' own default, so a
+    crafted .bin cannot run code, and a damaged one is a one-line error."""
+    bins = sorted(src.glob("pytorch_model*.bin"))  # one file, or its shards
+    safe = any(src.glob("model*.safetensors"))
+    if safe or not bins:
+        return cls.from_pretrained(str(src), local_files_only=True, use_safetensors=safe or None)
+    model = cls(cls.config_class.from_pretrained(str(src), local_files_only=True))
+    state: dict[str, torch.Tensor] = {}
+    fix = "re-download it, or convert it to model.safetensors"
+    for path in bins:
+        try:
+            part = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise PolysenseError(
+                f"{path}: refused by torch's restricted unpickler (weights_only=True): damaged, "
+                f"or holding objects other than tensors; {fix}"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as exc:
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise PolysenseError(f"{path}: not a PyTorch weights file ({detail}); {fix}") from None
+        if not isinstance(part, dict):
+            raise PolysenseError(f"{path} holds a {type(part).__name__}, not a state dict")
+        state |= part
+    try:
+        missing, _ = model.load_state_dict(state, strict=False)  # extra: legacy position_ids
+    except RuntimeError as exc:  # a tensor of another shape
+        missing = [str(exc).splitlines()[-1].strip()[:160]]
+    if missing:
+        raise PolysenseError(
+            f"{src}: the .bin weights do not fit its config.json ({missing[0]}, "
+            f"{len(missing)} in all); {fix}"
+        )
+    return model.eval()
+
+
 def import_hf(src_dir: str | Path) -> tuple[CLIP, RunConfig]:
     """Load an HF `CLIPModel`/`SiglipModel` directory as a polysense `CLIP` (eval mode) and the
     `RunConfig` that describes it. Its `tokenizer.json` is used when polysense can read it;
@@ -237,7 +276,7 @@ def import_hf(src_dir: str | Path) -> tuple[CLIP, RunConfig]:
     cls = _hf_class(model_type, cfg_path)
     try:
         with quiet_transformers():
-            hf = cls.from_pretrained(str(src), local_files_only=True)
+            hf = _load_hf(cls, src)
     except (OSError, ValueError) as exc:
         raise PolysenseError(f"{src}: transformers could not load it ({exc})") from None
     cfg = _config_from_hf(hf, src)

@@ -3,7 +3,10 @@
 `state.pt` holds the model and optimiser state, the step, the skipped-step counter and the RNG
 state in one file written atomically, so a run killed at any instant resumes from a consistent
 checkpoint. `model.safetensors` + `config.json` + `tokenizer.json` (the inference checkpoint that
-`polysense.load` reads) are exported next to it after each save.
+`polysense.load` reads) are exported next to it after each save. A save on a full disk is a
+one-line error (`polysense.fileio`), and the temp files that a save killed midway left behind
+(`.state.pt.XXXXXXXX.tmp`, ...) are removed by the next resume or save once stale (unlocked and
+unchanged for a minute: `polysense.fileio.remove_stale`), never a live writer's.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from typing import Any
 import torch
 
 from polysense.errors import PolysenseError
-from polysense.fileio import atomic_open
+from polysense.fileio import atomic_open, remove_stale
 
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
 
 
 def save_state(out: Path, state: dict[str, Any]) -> None:
+    remove_stale(out)
     with atomic_open(out / STATE, "wb") as handle:
         torch.save(state, handle)
 
@@ -32,6 +36,7 @@ def load_state(out: Path) -> dict[str, Any]:
     tensors, containers and primitive types only), so a crafted `state.pt` cannot run code; a
     file holding anything else is refused with one line."""
     path = out / STATE
+    remove_stale(out)
     if not path.exists():
         raise PolysenseError(f"{path} does not exist: nothing to resume; drop --resume to start")
     try:
