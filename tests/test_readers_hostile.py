@@ -260,3 +260,14 @@ def test_tokenizer_trainer_sees_each_text_cut_to_max_train_chars() -> None:
     # BPE on one run of n 'a's learns merges up to about n 'a's; cut to MAX_TRAIN_CHARS, no token
     # is longer than that (+1 for the byte-level prefix space 'Ġ').
     assert max(len(token) for token in tok.to_json()["model"]["vocab"]) <= MAX_TRAIN_CHARS + 1
+
+
+def test_csv_with_classic_mac_line_ends_still_reads(tmp_path: Path) -> None:
+    """Regression guard for the binary line reader: a lone \\r ends a line, as it did in text
+    mode with newline=''."""
+    png(tmp_path / "ok.png")
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b'image,caption\rok.png,one\rok.png,"two\rlines"\rok.png,\xff\r')
+    samples, rejects = read_all(path)
+    assert [s["text"] for s in samples] == [["one"], ["two\rlines"]]
+    assert [(r["key"], r["reason"]) for r in rejects.records] == [("line000005", "not_utf8")]

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import warnings
 from collections import Counter
@@ -486,6 +487,7 @@ def _guarded(
 # tabular readers: CSV / TSV / JSONL / COCO
 
 _MEDIA = ("audio", "video")
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # the empty string after a \r that ends a line
 
 
 def _open_source(path: Path) -> IO[bytes]:
@@ -496,8 +498,9 @@ def _open_source(path: Path) -> IO[bytes]:
 
 
 def _lines(fh: IO[bytes]) -> Iterator[str | _Skip]:
-    """The lines of a binary file, decoded as UTF-8; a line that is not UTF-8, or over
-    MAX_LINE_BYTES (read past in chunks, never held whole), comes as the _Skip rejecting it."""
+    """The lines of a binary file, decoded as UTF-8 and split at \\n, \\r\\n and a lone \\r (as
+    universal newlines do); a line that is not UTF-8, or over MAX_LINE_BYTES (read past in
+    chunks, never held whole), comes as the _Skip rejecting it."""
     cap = MAX_LINE_BYTES
     first = True
     while raw := fh.readline(cap + 1):
@@ -511,9 +514,20 @@ def _lines(fh: IO[bytes]) -> Iterator[str | _Skip]:
             yield _Skip("line_too_long", f"{size} bytes, over the cap of {cap} (MAX_LINE_BYTES)")
             continue
         try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield _Skip("not_utf8", f"not UTF-8 at byte {exc.start} of the line; save as UTF-8")
+            line, valid = raw.decode("utf-8"), True
+        except UnicodeDecodeError:  # bad bytes become lone surrogates, found line by line below
+            line, valid = raw.decode("utf-8", "surrogateescape"), False
+        # classic Mac line ends: a lone \r inside the \n-line ends a line too
+        parts = _LONE_CR.split(line) if "\r" in line.rstrip("\r\n") else [line]
+        for part in filter(None, parts):
+            if not valid:
+                try:
+                    part.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    where = f"character {exc.start} of the line"
+                    yield _Skip("not_utf8", f"not UTF-8 at {where}; save the file as UTF-8")
+                    continue
+            yield part
 
 
 def _csv_records(fh: IO[bytes], delimiter: str) -> Iterator[tuple[int, list[str] | _Skip]]:
