@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -223,6 +224,13 @@ class MicroBatcher:
                 future.set_result(row)
 
 
+def _be_nice() -> None:
+    """Lower this thread's CPU priority (Linux schedules threads one by one): a flood of large
+    uploads then takes the CPU time the event loop and the model leave, not theirs."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class DecodePool:
     """Image decoding off the event loop, bounded: `workers` threads decode, at most `queued`
     more requests wait for one, and a request beyond that is refused at once with 503 (the
@@ -234,7 +242,7 @@ class DecodePool:
         self.retry_after_s = retry_after_s
         self.refused = 0
         self._executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="polysense-decode"
+            max_workers=workers, thread_name_prefix="polysense-decode", initializer=_be_nice
         )
         self._lock = threading.Lock()
         self._in_flight = 0
