@@ -87,6 +87,23 @@ def test_non_utf8_jsonl_line_is_one_reject_and_the_rest_is_read(tmp_path: Path) 
     assert [(r["key"], r["reason"]) for r in rejects.records] == [("line000002", "not_utf8")]
 
 
+def test_csv_whose_header_is_not_utf8_is_one_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"image,l\xe9gende\nok.png,x\n")
+    with pytest.raises(DataError, match=r"d\.csv: the header line is unreadable: not UTF-8"):
+        read_all(path)
+
+
+def test_deeply_nested_jsonl_line_is_bad_json(tmp_path: Path) -> None:
+    png(tmp_path / "ok.png")
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"image": "ok.png", "caption": "fine"})
+    path.write_text("[" * 200_000 + "\n" + good + "\n")  # RecursionError in json.loads
+    samples, rejects = read_all(path)
+    assert [s["text"] for s in samples] == [["fine"]]
+    assert [(r["key"], r["reason"]) for r in rejects.records] == [("line000001", "bad_json")]
+
+
 def test_csv_field_over_the_csv_module_limit_is_one_reject(tmp_path: Path) -> None:
     png(tmp_path / "ok.png")
     path = tmp_path / "d.csv"
