@@ -4,8 +4,10 @@ caption, line or image is big enough to hold up the tokenizer or exhaust memory.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -102,6 +104,26 @@ def test_deeply_nested_jsonl_line_is_bad_json(tmp_path: Path) -> None:
     samples, rejects = read_all(path)
     assert [s["text"] for s in samples] == [["fine"]]
     assert [(r["key"], r["reason"]) for r in rejects.records] == [("line000001", "bad_json")]
+
+
+def test_deeply_nested_json_member_of_a_tar_is_bad_json(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    members = {
+        "a.png": buf.getvalue(),
+        "a.json": b"[" * 200_000,
+        "b.png": buf.getvalue(),
+        "b.txt": b"a good one",
+    }
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples, rejects = read_all(path)
+    assert [s["text"] for s in samples] == [["a good one"]]
+    assert [(r["key"], r["reason"]) for r in rejects.records] == [("a", "bad_json")]
 
 
 def test_csv_field_over_the_csv_module_limit_is_one_reject(tmp_path: Path) -> None:

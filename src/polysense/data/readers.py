@@ -777,8 +777,8 @@ def _decode_member(suffix: str, data: bytes, sample: dict[str, Any], opts: _Opti
         sample["video"] = decoded
     elif suffix == "json":
         try:
-            meta = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            meta = _parse_json(data.decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise _Skip("bad_json", f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(meta, dict):
             raise _Skip("bad_json", f".json member is a {type(meta).__name__}, not an object")
