@@ -90,7 +90,7 @@ def test_json_round_trip():
         ("model.text.context_length=-3", r"model\.text\.context_length=-3: must be > 0"),
         ("model.audio.n_mels=0", r"model\.audio\.n_mels=0: must be > 0"),
         ("model.video.num_frames=0", r"model\.video\.num_frames=0: must be > 0"),
-        ("model.init_logit_scale=inf", r"model\.init_logit_scale=inf: must be a finite number"),
+        ("model.audio.norm_mean=inf", r"model\.audio\.norm_mean=inf: must be a finite number"),
     ],
 )
 def test_out_of_range_values_fail_when_applied(override, message):
@@ -134,3 +134,17 @@ def test_every_preset_satisfies_the_range_checks():
     for name in available_presets():
         cfg = get_preset(name)
         assert from_dict(type(cfg), json.loads(dumps(cfg))) == cfg, name
+
+
+@pytest.mark.parametrize("preset", ["fusion-early-tiny", "lm-tiny", "vlm-tiny-stage2", "t2i-tiny"])
+@pytest.mark.parametrize("override", ["train.batch_size=0", "train.steps=-5"])
+def test_other_families_train_configs_are_checked_too(preset, override):
+    """The fusion, LM/VLM and t2i train configs use the same checks."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=-?\d+: must be > 0"):
+        apply_overrides(get_preset(preset), [override])
+
+
+def test_scst_fraction_is_a_fraction():
+    with pytest.raises(ConfigError, match=r"train\.scst\.fraction=1\.5: must be in \[0, 1\]"):
+        apply_overrides(get_preset("vlm-tiny-stage2"), ["train.scst.fraction=1.5"])

@@ -1,6 +1,7 @@
 """The `polysense` command line: thin typer commands over library functions, printed with rich.
 
-Errors caused by input (a missing file, an unknown key) print one line and exit 2; no traceback.
+Errors caused by input (a missing file, an unknown key, a value out of range) and by the
+environment (a read-only --out, a full disk: any OSError) print one line and exit 2; no traceback.
 """
 
 from __future__ import annotations
