@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from polysense.config import TextConfig, VisionConfig
+from polysense.config import TextConfig, VisionConfig, check_fields
 from polysense.errors import PolysenseError
 from polysense.models.text import TextTransformer, masked_mean
 from polysense.models.vit import (
@@ -116,6 +116,15 @@ class FusionTrainConfig:
     log_every: int = 20
     ckpt_every: int = 200
     eval_limit: int = 0  # evaluate on at most this many items per task (0 = all)
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="batch_size steps lr log_every",
+            non_negative="seed max_seconds weight_decay warmup_steps gate_lr_scale grad_clip "
+            "task_mix ckpt_every eval_limit",
+            below_one="modality_dropout",
+        )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import nn
 
-from polysense.config import ConfigError, VisionConfig, dumps, from_dict
+from polysense.config import ConfigError, VisionConfig, check_fields, dumps, from_dict
 from polysense.data.transforms import images_to_tensor
 from polysense.decoding import ban
 from polysense.errors import PolysenseError
@@ -109,6 +109,10 @@ class SCSTConfig:
     temperature: float = 0.5  # sampling temperature (the policy is softmax(logits / T))
     max_new_tokens: int = 32
 
+    def __post_init__(self) -> None:
+        # temperature, and samples >= 2, are checked by the trainer with SCST's reasons
+        check_fields(self, positive="lr batch_size samples max_new_tokens", fraction="fraction")
+
 
 @dataclass(frozen=True)
 class VLMTrainConfig:
@@ -138,6 +142,16 @@ class VLMTrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     scst: SCSTConfig = field(default_factory=SCSTConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="batch_size steps lr qa_turns log_every",
+            non_negative="seed max_minutes lr_vision weight_decay warmup_steps grad_clip "
+            "train_vision_top mix_caption mix_qa mix_ocr ckpt_every",
+            fraction="min_lr_ratio",
+            below_one="betas",
+        )
 
 
 @dataclass(frozen=True)

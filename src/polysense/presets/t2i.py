@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from polysense.config import check_fields
 from polysense.models.diffusion import DiffusionConfig
 from polysense.presets import register
 
@@ -28,6 +29,15 @@ class T2ITrainConfig:
     ckpt_every: int = 200
     log_every: int = 10
     threads: int = 0  # torch threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="batch_size steps lr single_weight log_every",
+            non_negative="warmup_steps weight_decay grad_clip seed max_minutes ckpt_every threads",
+            fraction="min_lr_ratio",
+            below_one="ema_decay",
+        )
 
 
 @dataclass(frozen=True)
