@@ -80,7 +80,7 @@ def test_json_round_trip():
         ("train.weight_decay=-0.1", r"train\.weight_decay=-0.1: must be >= 0"),
         ("train.min_lr_ratio=1.5", r"train\.min_lr_ratio=1\.5: must be in \[0, 1\]"),
         ("train.betas=0.9,1.0", r"train\.betas=0\.9,1\.0: must be in \[0, 1\)"),
-        ("train.unlock_text_at=-2", r"train\.unlock_text_at=-2: must be >= 0, or -1 for never"),
+        ("train.unlock_text_at=-2", r"train\.unlock_text_at=-2: must be >= -1"),
         ("data.limit=-1", r"data\.limit=-1: must be >= 0"),
         ("data.num_workers=-2", r"data\.num_workers=-2: must be >= 0"),
         ("model.embed_dim=0", r"model\.embed_dim=0: must be > 0"),
@@ -142,6 +142,21 @@ def test_other_families_train_configs_are_checked_too(preset, override):
     """The fusion, LM/VLM and t2i train configs use the same checks."""
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{key}=-?\d+: must be > 0"):
+        apply_overrides(get_preset(preset), [override])
+
+
+@pytest.mark.parametrize(
+    ("preset", "override", "message"),
+    [
+        ("fusion-early-tiny", "model.heads=0", r"model\.heads=0: must be > 0"),
+        ("lm-tiny", "model.vocab_size=0", r"model\.vocab_size=0: must be > 0"),
+        ("vlm-tiny-stage1", "model.num_queries=0", r"model\.num_queries=0: must be > 0"),
+        ("t2i-tiny", "model.cond_drop=1.5", r"model\.cond_drop=1\.5: must be in \[0, 1\]"),
+        ("t2i-tiny", "eval.steps=0", r"eval\.steps=0: must be > 0"),
+    ],
+)
+def test_other_families_model_configs_are_checked_too(preset, override, message):
+    with pytest.raises(ConfigError, match=message):
         apply_overrides(get_preset(preset), [override])
 
 

@@ -34,7 +34,7 @@ _RULES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
     "non_negative": (">= 0", lambda v: v >= 0),
     "fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "below_one": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "step_or_never": (">= 0, or -1 for never", lambda v: v >= -1),
+    "minus_one_or_more": (">= -1", lambda v: v >= -1),
     "finite": ("a finite number", lambda v: True),
 }
 
@@ -123,7 +123,7 @@ class TextConfig:
             self,
             positive="vocab_size context_length width heads mlp_ratio ln_eps",
             non_negative="layers pad_id",  # 0 layers: the bag of word embeddings of clip-tiny
-            step_or_never="eot_id",  # -1: the highest id in the row
+            minus_one_or_more="eot_id",  # -1: the highest id in the row
             below_one="dropout",
         )
 
@@ -300,7 +300,7 @@ class TrainConfig:
             "lr_image lr_text loss_chunk ckpt_every eval_every",
             fraction="min_lr_ratio",
             below_one="betas",
-            step_or_never="unlock_text_at unlock_image_at",
+            minus_one_or_more="unlock_text_at unlock_image_at",  # -1: never
         )
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from polysense.config import check_fields
 from polysense.errors import PolysenseError
 
 
@@ -43,6 +44,15 @@ class DiffusionConfig:
     prediction: Literal["eps", "v"] = "v"
     cond_drop: float = 0.1  # fraction of training samples trained unconditionally (for CFG)
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="image_size patch channels heads text_width timesteps",
+            non_negative="res_blocks attn_from",
+            fraction="cond_drop",
+            below_one="dropout",
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,16 @@ class FusionConfig:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="width heads mlp_ratio image_size patch_size vocab_size context_length "
+            "audio_samples n_fft hop audio_bins frames_per_token n_answers xattn_every image_std",
+            non_negative="layers pad_id",
+            minus_one_or_more="eot_id",
+            finite="image_mean",
+        )
+
 
 @dataclass(frozen=True)
 class FusionTrainConfig:

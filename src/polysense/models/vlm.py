@@ -82,6 +82,14 @@ class LMConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="vocab_size context_length width heads mlp_ratio",
+            non_negative="layers",
+            below_one="dropout",
+        )
+
 
 @dataclass(frozen=True)
 class VLMConfig:
@@ -93,6 +101,11 @@ class VLMConfig:
     qformer_layers: int = 2
     qformer_heads: int = 4
     max_tiles: int = 4  # a W:H = k:1 image is cut into k square tiles (k <= max_tiles)
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self, positive="num_queries qformer_heads max_tiles", non_negative="qformer_layers"
+        )
 
 
 @dataclass(frozen=True)

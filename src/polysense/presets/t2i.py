@@ -47,6 +47,9 @@ class T2IEvalConfig:
     steps: int = 25  # DDIM steps
     guidance: float = 3.0
 
+    def __post_init__(self) -> None:
+        check_fields(self, positive="limit steps", non_negative="guidance")
+
 
 @dataclass(frozen=True)
 class T2IRunConfig:
