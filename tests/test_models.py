@@ -256,6 +256,14 @@ def test_projection_none_needs_matching_width(tok):
         tiny_model(tok, vision_proj="none")  # width 32 != embed_dim 24
 
 
+def again_ids(ckpt, tok) -> bool:
+    """The saved tokenizer gives the same ids and special ids as the one saved."""
+    loaded = Tokenizer.from_file(ckpt, context_length=tok.context_length)
+    same = (loaded.pad_id, loaded.bos_id, loaded.eot_id) == (tok.pad_id, tok.bos_id, tok.eot_id)
+    texts = [*CAPTIONS, "", "A LONG " * 40]
+    return same and torch.equal(loaded.encode(texts)[0], tok.encode(texts)[0])
+
+
 def test_checkpoint_round_trip(tok, tmp_path):
     model = tiny_model(tok, family="siglip", init_logit_bias=-10.0, text_proj="linear_bias")
     with torch.no_grad():
@@ -266,8 +274,10 @@ def test_checkpoint_round_trip(tok, tmp_path):
         "config.json",
         "model.safetensors",
         "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["name"] == "tiny"
+    assert again_ids(tmp_path / "ckpt", model.tokenizer)
     again = polysense.load(str(tmp_path / "ckpt"))
     assert again.cfg == model.cfg and again.logit_bias.item() == -3.5
     images = torch.randn(2, 3, 16, 16)

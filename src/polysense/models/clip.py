@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polysense.config import ConfigError, ModelConfig, RunConfig, dumps, from_dict
-from polysense.data.tokenizer import Tokenizer
+from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_path, atomic_write_text
@@ -368,8 +368,8 @@ def save_checkpoint(model: CLIP, run_cfg: RunConfig, ckpt_dir: str | Path) -> Pa
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(ckpt_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    if model.tokenizer is not None:
-        model.tokenizer.save(ckpt_dir / TOKENIZER_FILE)
+    if model.tokenizer is not None:  # its Hugging Face files: tokenizer.json or spiece.model, ...
+        model.tokenizer.save_dir(ckpt_dir)
     cfg = dataclasses.replace(run_cfg, model=model.cfg)
     atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")
     return ckpt_dir
@@ -401,8 +401,8 @@ def _load_dir(path: Path, device: str) -> CLIP:
         return import_hf(path)[0].to(device).eval()
     run = read_run_config(path)
     text = run.model.text
-    if (path / TOKENIZER_FILE).is_file():
-        tokenizer = Tokenizer.from_file(path / TOKENIZER_FILE, context_length=text.context_length)
+    if any((path / f).is_file() for f in HF_TOKENIZER_FILES):
+        tokenizer = Tokenizer.from_file(path, context_length=text.context_length)
     elif text.pretrained == "minilm":
         tokenizer = Tokenizer.minilm(context_length=text.context_length)
     else:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from polysense.config import ModelConfig, RunConfig, TextConfig, VisionConfig
-from polysense.data.tokenizer import Tokenizer
+from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.data.transforms import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from polysense.errors import PolysenseError
 from polysense.models.clip import CLIP
@@ -266,8 +266,9 @@ def _load_hf(cls: type, src: Path) -> Any:
 
 def import_hf(src_dir: str | Path) -> tuple[CLIP, RunConfig]:
     """Load an HF `CLIPModel`/`SiglipModel` directory as a polysense `CLIP` (eval mode) and the
-    `RunConfig` that describes it. Its `tokenizer.json` is used when polysense can read it;
-    otherwise the model has no tokenizer and text must be passed as ids (a warning says so)."""
+    `RunConfig` that describes it. Its tokenizer (the directory's own files, read by
+    transformers: CLIP BPE, WordPiece, SigLIP SentencePiece) comes along; a directory without one
+    gives a model whose text must be passed as ids (a warning says so)."""
     src = Path(src_dir)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -281,15 +282,17 @@ def import_hf(src_dir: str | Path) -> tuple[CLIP, RunConfig]:
         raise PolysenseError(f"{src}: transformers could not load it ({exc})") from None
     cfg = _config_from_hf(hf, src)
     tokenizer = None
-    if (src / "tokenizer.json").is_file():
+    if any((src / f).is_file() for f in HF_TOKENIZER_FILES):
         try:
-            tokenizer = Tokenizer.from_file(
-                src / "tokenizer.json", context_length=cfg.text.context_length
-            )
+            tokenizer = Tokenizer.from_file(src, context_length=cfg.text.context_length)
         except PolysenseError as exc:
-            warnings.warn(f"{src}/tokenizer.json not used ({exc}); give text as ids", stacklevel=2)
+            warnings.warn(f"{src}: its tokenizer not used ({exc}); give text as ids", stacklevel=2)
     else:
-        warnings.warn(f"{src} has no tokenizer.json; give text to this model as ids", stacklevel=2)
+        warnings.warn(
+            f"{src} has no tokenizer ({', '.join(HF_TOKENIZER_FILES)}); give text to this model "
+            "as ids",
+            stacklevel=2,
+        )
     model = CLIP(cfg=cfg, tokenizer=tokenizer)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(convert(hf.state_dict(), shapes, key_pairs(cfg), to_hf=False))
@@ -382,8 +385,9 @@ def hf_vision_fields(v: VisionConfig) -> dict[str, Any]:
 def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
     """Write `model` as an HF `CLIPModel` (family "clip") or `SiglipModel` directory.
 
-    Files: config.json, model.safetensors (via `save_pretrained`), tokenizer.json,
-    tokenizer_config.json and preprocessor_config.json, each moved into `out_dir` atomically.
+    Files: config.json, model.safetensors (via `save_pretrained`), the tokenizer's own files
+    (`save_pretrained`: tokenizer_config.json with tokenizer.json or spiece.model) and
+    preprocessor_config.json, each moved into `out_dir` atomically.
     HF CLIP treats `eos_token_id == 2` as "pool at the highest id"; when polysense's eot id is 2
     (our BPE's [EOS]), eot and bos swap ids in the exported embedding and tokenizer.json.
     `run_cfg` names the run in the exported config; the architecture comes from `model.cfg`.
@@ -393,13 +397,19 @@ def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
     _check_exportable(model)
     cfg, v, t = model.cfg, model.cfg.vision, model.cfg.text
     state = {k: x.detach().cpu() for k, x in model.state_dict().items()}
-    tok_json = model.tokenizer.to_json() if model.tokenizer is not None else None
+    tok_json = None  # set when the tokenizer's ids must change (the swap below)
     eos, bos = t.eot_id, (model.tokenizer.bos_id if model.tokenizer is not None else None)
     if cfg.family == "clip" and eos == 2:
         if model.tokenizer is None:
             raise PolysenseError(
                 "eot id 2 means 'highest id' to HF CLIP; exporting it needs the model's "
                 "tokenizer to move eot to another id, and this model has none"
+            )
+        tok_json = model.tokenizer.to_json()
+        if tok_json is None or bos is None:
+            raise PolysenseError(
+                "eot id 2 means 'highest id' to HF CLIP; exporting it moves eot to the start "
+                "token's id, and this model's tokenizer has no tokenizer.json or no start token"
             )
         swap = {2: bos, bos: 2}
         emb = state["text.token_embed.weight"].clone()
@@ -455,7 +465,10 @@ def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
         with quiet_transformers():
             hf.save_pretrained(tmp)
         _write_preprocessor(tmp, v)
-        if tok_json is not None:
+        if model.tokenizer is not None and tok_json is None:  # the tokenizer's own files
+            model.tokenizer.hf.model_max_length = t.context_length
+            model.tokenizer.save_dir(tmp)
+        elif tok_json is not None:  # ids swapped: a tokenizer.json with its config
             (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
             special = {
                 name: _token_text(tok_json, i)
