@@ -225,6 +225,12 @@ class ModelConfig:
     audio_proj: Literal["linear", "linear_bias"] = "linear"
     video_proj: Literal["linear", "linear_bias"] = "linear"
 
+    def loss_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The (a, b) modality pairs trained contrastively (image is the usual anchor)."""
+        if len(self.towers) == 2:
+            return ((self.towers[0], self.towers[1]),)
+        return tuple((self.anchor, t) for t in self.towers if t != self.anchor)
+
     def __post_init__(self) -> None:
         # The logit scale and bias are left free: a NaN scale is how the tests provoke the
         # trainer's non-finite-loss policy.
