@@ -80,6 +80,10 @@ class VisionConfig:
     # "patch": one conv with kernel = stride = patch_size (ViT, HF-exportable); "conv": early
     # convolutions (Xiao et al. 2021), log2(patch_size) 3x3 stride-2 convs, same token grid.
     stem: Literal["patch", "conv"] = "patch"
+    # How `encode_image` resizes PIL images (bicubic either way): "shortest_edge" scales the
+    # shorter side to image_size, then crops the centre square (CLIPImageProcessor);
+    # "square" scales to image_size x image_size, aspect not kept (SiglipImageProcessor).
+    resize: Literal["shortest_edge", "square"] = "shortest_edge"
     # Pixel normalisation used by `encode_image` on PIL images (CLIP's; SigLIP uses 0.5).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

@@ -1,8 +1,11 @@
 """Image preprocessing with Pillow + numpy (no torchvision): PIL images -> normalised tensors.
 
 The recipe is CLIP's: convert to RGB, resize the shorter side to `size` with bicubic filtering,
-centre-crop to a square, scale to [0, 1] and normalise per channel. Images that already have the
-model's size are not resampled. `random_resized_crop` is a cheap training augmentation; there is
+centre-crop to a square, scale to [0, 1] and normalise per channel; or SigLIP's, which resizes to
+`size` x `size` without cropping (`resize="square"`). Both equal transformers' PIL image
+processors (CLIPImageProcessor, SiglipImageProcessor) step for step: transparency composited
+onto white, Pillow's bicubic `resize` with no reducing gap, the same integer crop offsets. Images that already
+have the model's size are not resampled (Pillow returns a copy). `random_resized_crop` is a cheap training augmentation; there is
 deliberately no horizontal flip, because captions such as "left of" would stop being true.
 """
 
@@ -22,9 +25,21 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, any transparency (an alpha band, a palette's transparent index)
+    composited onto white, as transformers' `convert_to_rgb` does; RGB images pass unchanged."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size` (bicubic, aspect kept), then crop the centre square."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     if (w, h) == (size, size):
         return image
@@ -36,6 +51,14 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize to `size` x `size` (bicubic), the aspect ratio not kept: SigLIP's preprocessing."""
+    return to_rgb(image).resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
+RESIZERS = {"shortest_edge": resize_center_crop, "square": resize_square}
+
+
 def random_resized_crop(
     image: Image.Image,
     *,
@@ -44,7 +67,7 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.6, 1.0),
 ) -> Image.Image:
     """Crop a random square covering a `scale` fraction of the shorter side's square area, resize."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     frac = float(rng.uniform(scale[0], scale[1]))
     side = max(1, round(min(w, h) * frac**0.5))
@@ -62,8 +85,13 @@ def images_to_tensor(
     size: int,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    resize: str = "shortest_edge",
 ) -> torch.Tensor:
-    """PIL images -> float32 tensor (B, 3, size, size), normalised with `mean`/`std`."""
+    """PIL images -> float32 tensor (B, 3, size, size), normalised with `mean`/`std`, resized by
+    `resize` ("shortest_edge": shorter side + centre crop; "square": both sides)."""
+    if resize not in RESIZERS:
+        raise DataError(f"resize={resize!r}: use one of {', '.join(RESIZERS)}")
+    resizer = RESIZERS[resize]
     if len(images) == 0:
         raise DataError("images_to_tensor got an empty list of images")
     arrays = []
@@ -73,7 +101,7 @@ def images_to_tensor(
                 f"image {i} is a {type(image).__name__}, not a PIL image; open files with "
                 "PIL.Image.open(path) or pass a (B, 3, H, W) tensor instead"
             )
-        arrays.append(np.asarray(resize_center_crop(image, size), dtype=np.float32))
+        arrays.append(np.asarray(resizer(image, size), dtype=np.float32))
     x = np.stack(arrays) / 255.0  # (B, H, W, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (B, 3, H, W)

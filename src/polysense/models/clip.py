@@ -187,7 +187,9 @@ class CLIP(nn.Module):
         crop, normalise with the tower's mean/std); `encode_image(preprocess(x))` equals
         `encode_image(x)`, so a caller can preprocess in worker threads and keep only tensors."""
         v = self.cfg.vision
-        return images_to_tensor(list(images), size=v.image_size, mean=v.image_mean, std=v.image_std)
+        return images_to_tensor(
+            list(images), size=v.image_size, mean=v.image_mean, std=v.image_std, resize=v.resize
+        )
 
     def encode_text(self, ids: torch.Tensor | Sequence[str] | str) -> torch.Tensor:
         """Token ids (B, L) or strings -> (B, D) unit vectors."""

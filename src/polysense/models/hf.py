@@ -134,20 +134,58 @@ def _act(name: str, where: str) -> str:
     return name
 
 
-def _image_stats(src: Path, family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _image_processing(src: Path, family: str, image_size: int) -> dict[str, Any]:
+    """The VisionConfig fields (resize, image_mean, image_std) that reproduce the directory's
+    `preprocessor_config.json` (CLIPImageProcessor: shorter side + centre crop; SiglipImage-
+    Processor: both sides), or the family's defaults without one. A processor polysense cannot
+    reproduce exactly is an error that names the field, not a silent approximation."""
     path = src / "preprocessor_config.json"
-    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+    clip = family == "clip"
+    mean, std = (CLIP_MEAN, CLIP_STD) if clip else (SIGLIP_MEAN, SIGLIP_STD)
+    resize = "shortest_edge" if clip else "square"
     if path.is_file():
         data = json.loads(path.read_text())
+        data = data.get("image_processor", data)  # a processor_config.json nests it
         mean, std = data.get("image_mean", mean), data.get("image_std", std)
-    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+        size = data.get("size", {})
+        size = {"shortest_edge": size} if isinstance(size, int) else size
+        crop = data.get("crop_size", {})
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        cropped = data.get("do_center_crop", clip)
+        wanted = {"height": image_size, "width": image_size}
+        if "shortest_edge" in size and cropped:
+            resize = "shortest_edge"
+            ok = size["shortest_edge"] == image_size and {**wanted, **crop} == wanted
+        elif {"height", "width"} <= set(size) and not cropped:
+            resize = "square"
+            ok = {k: size[k] for k in ("height", "width")} == wanted
+        else:
+            ok = False
+        problems = [] if ok else [f"size={size}, crop_size={crop}, do_center_crop={cropped}"]
+        if data.get("resample", 3) != 3:
+            problems.append(f"resample={data['resample']} (only 3, bicubic, is reproduced)")
+        if abs(float(data.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+            problems.append(f"rescale_factor={data['rescale_factor']} (only 1/255)")
+        if not data.get("do_rescale", True) or not data.get("do_normalize", True):
+            problems.append("do_rescale/do_normalize false")
+        if problems:
+            raise PolysenseError(
+                f"{path}: {'; '.join(problems)}: polysense reproduces a bicubic resize of the "
+                f"shorter side to {image_size} + centre crop, or of both sides to {image_size}, "
+                "then x 1/255 and normalisation; fix the file or preprocess images yourself and "
+                "pass tensors"
+            )
+    return {
+        "resize": resize,
+        "image_mean": tuple(float(x) for x in mean),
+        "image_std": tuple(float(x) for x in std),
+    }
 
 
 def _config_from_hf(hf: Any, src: Path) -> ModelConfig:
     """The polysense `ModelConfig` of an HF `CLIPModel` / `SiglipModel`."""
     c, vc, tc = hf.config, hf.config.vision_config, hf.config.text_config
     family = "clip" if c.model_type == "clip" else "siglip"
-    mean, std = _image_stats(src, family)
     clip = family == "clip"
     if not clip and not vc.vision_use_head:
         raise PolysenseError(f"{src}/config.json: vision_use_head=false is not supported")
@@ -164,8 +202,7 @@ def _config_from_hf(hf: Any, src: Path) -> ModelConfig:
         act=_act(vc.hidden_act, f"{src}/config.json vision_config"),
         ln_pre=clip,
         patch_bias=not clip,
-        image_mean=mean,
-        image_std=std,
+        **_image_processing(src, family, vc.image_size),
     )
     # HF CLIP pools at the first eos token, or at the highest id when eos_token_id == 2 (configs
     # from before transformers PR #24773): polysense's eot_id=-1. SigLIP pools the last position.
@@ -488,22 +525,33 @@ def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
 
 
 def _write_preprocessor(directory: Path, v: VisionConfig) -> None:
-    """A CLIPImageProcessor config equal to `images_to_tensor` (bicubic shorter side + centre
-    crop), for either family."""
-    data = {
-        "image_processor_type": "CLIPImageProcessor",
+    """The transformers image processor config equal to `images_to_tensor` with `v.resize`:
+    CLIPImageProcessor (bicubic shorter side + centre crop) or SiglipImageProcessor (bicubic,
+    both sides)."""
+    common = {
         "do_convert_rgb": True,
         "do_resize": True,
-        "size": {"shortest_edge": v.image_size},
         "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": v.image_size, "width": v.image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "image_mean": list(v.image_mean),
         "image_std": list(v.image_std),
     }
+    if v.resize == "square":
+        data = {
+            "image_processor_type": "SiglipImageProcessor",
+            "size": {"height": v.image_size, "width": v.image_size},
+            **common,
+        }
+    else:
+        data = {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": v.image_size},
+            "do_center_crop": True,
+            "crop_size": {"height": v.image_size, "width": v.image_size},
+            **common,
+        }
     (directory / "preprocessor_config.json").write_text(json.dumps(data, indent=2))
 
 

@@ -290,11 +290,14 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, *, cfg: VisionConfig) -> None:
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
+        if cfg.image_size % cfg.patch_size and cfg.stem != "patch":
             raise PolysenseError(
                 f"model.vision.image_size={cfg.image_size} is not a multiple of "
-                f"model.vision.patch_size={cfg.patch_size}; change one of them"
+                f"model.vision.patch_size={cfg.patch_size}, which stem='conv' needs; change one "
+                "of them"
             )
+        # With a patch stem a remainder is dropped, as HF's strided conv does (SigLIP so400m:
+        # 384 px in patches of 14 is a 27 x 27 grid; the last 6 rows and columns are unseen).
         self.cfg = cfg
         self.grad_checkpointing = False
         w = cfg.width

@@ -480,7 +480,9 @@ class VLM(nn.Module):
                 continue
             tiles = image_tiles(image, size=v.image_size, max_tiles=self.cfg.max_tiles)
             out.append(
-                images_to_tensor(tiles, size=v.image_size, mean=v.image_mean, std=v.image_std)
+                images_to_tensor(
+                    tiles, size=v.image_size, mean=v.image_mean, std=v.image_std, resize=v.resize
+                )
             )
         return out
 

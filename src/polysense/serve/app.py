@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from polysense.data.transforms import to_rgb
 from polysense.errors import PolysenseError
 
 if TYPE_CHECKING:
@@ -410,7 +411,7 @@ def load_image(data: bytes, limits: Limits) -> Image.Image:
         raise ApiError(422, f"image is {width}x{height}: it has no pixels")
     try:
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)  # transparency onto white, as the model's own preprocessing does
     except Exception as exc:  # truncated file, corrupt stream
         raise ApiError(422, f"image could not be decoded ({exc}); is the file complete?") from None
 
