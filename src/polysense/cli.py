@@ -265,7 +265,7 @@ def _train_and_evaluate(
     from polysense.data.readers import detect_format
     from polysense.eval.suite import evaluate_splits, val_zeroshot
     from polysense.fileio import atomic_write_json
-    from polysense.models.clip import load_model
+    from polysense.models.clip import load_model, read_run_config
     from polysense.train.loop import train
 
     evaluate = val_zeroshot(data) if cfg.train.eval_every else None
@@ -290,7 +290,7 @@ def _train_and_evaluate(
         "train_seconds": result.seconds,
         "final_loss": result.final_loss,
         "skipped_steps": result.skipped_steps,
-        "config": to_dict(cfg),
+        "config": to_dict(read_run_config(out)),  # the model as trained (--init replaces it)
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
@@ -325,15 +325,46 @@ def train_cmd(
         str,
         typer.Option(help="World splits evaluated after training (comma-separated; empty = none)."),
     ] = "test,test_novel",
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from these weights: a polysense checkpoint or a Hugging Face CLIP/SigLIP "
+            "directory. Its architecture and tokenizer replace the preset's model; the preset's "
+            "training recipe stays (the same as --set train.init=DIR)."
+        ),
+    ] = None,
 ) -> None:
     """Train a preset; on a world, evaluate on test and test_novel and write OUT/metrics.json.
 
     Example: `polysense train clip-tiny --data runs/world --out runs/clip-tiny --set train.steps=500`
+
+    Fine-tune a downloaded CLIP on your captions, text tower locked (LiT):
+    `polysense train clip-vit-b32 --init path/to/hf-clip --data my.csv --out runs/ft
+    --set train.lock_text=true`
     """
     from polysense.config import apply_overrides
     from polysense.presets import get_preset, get_runner
 
-    cfg = apply_overrides(get_preset(preset), set_ or [])
+    overrides = list(set_ or [])
+    if init is not None:
+        if get_runner(preset) is not None:
+            raise PolysenseError(
+                f"--init starts the contrastive presets (clip-*, siglip-*, lit-*); {preset} "
+                "trains another family, whose config names its own checkpoints (e.g. model.vision)"
+            )
+        if not Path(init).is_dir():
+            raise PolysenseError(
+                f"--init {init}: no such directory; give a polysense checkpoint (polysense train "
+                "--out) or a Hugging Face CLIP/SigLIP directory (config.json + weights)"
+            )
+        model_sets = [o for o in overrides if o.strip().startswith("model.")]
+        if model_sets:
+            raise PolysenseError(
+                f"--set {model_sets[0]} with --init: the model comes from {init} (its "
+                "architecture must fit its weights); drop the model.* override"
+            )
+        overrides.append(f"train.init={init}")
+    cfg = apply_overrides(get_preset(preset), overrides)
     splits = tuple(s.strip() for s in eval_splits.split(",") if s.strip())
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:

@@ -284,6 +284,10 @@ class TrainConfig:
     # CUDA GPUs with bf16), fp32 elsewhere (polysense.precision); "fp32" or "bf16" to force one.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_checkpointing: bool = False
+    # Start from these weights: a polysense checkpoint or a Hugging Face CLIP/SigLIP directory
+    # (`polysense train PRESET --init DIR`). Its architecture and tokenizer replace the
+    # preset's model; the preset's training recipe (this config) stays. "" = random init.
+    init: str = ""
     lock_image: bool = False
     lock_text: bool = False
     unlock_text_at: int = (

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from polysense.data.tokenizer import Tokenizer
-from polysense.data.transforms import resize_center_crop
+from polysense.data.transforms import RESIZERS, resize_center_crop
 from polysense.data.world import DIRECTIONS
 from polysense.errors import DataError
 
@@ -34,15 +34,19 @@ class PairData:
         return len(self.keys)
 
 
-def collect_pairs(samples: Iterable[dict], *, image_size: int, source: str = "data") -> PairData:
-    """Keep the samples that have an image and at least one caption."""
+def collect_pairs(
+    samples: Iterable[dict], *, image_size: int, resize: str = "shortest_edge", source: str = "data"
+) -> PairData:
+    """Keep the samples that have an image and at least one caption, each image resized as the
+    model's `vision.resize` says (shorter side + centre crop, or square)."""
+    resizer = RESIZERS[resize]
     keys, arrays, captions = [], [], []
     for sample in samples:
         texts = [t for t in sample.get("text") or [] if t and t.strip()]
         if sample.get("image") is None or not texts:
             continue
         keys.append(sample["key"])
-        arrays.append(np.asarray(resize_center_crop(sample["image"], image_size), dtype=np.uint8))
+        arrays.append(np.asarray(resizer(sample["image"], image_size), dtype=np.uint8))
         captions.append(texts)
     if not keys:
         raise DataError(f"{source}: no samples with both an image and a caption")
@@ -54,6 +58,7 @@ def load_pairs(
     *,
     split: str | None,
     image_size: int,
+    resize: str = "shortest_edge",
     image_key: str = "image",
     caption_key: str = "caption",
     rejects_path: Path | None = None,
@@ -74,7 +79,7 @@ def load_pairs(
             limit=limit,
             key_fix=CONFIG_FIX,
         )
-        return collect_pairs(samples, image_size=image_size, source=where)
+        return collect_pairs(samples, image_size=image_size, resize=resize, source=where)
 
 
 def normalize(

@@ -180,6 +180,115 @@ def siglip_tiny() -> RunConfig:
     return dataclasses.replace(base, model=model, train=train)
 
 
+# --- real sizes: the architectures of OpenAI's CLIP and Google's SigLIP ----------------------
+# Each equals transformers' config of the published model (CLIPConfig() and SiglipConfig()
+# defaults are openai/clip-vit-base-patch32 and google/siglip-base-patch16-224), so a trained one
+# exports to a directory transformers loads, and `--init` on the published weights fits them. The
+# recipe is a fine-tuning one (CLIP's AdamW betas and eps, a small lr, weight decay 0.2): from
+# random weights these take days on a CPU; start them from a checkpoint with --init.
+
+
+def _vit_b(patch_size: int, *, siglip: bool) -> VisionConfig:
+    return VisionConfig(
+        image_size=224,
+        patch_size=patch_size,
+        width=768,
+        layers=12,
+        heads=12,
+        act="gelu_pytorch_tanh" if siglip else "quick_gelu",
+        ln_eps=1e-6 if siglip else 1e-5,
+        pool="map" if siglip else "cls",
+        ln_pre=not siglip,
+        patch_bias=siglip,
+        resize="square" if siglip else "shortest_edge",
+        image_mean=(0.5, 0.5, 0.5) if siglip else VisionConfig.image_mean,
+        image_std=(0.5, 0.5, 0.5) if siglip else VisionConfig.image_std,
+    )
+
+
+def _finetune(batch_size: int = 32) -> TrainConfig:
+    return TrainConfig(
+        batch_size=batch_size,
+        steps=1000,
+        lr=1e-5,
+        warmup_steps=100,
+        weight_decay=0.2,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        grad_checkpointing=True,
+    )
+
+
+def _clip_vit_b(patch_size: int) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(
+            family="clip",
+            embed_dim=512,
+            vision=_vit_b(patch_size, siglip=False),
+            text=TextConfig(
+                vocab_size=49408,
+                context_length=77,
+                width=512,
+                layers=12,
+                heads=8,
+                act="quick_gelu",
+                pool="eot",
+                pad_id=49407,
+                eot_id=49407,
+            ),
+            init_logit_scale=2.6592,
+        ),
+        data=DataConfig(),
+        train=_finetune(),
+    )
+
+
+@register("clip-vit-b32")
+def clip_vit_b32() -> RunConfig:
+    """`polysense train clip-vit-b32 --init path/to/clip-vit-base-patch32 --data my.csv --out
+    runs/ft`: OpenAI CLIP ViT-B/32 (151 M parameters), as transformers' CLIPConfig()."""
+    return _clip_vit_b(32)
+
+
+@register("clip-vit-b16")
+def clip_vit_b16() -> RunConfig:
+    """`polysense train clip-vit-b16 --init path/to/clip-vit-base-patch16 ...`: CLIP ViT-B/16."""
+    return _clip_vit_b(16)
+
+
+@register("siglip-b16-224")
+def siglip_b16_224() -> RunConfig:
+    """`polysense train siglip-b16-224 --init path/to/siglip-base-patch16-224 ...`: SigLIP
+    base at 224 px (203 M parameters), as transformers' SiglipConfig()."""
+    return RunConfig(
+        model=ModelConfig(
+            family="siglip",
+            embed_dim=768,
+            vision=_vit_b(16, siglip=True),
+            text=TextConfig(
+                vocab_size=32000,
+                context_length=64,
+                width=768,
+                layers=12,
+                heads=12,
+                causal=False,
+                pool="last",
+                act="gelu_pytorch_tanh",
+                ln_eps=1e-6,
+                mask_padding=False,
+                pad_id=1,
+                eot_id=1,
+            ),
+            vision_proj="none",
+            text_proj="linear_bias",
+            init_logit_scale=2.302585092994046,  # ln 10
+            init_logit_bias=-10.0,
+        ),
+        data=DataConfig(),
+        train=_finetune(),
+    )
+
+
 @register("lit-minilm")
 def lit_minilm() -> RunConfig:
     """`polysense train lit-minilm --data runs/world --out runs/lit-minilm`: LiT, locked MiniLM."""

@@ -33,7 +33,7 @@ from polysense.data.loader import (
     load_towers,
 )
 from polysense.data.readers import detect_format
-from polysense.data.tokenizer import Tokenizer
+from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_write_json
 from polysense.losses import ContrastiveLoss
@@ -68,6 +68,28 @@ def _device(rank: int) -> torch.device:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def load_init(path: str) -> nn.Module:
+    """The model `train.init` names (a polysense checkpoint or a Hugging Face CLIP/SigLIP
+    directory), on the CPU, with its tokenizer; a clear error when it cannot start a run."""
+    from polysense.models.clip import load_model
+
+    try:
+        model = load_model(path)
+    except PolysenseError as exc:
+        raise PolysenseError(f"train.init={path}: {exc}") from None
+    if tuple(model.cfg.towers) != ("image", "text"):
+        raise PolysenseError(
+            f"train.init={path}: a {','.join(model.cfg.towers)} model; --init starts image-text "
+            "models only"
+        )
+    if model.tokenizer is None:
+        raise PolysenseError(
+            f"train.init={path} has no tokenizer polysense can read, and the text tower knows "
+            "only its ids; add the model's tokenizer files (tokenizer.json, spiece.model ...)"
+        )
+    return model
 
 
 def build_tokenizer(cfg: RunConfig, captions: list[list[str]]) -> Tokenizer:
@@ -164,6 +186,10 @@ def train(
     out = Path(out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    init = None
+    if tc.init:  # its architecture and tokenizer replace the preset's model; weights come below
+        init = load_init(tc.init)
+        cfg = dataclasses.replace(cfg, model=init.cfg)
     if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
         raise PolysenseError(
             f"train.grad_accum={tc.grad_accum} must be >= 1 and divide train.batch_size="
@@ -206,17 +232,18 @@ def train(
             data,
             split="train" if detect_format(data) == "world" else None,
             image_size=cfg.model.vision.image_size,
+            resize=cfg.model.vision.resize,
             image_key=cfg.data.image_key,
             caption_key=cfg.data.caption_key,
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
             limit=cfg.data.limit or None,
         )
     tokenizer: Tokenizer | None = None  # a model without a text tower has none
-    if "text" in cfg.model.towers:
-        if state is not None and (out / "tokenizer.json").exists():
-            tokenizer = Tokenizer.from_file(
-                out / "tokenizer.json", context_length=cfg.model.text.context_length
-            )
+    if init is not None:
+        tokenizer = init.tokenizer  # kept: the weights know only its ids
+    elif "text" in cfg.model.towers:
+        if state is not None and any((out / f).is_file() for f in HF_TOKENIZER_FILES):
+            tokenizer = Tokenizer.from_file(out, context_length=cfg.model.text.context_length)
         else:
             tokenizer = build_tokenizer(cfg, pairs.captions)
         # The model's vocabulary is the tokenizer's (a BPE on little text may stop short).
@@ -238,6 +265,8 @@ def train(
         if rank == 0:
             trim_metrics(out, start_step)
     else:
+        if init is not None:
+            model.load_state_dict(init.state_dict())
         if "video" in cfg.model.towers and cfg.model.video.init_from_image:
             model.video.load_image_weights(cfg.model.video.init_from_image)
         if rank == 0:
