@@ -278,8 +278,10 @@ def test_bad_samples_go_to_rejects(tmp_path, ckpt):
     data = make_pairs(tmp_path / "pairs", 6)
     lines = data.read_text().splitlines()
     lines[1] = json.dumps({"image": "gone.png", "caption": "a lost image"})
-    lines.append(json.dumps({"key": "dup", "image": "2.png", "caption": "first"}))
-    lines.append(json.dumps({"key": "dup", "image": "3.png", "caption": "second"}))
+    for name in ("a.png", "b.png"):  # two more images (rows naming one image would merge)
+        shutil.copyfile(data.parent / "2.png", data.parent / name)
+    lines.append(json.dumps({"key": "dup", "image": "a.png", "caption": "first"}))
+    lines.append(json.dumps({"key": "dup", "image": "b.png", "caption": "second"}))
     data.write_text("\n".join(lines) + "\n")
     idx = build_index(ckpt, data, tmp_path / "index", progress=False)
     rejects = [

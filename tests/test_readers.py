@@ -250,10 +250,11 @@ def test_csv_one_caption_per_row_relative_paths_and_audio(tmp_path: Path) -> Non
         writer.writerows(rows)
     assert detect_format(path) == "csv"
     samples = list(read_samples(path))
-    assert [s["text"] for s in samples] == [["red"], ["also red"], ["green"]]  # not merged
-    assert [pixel(s["image"]) for s in samples] == [RED, RED, GREEN]
-    assert [s["label"] for s in samples] == ["r", "r", "g"]
-    assert [s["key"] for s in samples] == ["line000002", "line000003", "line000004"]
+    # the two rows of img/r.png are one item with both captions; its other cells are the first row's
+    assert [s["text"] for s in samples] == [["red", "also red"], ["green"]]
+    assert [pixel(s["image"]) for s in samples] == [RED, GREEN]
+    assert [s["label"] for s in samples] == ["r", "g"]
+    assert [s["key"] for s in samples] == ["img/r.png", "img/g.png"]  # the path, not the line
     assert samples[0]["sample_rate"] == 16000
     expected = (wave - 0.5 * wave) / 2  # channel mean, within FLAC 16-bit quantisation
     np.testing.assert_allclose(samples[0]["audio"], expected, atol=2 / 32768)
@@ -283,10 +284,12 @@ def test_jsonl_string_and_list_captions_video_and_passthrough(tmp_path: Path) ->
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     samples = list(read_samples(path))
-    assert [s["text"] for s in samples] == [["red"], ["red one", "red two"], ["a moving thing"]]
-    assert samples[1]["qa"] == [1]
-    np.testing.assert_array_equal(samples[2]["video"], video)
-    assert "image" not in samples[2]
+    # "r.png" and its absolute path name one file: one item with the captions of both lines
+    assert [s["text"] for s in samples] == [["red", "red one", "red two"], ["a moving thing"]]
+    assert [s["key"] for s in samples] == ["r.png", "clip.npy"]
+    assert samples[0]["qa"] == [1]  # a field only the second line has is kept
+    np.testing.assert_array_equal(samples[1]["video"], video)
+    assert "image" not in samples[1]
     # a .json file with one object per line is JSONL too
     (tmp_path / "data.json").write_text(path.read_text())
     assert detect_format(tmp_path / "data.json") == "jsonl"
@@ -370,7 +373,7 @@ def test_each_bad_input_kind_is_counted_and_written(tmp_path: Path) -> None:
     with Rejects(out) as rejects:
         samples = list(read_samples(path, rejects=rejects))
         assert not out.exists()  # published atomically at close
-    assert [s["text"] for s in samples] == [["good"], ["good too"]]
+    assert [s["text"] for s in samples] == [["good", "good too"]]  # lines 1 and 7: one image
     assert rejects.count == 5
     assert rejects.by_reason == {
         "undecodable_image": 1,
@@ -433,7 +436,7 @@ def test_jsonl_wrong_field_for_every_line_is_an_error(tmp_path: Path) -> None:
         DataError, match=r"no line has a 'image' field.*\['caption', 'img'\].*--image-key"
     ):
         list(read_samples(path))
-    assert [s["text"] for s in read_samples(path, image_key="img")] == [["c"]] * 3
+    assert [s["text"] for s in read_samples(path, image_key="img")] == [["c"] * 3]  # one image
 
 
 def test_missing_path_and_unknown_format(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from polysense.serve.app import (
 from polysense.train.loop import train
 
 N_ITEMS = 24
-RESULT_FIELDS = {"key", "score", "caption", "modality", "image_url"}
+RESULT_FIELDS = {"key", "score", "caption", "modality", "image_path", "image_url"}
 
 
 def make_index(root: Path) -> EmbeddingIndex:
@@ -136,6 +136,20 @@ def test_text_search_returns_the_library_results(client, index):
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
     assert_same_hits(body["results"], index.search_text(["a red circle"], k=5)[0])
+
+
+def test_results_name_the_image_file_relative_to_the_source(client, index):
+    """Every result names its image file as make_pairs wrote it ("7.png" beside pairs.jsonl),
+    relative to the indexed source's folder, and that file is the image the index holds."""
+    data = Path(index.meta["sources"][0]["data"]).parent
+    for modality in ("image", "text"):
+        body = client.post("/search", json={"text": "a red circle", "k": 6, "modality": modality})
+        for r in body.json()["results"]:
+            assert not Path(r["image_path"]).is_absolute()
+            assert r["image_path"] == r["key"] and r["image_path"].endswith(".png")
+            on_disk = np.asarray(Image.open(data / r["image_path"]).convert("RGB"))
+            stored = np.asarray(Image.open(io.BytesIO(index.image_bytes(r["key"]))))
+            np.testing.assert_array_equal(on_disk, stored)
 
 
 def test_text_to_text_and_dedup_follow_the_library(client, index):

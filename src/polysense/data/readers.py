@@ -15,6 +15,7 @@ before a line is parsed or an image decoded.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -39,7 +40,7 @@ from webdataset.tariterators import tarfile_samples
 
 from polysense.errors import DataError
 
-SUPPORTED_FORMATS = ("world", "wds", "csv", "tsv", "jsonl", "coco", "imagefolder")
+SUPPORTED_FORMATS = ("world", "wds", "csv", "tsv", "jsonl", "coco", "karpathy", "imagefolder")
 WORLD_SPLITS = ("train", "val", "test", "test_novel")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")  # decoded with PyAV; ".npy" with numpy
@@ -202,6 +203,8 @@ def _sniff_json(path: Path) -> str | None:
     if isinstance(whole, dict):
         if "images" in whole and "annotations" in whole:
             return "coco"
+        if _is_karpathy(whole):
+            return "karpathy"
         return "jsonl"  # a single object on one line is a one-line JSONL file
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
@@ -434,39 +437,6 @@ def _captions(value: Any) -> list[str]:
     return captions
 
 
-def _file(cell: str, base: Path) -> Path:
-    path = Path(cell)
-    return _regular(path if path.is_absolute() else base / path)
-
-
-def _load_media(fields: dict[str, Any], base: Path, opts: _Options) -> dict[str, Any]:
-    """Resolve and decode the image / audio / video cells of one tabular row."""
-    out: dict[str, Any] = {}
-    cell = fields.get(opts.image_key)
-    if cell not in (None, ""):
-        path = _file(str(cell), base)
-        out["image_path"] = str(path)
-        out["image"] = _decode_image(path) if opts.decode else str(path)
-    cell = fields.get("audio")
-    if cell not in (None, ""):
-        path = _file(str(cell), base)
-        if opts.decode:
-            out["audio"], out["sample_rate"] = _decode_audio(path, opts.sample_rate)
-        else:
-            out["audio"] = str(path)
-    cell = fields.get("video")
-    if cell not in (None, ""):
-        path = _file(str(cell), base)
-        out["video"] = _decode_video(path, num_frames=opts.num_frames) if opts.decode else str(path)
-    if not out:
-        raise _Skip("missing_image", f"no '{opts.image_key}' (or audio/video) value in this row")
-    return out
-
-
-def _passthrough(fields: dict[str, Any], used: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if k not in used and k not in _RESERVED}
-
-
 def _guarded(
     rows: Iterable[tuple[str, Any]],
     build: Callable[[str, Any], dict[str, Any]],
@@ -560,58 +530,172 @@ def _csv_records(fh: IO[bytes], delimiter: str) -> Iterator[tuple[int, list[str]
             yield reader.line_num, record
 
 
-def _read_table(path: Path, opts: _Options, delimiter: str) -> Iterator[dict[str, Any]]:
-    """CSV/TSV with a header: one caption per row; rows sharing an image are not merged."""
+def _resolve(cell: str, base: Path) -> str:
+    """A table cell's file path, normalised (``./a.png`` and ``a.png`` are one file)."""
+    path = Path(cell)
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def path_key(path: str | Path, base: str | Path) -> str:
+    """The key of a file a table names: its path relative to the table's folder, with ``/``
+    (``images/0001.jpg``; ``../shared/a.png`` outside it). Never absolute, so a key shows no
+    more of the machine's layout than the table does."""
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+@dataclass
+class _Row:
+    """One parsed table row before its files are opened; rows naming one file merge."""
+
+    line_key: str  # where it is in the file (line000003): the key of its rejects
+    own_key: str | None  # a `key` or `id` cell
+    fields: dict[str, Any]  # pass-through cells
+    text: list[str]
+    media: dict[str, str]  # {"image" | "audio" | "video": normalised path}
+
+    @property
+    def identity(self) -> str:
+        """The file that makes rows one item: the image, else the audio, else the video."""
+        return next(self.media[m] for m in ("image", *_MEDIA) if m in self.media)
+
+
+def _row(line_key: str, fields: dict[str, Any], base: Path, opts: _Options) -> _Row:
+    """Check one row's captions and media cells (no file is opened yet)."""
+    text = _captions(fields.get(opts.caption_key) or "")
+    media = {}
+    for kind, column in (("image", opts.image_key), *((m, m) for m in _MEDIA)):
+        cell = fields.get(column)
+        if cell not in (None, ""):
+            media[kind] = _resolve(str(cell), base)
+    if not media:
+        raise _Skip("missing_image", f"no '{opts.image_key}' (or audio/video) value in this row")
+    own = fields.get("key") or fields.get("id")
     used = {opts.image_key, opts.caption_key, *_MEDIA, "key", "id"}
+    passthrough = {k: v for k, v in fields.items() if k not in used and k not in _RESERVED}
+    return _Row(
+        line_key=line_key,
+        own_key=str(own) if own not in (None, "") else None,
+        fields=passthrough,
+        text=text,
+        media=media,
+    )
+
+
+def _open_media(media: dict[str, str], opts: _Options) -> dict[str, Any]:
+    """Open and decode the image / audio / video files of one item."""
+    out: dict[str, Any] = {}
+    if "image" in media:
+        path = _regular(Path(media["image"]))
+        out["image_path"] = str(path)
+        out["image"] = _decode_image(path) if opts.decode else str(path)
+    if "audio" in media:
+        path = _regular(Path(media["audio"]))
+        if opts.decode:
+            out["audio"], out["sample_rate"] = _decode_audio(path, opts.sample_rate)
+        else:
+            out["audio"] = str(path)
+    if "video" in media:
+        path = _regular(Path(media["video"]))
+        out["video"] = _decode_video(path, num_frames=opts.num_frames) if opts.decode else str(path)
+    return out
+
+
+def _merged_rows(
+    read: Callable[[], Iterator[tuple[str, Any]]],
+    parse: Callable[[str, Any], _Row],
+    table: Path,
+    opts: _Options,
+) -> Iterator[dict[str, Any]]:
+    """One sample per file the rows name, holding every caption of its rows in file order.
+
+    A first pass counts the rows of each file, so an item is yielded at its last row: a table
+    sorted by image holds one item at a time, and its rejects come in line order. The key is
+    the first `key`/`id` cell of its rows, else :func:`path_key`; a cell two rows both fill keeps
+    the first row's value.
+    """
+    remaining: Counter[str] = Counter()
+    for line_key, raw in read():
+        with contextlib.suppress(_Skip):
+            remaining[parse(line_key, raw).identity] += 1
+
+    def finish(line_key: str, row: _Row) -> dict[str, Any]:
+        media = _open_media(row.media, opts)
+        key = row.own_key or path_key(row.identity, table.parent)
+        return {**row.fields, "key": key, "source": str(table), **media, "text": row.text}
+
+    pending: dict[str, _Row] = {}
+    for line_key, raw in read():
+        try:
+            row = parse(line_key, raw)
+        except _Skip as skip:
+            opts.rejects.add(
+                key=line_key, reason=skip.reason, source=str(table), detail=skip.detail
+            )
+            continue
+        first = pending.setdefault(row.identity, row)
+        if first is not row:
+            first.text.extend(row.text)
+            first.own_key = first.own_key or row.own_key
+            for name, value in row.fields.items():
+                first.fields.setdefault(name, value)
+        remaining[row.identity] -= 1
+        if remaining[row.identity] <= 0:
+            done = pending.pop(row.identity)
+            yield from _guarded([(done.line_key, done)], finish, str(table), opts)
+    # rows the first pass did not see (the file changed in between) still come out
+    yield from _guarded(((r.line_key, r) for r in pending.values()), finish, str(table), opts)
+
+
+def _read_table(path: Path, opts: _Options, delimiter: str) -> Iterator[dict[str, Any]]:
+    """CSV/TSV with a header, one caption per row; rows naming one image merge into one item."""
     with _open_source(path) as fh:
-        records = _csv_records(fh, delimiter)
-        _, header = next(records, (0, []))
-        if isinstance(header, _Skip):
-            raise DataError(f"{path}: the header line is unreadable: {header.detail}")
-        columns = list(header)
-        # Audio or video columns can stand in for the image column; captions are required.
-        if not {opts.image_key, *_MEDIA} & set(columns):
-            raise DataError(
-                f"{path}: no '{opts.image_key}' column; columns are {columns}; "
-                f"name the right one with {opts.key_fix['image'].format('COLUMN')}"
-            )
-        if opts.caption_key not in columns:
-            raise DataError(
-                f"{path}: no '{opts.caption_key}' column; columns are {columns}; "
-                f"name the right one with {opts.key_fix['caption'].format('COLUMN')}"
-            )
+        _, header = next(_csv_records(fh, delimiter), (0, []))
+    if isinstance(header, _Skip):
+        raise DataError(f"{path}: the header line is unreadable: {header.detail}")
+    columns = list(header)
+    # Audio or video columns can stand in for the image column; captions are required.
+    if not {opts.image_key, *_MEDIA} & set(columns):
+        raise DataError(
+            f"{path}: no '{opts.image_key}' column; columns are {columns}; "
+            f"name the right one with {opts.key_fix['image'].format('COLUMN')}"
+        )
+    if opts.caption_key not in columns:
+        raise DataError(
+            f"{path}: no '{opts.caption_key}' column; columns are {columns}; "
+            f"name the right one with {opts.key_fix['caption'].format('COLUMN')}"
+        )
 
-        def build(key: str, cells: list[str] | _Skip) -> dict[str, Any]:
-            if isinstance(cells, _Skip):
-                raise cells
-            if len(cells) > len(columns):
-                raise _Skip("bad_row", f"{len(cells)} cells, header has {len(columns)}")
-            row: dict[str, Any] = dict.fromkeys(columns)  # missing cells are None
-            row.update(zip(columns, cells, strict=False))
-            text = _captions(row.get(opts.caption_key) or "")
-            media = _load_media(row, path.parent, opts)
-            return {
-                **_passthrough(row, used),
-                "key": key,
-                "source": str(path),
-                **media,
-                "text": text,
-            }
+    def read() -> Iterator[tuple[str, list[str] | _Skip]]:
+        with _open_source(path) as fh:
+            records = _csv_records(fh, delimiter)
+            next(records, None)  # the header
+            for number, cells in records:
+                yield f"line{number:06d}", cells
 
-        def key(number: int, cells: list[str] | _Skip) -> str:
-            named = {} if isinstance(cells, _Skip) else dict(zip(columns, cells, strict=False))
-            return named.get("key") or named.get("id") or f"line{number:06d}"
+    def parse(line_key: str, cells: list[str] | _Skip) -> _Row:
+        if isinstance(cells, _Skip):
+            raise cells
+        if len(cells) > len(columns):
+            raise _Skip("bad_row", f"{len(cells)} cells, header has {len(columns)}")
+        row: dict[str, Any] = dict.fromkeys(columns)  # missing cells are None
+        row.update(zip(columns, cells, strict=False))
+        return _row(line_key, row, path.parent, opts)
 
-        rows = ((key(number, cells), cells) for number, cells in records)
-        yield from _guarded(rows, build, str(path), opts)
+    yield from _merged_rows(read, parse, path, opts)
 
 
 def _read_jsonl(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
-    """One JSON object per line; ``caption`` may be a string or a list of strings."""
-    used = {opts.image_key, opts.caption_key, *_MEDIA, "key", "id"}
+    """One JSON object per line; ``caption`` may be a string or a list of strings; lines naming
+    one image merge into one item."""
     first_fields: list[list[str]] = []  # fields of the first object, for the error message
 
-    def build(key: str, line: str | _Skip) -> dict[str, Any]:
+    def read() -> Iterator[tuple[str, str | _Skip]]:
+        with _open_source(path) as fh:
+            for i, line in enumerate(_lines(fh), start=1):
+                if isinstance(line, _Skip) or line.strip():
+                    yield f"line{i:06d}", line
+
+    def parse(line_key: str, line: str | _Skip) -> _Row:
         if isinstance(line, _Skip):
             raise line
         try:
@@ -623,22 +707,13 @@ def _read_jsonl(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
         first_fields[:] = first_fields or [sorted(obj)]
         if opts.caption_key not in obj:
             raise _Skip("missing_caption", f"no '{opts.caption_key}' field")
-        text = _captions(obj[opts.caption_key])
-        media = _load_media(obj, path.parent, opts)
-        key = str(obj.get("key") or obj.get("id") or key)
-        return {**_passthrough(obj, used), "key": key, "source": str(path), **media, "text": text}
+        return _row(line_key, obj, path.parent, opts)
 
     before = Counter(opts.rejects.by_reason)
     n_yielded = 0
-    with _open_source(path) as fh:
-        rows = (
-            (f"line{i:06d}", line)
-            for i, line in enumerate(_lines(fh), start=1)
-            if isinstance(line, _Skip) or line.strip()
-        )
-        for sample in _guarded(rows, build, str(path), opts):
-            n_yielded += 1
-            yield sample
+    for sample in _merged_rows(read, parse, path, opts):
+        n_yielded += 1
+        yield sample
     # A field name that is wrong on every line is a flag problem, not a data problem.
     new = set(opts.rejects.by_reason - before)
     for reason, field, kind in (
@@ -729,6 +804,74 @@ def _read_coco(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
     rows = (
         (str(x["id"]) if isinstance(x, dict) and _coco_id(x.get("id")) else f"image{i:06d}", x)
         for i, x in enumerate(data.get("images") or [])
+    )
+    yield from _guarded(rows, build, str(path), opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Karpathy split JSON (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json)
+
+
+def _is_karpathy(data: Any) -> bool:
+    """An object whose 'images' entries carry 'sentences' (and which has no COCO 'annotations')."""
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or "annotations" in data:
+        return False
+    first = next((x for x in images if isinstance(x, dict)), None)
+    return first is not None and "sentences" in first and "filename" in first
+
+
+def _read_karpathy(path: Path, opts: _Options) -> Iterator[dict[str, Any]]:
+    """Karpathy's split files: ``images[]`` with ``filename`` (under ``filepath`` for COCO),
+    ``split`` and ``sentences[].raw``; one sample per image with all its sentences. Images are
+    looked for under ``image_root`` (default: the JSON's folder), at ``filepath/filename`` and
+    at ``filename``. ``split`` keeps one split (train, val, test, restval)."""
+    try:
+        data = _parse_json(_read_text(path))
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    images = data["images"]
+    if opts.split is not None:
+        splits = sorted({str(x.get("split")) for x in images if isinstance(x, dict)})
+        if opts.split not in splits:
+            raise DataError(f"{path}: no image has split {opts.split!r}; splits: {splits}")
+    root = opts.image_root if opts.image_root is not None else path.parent
+
+    def build(key: str, info: Any) -> dict[str, Any]:
+        if not isinstance(info, dict):
+            raise _Skip("bad_row", f"image entry is a {type(info).__name__}, not an object")
+        filename, folder = info.get("filename"), info.get("filepath") or ""
+        if not isinstance(filename, str) or not filename or not isinstance(folder, str):
+            raise _Skip("bad_row", f"image entry needs a 'filename' string: {_short(info)}")
+        sentences = info.get("sentences")
+        if not isinstance(sentences, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences
+        ):
+            raise _Skip(
+                "bad_caption", f"'sentences' must be a list of {{'raw': str}}: {_short(info)}"
+            )
+        text = _captions([s["raw"] for s in sentences])
+        candidates = dict.fromkeys([root / folder / filename, root / filename])
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise _Skip(
+                "missing_file", f"{filename} not found in {[str(c.parent) for c in candidates]}"
+            )
+        image_path = _regular(found)
+        image = _decode_image(image_path) if opts.decode else str(image_path)
+        ids = {k: info[k] for k in ("imgid", "cocoid") if _coco_id(info.get(k))}
+        sample = {"key": key, "source": str(path), "image": image, "text": text}
+        return {**sample, "image_path": str(image_path), "split": info.get("split"), **ids}
+
+    rows = (
+        (
+            Path(x.get("filepath") or "", str(x.get("filename"))).as_posix()
+            if isinstance(x, dict)
+            else f"image{i:06d}",
+            x,
+        )
+        for i, x in enumerate(images)
+        if opts.split is None or (isinstance(x, dict) and x.get("split") == opts.split)
     )
     yield from _guarded(rows, build, str(path), opts)
 
@@ -934,8 +1077,10 @@ def read_samples(
     or :data:`CONFIG_FIX` (``--set data.image_key=``, for config-driven runs such as `train`).
     """
     fmt = detect_format(path)
-    if split is not None and fmt not in ("world", "wds"):
-        raise DataError(f"{path}: --split applies to a world or tar shards, not to {fmt}")
+    if split is not None and fmt not in ("world", "wds", "karpathy"):
+        raise DataError(
+            f"{path}: --split applies to a world, tar shards or a Karpathy JSON, not to {fmt}"
+        )
     opts = _Options(
         split=split,
         image_key=image_key,
@@ -955,6 +1100,7 @@ def read_samples(
         "tsv": lambda: _read_table(Path(path), opts, "\t"),
         "jsonl": lambda: _read_jsonl(Path(path), opts),
         "coco": lambda: _read_coco(Path(path), opts),
+        "karpathy": lambda: _read_karpathy(Path(path), opts),
         "imagefolder": lambda: _read_imagefolder(Path(path), opts),
     }
     samples = readers[fmt]()

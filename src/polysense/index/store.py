@@ -72,13 +72,15 @@ CREATE INDEX IF NOT EXISTS texts_item_row ON texts(item_row);
 class Hit:
     """One search result. `row` indexes the searched modality (item row for an image hit, caption
     row for a text hit); `caption` is the item's first caption for an image hit and the matched
-    caption for a text hit (None for an image without captions)."""
+    caption for a text hit (None for an image without captions); `image_path` is where the
+    item's image file is, relative to the folder of the source it was read from."""
 
     key: str
     score: float
     caption: str | None
     modality: str
     row: int
+    image_path: str | None = None  # the image file, relative to the source's folder (None: a tar)
 
 
 def _emb_file(modality: str) -> str:
@@ -213,9 +215,20 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _extra(sample: dict[str, Any]) -> str:
-    """The sample's JSON-serialisable pass-through fields (objects, label, qa ...) as JSON."""
+def _data_root(data: str | Path) -> Path:
+    """The folder a source's file paths are given relative to: itself, or a file's folder."""
+    path = Path(str(data))
+    return path if path.is_dir() else path.parent
+
+
+def _extra(sample: dict[str, Any], root: Path) -> str:
+    """The sample's JSON-serialisable pass-through fields (objects, label, qa ...) as JSON; its
+    `image_path` relative to `root`, the source's folder (never an absolute path)."""
+    from polysense.data.readers import path_key
+
     out = {}
+    if isinstance(sample.get("image_path"), str):
+        sample = {**sample, "image_path": path_key(os.path.abspath(sample["image_path"]), root)}
     for name, value in sample.items():
         if name in _NOT_EXTRA:
             continue
@@ -260,9 +273,17 @@ class _Writer:
     """Appends samples to an index directory being written: embedding rows and SQLite rows."""
 
     def __init__(
-        self, *, directory: Path, model: Any, dim: int | None, batch_size: int, rejects: Any
+        self,
+        *,
+        directory: Path,
+        model: Any,
+        dim: int | None,
+        batch_size: int,
+        rejects: Any,
+        root: Path,
     ) -> None:
         self.model, self.dim, self.batch_size, self.rejects = model, dim, batch_size, rejects
+        self.root = Path(os.path.abspath(root))
         self.db = sqlite3.connect(directory / ITEMS_DB)
         self.db.executescript(_SCHEMA)
         self.n_items = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
@@ -331,7 +352,8 @@ class _Writer:
             item_split = s.get("split") if isinstance(s.get("split"), str) else split
             captions_json = json.dumps(caps, ensure_ascii=False)
             image = _png(s["image"])
-            item_rows.append((row, s["key"], captions_json, source, item_split, _extra(s), image))
+            extra = _extra(s, self.root)
+            item_rows.append((row, s["key"], captions_json, source, item_split, extra, image))
             start = self.n_texts + len(text_rows)
             text_rows += [(start + j, row, c) for j, c in enumerate(caps)]
         self.db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", item_rows)
@@ -352,17 +374,26 @@ def _ingest(
     batch_size: int,
     progress: bool,
     limit: int | None,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Read `data` into `directory` (appending); returns the source record for meta.json."""
+    """Read `data` into `directory` (appending); returns the source record for meta.json.
+    Image paths are kept relative to `image_root`, else to the source's folder."""
     from polysense.data.readers import Rejects, read_samples
     from polysense.eval.zeroshot import progress_bar
 
     with Rejects(directory / REJECTS) as rejects:
         writer = _Writer(
-            directory=directory, model=model, dim=dim, batch_size=batch_size, rejects=rejects
+            directory=directory,
+            model=model,
+            dim=dim,
+            batch_size=batch_size,
+            rejects=rejects,
+            root=Path(image_root) if image_root is not None else _data_root(data),
         )
         try:
-            samples = read_samples(data, split=split, rejects=rejects, limit=limit)
+            samples = read_samples(
+                data, split=split, rejects=rejects, limit=limit, image_root=image_root
+            )
             with progress_bar(progress, f"embedding {data}") as advance:
                 writer.ingest(samples, split=split, advance=advance)
         finally:
@@ -374,6 +405,8 @@ def _ingest(
             f"{reasons}); check --data and --split"
         )
     record = {"data": os.path.abspath(data), "split": split, "limit": limit, "at": _now()}
+    if image_root is not None:
+        record["image_root"] = os.path.abspath(image_root)
     counts = {"items": writer.added_items, "texts": writer.added_texts}
     return {**record, **counts, "rejected": rejects.count, "dim": writer.dim}
 
@@ -424,13 +457,15 @@ def build_index(
     batch_size: int = 256,
     progress: bool = True,
     limit: int | None = None,
+    image_root: str | Path | None = None,
 ) -> EmbeddingIndex:
     """Embed the images and every caption of `data` with the model in `ckpt` and write an index
     directory at `out` (replacing an index already there only once the new one is complete).
 
     `index_type` "auto" picks exact search up to `ann.FLAT_MAX` vectors per modality, else IVF;
     "flat", "ivf", "hnsw" force one. Samples without an image and repeated keys are rejected to
-    `out/rejects.jsonl`. `limit` reads at most that many samples."""
+    `out/rejects.jsonl`. `limit` reads at most that many samples; `image_root` is the folder
+    the images of a COCO or Karpathy JSON are under."""
     from polysense.models.clip import load_model
 
     ann.choose_type(0, index_type)
@@ -450,6 +485,7 @@ def build_index(
             batch_size=batch_size,
             progress=progress,
             limit=limit,
+            image_root=image_root,
         )
         dim = source.pop("dim")
         counts = {"items": source["items"], "texts": source["texts"]}
@@ -603,6 +639,7 @@ class EmbeddingIndex:
         batch_size: int = 256,
         progress: bool = True,
         limit: int | None = None,
+        image_root: str | Path | None = None,
     ) -> int:
         """Append the samples of `data` (old rows are neither re-embedded nor re-indexed: faiss
         `add` on a copy), swap the result in, and return the number of items added. Keys already
@@ -623,6 +660,7 @@ class EmbeddingIndex:
                 batch_size=batch_size,
                 progress=progress,
                 limit=limit,
+                image_root=image_root,
             )
             source.pop("dim")
             counts = {
@@ -713,23 +751,31 @@ class EmbeddingIndex:
         if len(rows) == 0:
             return []
         marks = ",".join("?" * len(rows))
+        path = "json_extract(i.extra, '$.image_path')"
         if modality == "image":
-            sql = f"SELECT row, key, captions FROM items WHERE row IN ({marks})"
+            sql = f"SELECT i.row, i.key, i.captions, {path} FROM items i WHERE i.row IN ({marks})"
         else:
             sql = (
-                "SELECT t.row, i.key, t.caption FROM texts t JOIN items i ON i.row = t.item_row "
-                f"WHERE t.row IN ({marks})"
+                f"SELECT t.row, i.key, t.caption, {path} FROM texts t "
+                f"JOIN items i ON i.row = t.item_row WHERE t.row IN ({marks})"
             )
         with self._lock:
-            found = {r: (key, cap) for r, key, cap in self._db.execute(sql, rows.tolist())}
+            found = {r: rest for r, *rest in self._db.execute(sql, rows.tolist())}
         hits = []
         for row, score in zip(rows.tolist(), scores.tolist(), strict=True):
-            key, caption = found[row]
+            key, caption, image_path = found[row]
             if modality == "image":
                 captions = json.loads(caption)
                 caption = captions[0] if captions else None
             hits.append(
-                Hit(key=key, score=float(score), caption=caption, modality=modality, row=row)
+                Hit(
+                    key=key,
+                    score=float(score),
+                    caption=caption,
+                    modality=modality,
+                    row=row,
+                    image_path=image_path if isinstance(image_path, str) else None,
+                )
             )
         return hits
 

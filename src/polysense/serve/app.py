@@ -661,13 +661,16 @@ def _item_key(request: Request) -> tuple[str, bool]:
     return unquote(rest[: -len("/image")] if wants_image else rest), wants_image
 
 
+def _public(value: Any) -> Any:
+    """An absolute path cut to its file name: the server's directory layout is not the
+    client's business. A relative path (an index's `image_path`) is shown as it is."""
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
+
+
 def _without_paths(meta: dict[str, Any]) -> dict[str, Any]:
-    """Item metadata with each absolute path (`source`, an `image_path` ...) cut to its file
-    name: the server's directory layout is not the client's business."""
-    return {
-        k: Path(v).name if isinstance(v, str) and Path(v).is_absolute() else v
-        for k, v in meta.items()
-    }
+    """Item metadata with each absolute path (`source`, an old index's `image_path` ...) cut to
+    its file name."""
+    return {k: _public(v) for k, v in meta.items()}
 
 
 def create_app(
@@ -779,6 +782,7 @@ def create_app(
                 "score": round(float(hit.score), 6),
                 "caption": hit.caption,
                 "modality": hit.modality,
+                "image_path": _public(hit.image_path),  # relative to the source's folder
                 "image_url": _image_url(hit.key),
             }
             for hit in hits  # fewer than k when the index holds fewer

@@ -89,6 +89,10 @@ function render(data) {
     score.textContent = `score ${hit.score.toFixed(3)}`;
     score.title = "cosine similarity to the query";
     card.querySelector(".key").textContent = hit.key;
+    const path = card.querySelector(".path");
+    path.textContent = hit.image_path || "";
+    path.hidden = !hit.image_path; // images read from tar shards have no file of their own
+    path.title = "the image file, relative to the indexed source's folder";
     results.append(card);
   });
 }
