@@ -355,6 +355,33 @@ def test_time_limit_is_a_safety_net_that_never_bends_the_schedule(
     assert last["lr"] < 0.5 * follows_steps
 
 
+def test_progress_bar_follows_a_binding_time_budget(pairs_jsonl, tmp_path, monkeypatch):
+    """Under `train.max_minutes` on a machine too slow for `steps` (the fake 5 s clock), the bar
+    ends full (its position is the budget's share of the steps) although fewer steps ran; with
+    no budget the bar's position is the step count."""
+    from polysense.train import loop
+
+    positions: list[int] = []
+    monkeypatch.setattr(loop.TrainProgress, "update", lambda self, n, **f: positions.append(n))
+    clock = iter(range(0, 10**6, 5))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    steps = 40
+    cfg = tiny_config("clip-tiny", f"train.steps={steps}", "train.max_minutes=1",
+                      "train.ckpt_every=0", "train.log_every=1")  # fmt: skip
+    result = train(cfg, data=pairs_jsonl, out=tmp_path / "budget", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps < steps and positions[-1] == steps  # full when the clock ran out
+    logged = positions[:-1]  # one update per record, then the one at the stop
+    for row, pos in zip(rows, logged, strict=True):  # hand formula: the budget's share
+        assert pos == min(steps, max(row["step"], int(row["elapsed_s"] / 60 * steps)))
+    assert any(pos > row["step"] for row, pos in zip(rows, logged, strict=True))
+    positions.clear()
+    clock = iter(range(0, 10**6, 5))
+    plain = tiny_config("clip-tiny", "train.steps=6", "train.ckpt_every=0", "train.log_every=1")
+    train(plain, data=pairs_jsonl, out=tmp_path / "plain", progress=False)
+    assert positions == [1, 2, 3, 4, 5, 6]
+
+
 def test_periodic_evaluation_joins_the_log(pairs_jsonl, tmp_path):
     calls = []
 

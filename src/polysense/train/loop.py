@@ -363,6 +363,8 @@ def train(
                     tc.time_limit_minutes and elapsed.item() >= tc.time_limit_minutes * 60
                 ):
                     stopped_early = True
+                    if rank == 0:  # the bar shows where the schedule stopped (full on a budget)
+                        log.bar.update(log.position(step, elapsed.item()))
                     break
             apply_locks(step)
             factor = lr_factor(  # warmup always counts real steps; the decay may follow time
@@ -567,6 +569,11 @@ class StepLog:
         self.batch_size, self.elapsed_before = train.batch_size, elapsed_before
         self.t0 = self.window_t = time.perf_counter()
         self.window_step = start
+        # A time budget (max_minutes, or max_seconds in the fusion loop) that binds ends the run
+        # before `steps`: the bar then follows the schedule's position, the larger of the step
+        # and the budget's elapsed fraction, so it fills and its ETA counts down with the clock.
+        minutes = float(getattr(train, "max_minutes", 0.0) or 0.0)
+        self.budget_s = minutes * 60 or float(getattr(train, "max_seconds", 0.0) or 0.0)
 
     def __enter__(self) -> StepLog:
         self.bar.__enter__()
@@ -593,5 +600,11 @@ class StepLog:
         }
         if self.out is not None:
             append_metrics(self.out, record)
-        self.bar.update(done, loss=loss, lr=lr, rate=rate)
+        self.bar.update(self.position(done, record["elapsed_s"]), loss=loss, lr=lr, rate=rate)
         return record
+
+    def position(self, done: int, elapsed_s: float) -> int:
+        """The bar's position: `done` steps, or the time budget's share of `steps` if ahead."""
+        if not self.budget_s:
+            return done
+        return min(self.total, max(done, int(elapsed_s / self.budget_s * self.total)))
