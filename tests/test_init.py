@@ -95,6 +95,19 @@ def test_train_init_starts_from_the_checkpoint_and_keeps_its_tokenizer(tmp_path)
     assert saved["train"]["steps"] == 2  # the preset's recipe, with the overrides
 
 
+def test_train_on_own_data_plots_the_loss_and_says_what_it_did_not_evaluate(tmp_path):
+    """A JSONL run writes loss.png as the quickstart does, and the world splits it cannot
+    evaluate are named instead of silently skipped."""
+    data = one_caption_pairs(tmp_path / "data")
+    r = cli("train", "clip-tiny", "--data", str(data), "--out", str(tmp_path / "o"),
+            "--set", "train.steps=3", "--set", "train.batch_size=16", "--set", "train.log_every=1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "o" / "loss.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+    assert "--eval-splits names a world's splits" in " ".join(r.stdout.split())
+    assert "loss.png" in r.stdout
+
+
 def _hf_clip_dir(tmp_path: Path, tok_dir: Path) -> Path:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))

@@ -280,10 +280,17 @@ def _train_and_evaluate(
         f"({result.train_samples_per_s:.0f} samples/s); final loss {result.final_loss:.4f}"
         + (" (stopped early by the clock)" if result.stopped_early else "")
     )
+    _plot_loss(out / "metrics.jsonl", out / "loss.png")
     metrics: dict = {}
     if eval_splits and detect_format(data) == "world":
         model = load_model(str(out))
         metrics = evaluate_splits(model, data, splits=eval_splits)
+    elif eval_splits:
+        console.print(
+            f"--eval-splits names a world's splits; {data} is a {detect_format(data)} source, so "
+            "no split was evaluated (evaluate it with `polysense eval zeroshot|retrieval --ckpt "
+            f"{out} --data PATH`)"
+        )
     metrics |= {
         "train_samples_per_s": result.train_samples_per_s,
         "train_steps": result.steps,
@@ -377,7 +384,8 @@ def train_cmd(
     metrics = runner(cfg, data=data, out=out, resume=resume, eval_splits=splits)
     if "zeroshot_top1" in metrics or "i2t_r1" in metrics:
         console.print(_metrics_table(metrics, f"{preset} on {data}"))
-    console.print(f"wrote {out / 'metrics.json'}")
+    plotted = " and loss.png" if (out / "loss.png").is_file() else ""
+    console.print(f"wrote {out / 'metrics.json'}{plotted}")
 
 
 @app.command("eval")
