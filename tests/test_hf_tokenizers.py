@@ -161,47 +161,23 @@ def test_own_bpe_saves_a_directory_transformers_loads(tmp_path):
 # --- imported models encode strings as transformers does ----------------------------------------
 
 
-def _clip_dir(tmp_path, tok_dir):
+def hf_model_dir(family: str, tmp_path, tok_dir, *, text_layers: int = 2):
+    """A tiny random HF CLIPModel / SiglipModel saved with the tokenizer in `tok_dir`:
+    (model, tokenizer, directory)."""
     torch.manual_seed(0)
     hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    text = dict(
-        vocab_size=len(hf_tok),
-        hidden_size=32,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        max_position_embeddings=77,
-        pad_token_id=hf_tok.pad_token_id,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-    )
-    vision = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48,
-                  patch_size=8, image_size=32)  # fmt: skip
-    hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
-    directory = tmp_path / "hf-clip"
-    hf.save_pretrained(directory)
-    hf_tok.save_pretrained(directory)
-    return hf, hf_tok, directory
-
-
-def _siglip_dir(tmp_path, tok_dir):
-    torch.manual_seed(0)
-    hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    text = dict(
-        vocab_size=len(hf_tok),
-        hidden_size=32,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        pad_token_id=hf_tok.pad_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        projection_size=32,
-    )
-    vision = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48,
-                  patch_size=8, image_size=32)  # fmt: skip
-    hf = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
-    directory = tmp_path / "hf-siglip"
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=48)
+    text = dict(**small, num_hidden_layers=text_layers, vocab_size=len(hf_tok),
+                pad_token_id=hf_tok.pad_token_id, eos_token_id=hf_tok.eos_token_id)  # fmt: skip
+    vision = dict(**small, num_hidden_layers=1, patch_size=8, image_size=32)
+    if family == "clip":
+        text.update(max_position_embeddings=77, bos_token_id=hf_tok.bos_token_id)
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+        hf = CLIPModel(cfg).eval()
+    else:
+        text.update(max_position_embeddings=64, projection_size=32)
+        hf = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    directory = tmp_path / f"hf-{family}"
     hf.save_pretrained(directory)
     hf_tok.save_pretrained(directory)
     return hf, hf_tok, directory
@@ -210,7 +186,7 @@ def _siglip_dir(tmp_path, tok_dir):
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_imported_model_encodes_strings_like_transformers(family, tmp_path, request):
     tok_dir = request.getfixturevalue(f"{family}_tok_dir")
-    hf, hf_tok, directory = (_clip_dir if family == "clip" else _siglip_dir)(tmp_path, tok_dir)
+    hf, hf_tok, directory = hf_model_dir(family, tmp_path, tok_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "tokenizer not used" warning any more
         model, run_cfg = import_hf(directory)

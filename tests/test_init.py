@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig
+from transformers import CLIPConfig, SiglipConfig
 
 from helpers import make_pairs, tiny_config
 from polysense.config import apply_overrides
@@ -30,7 +30,7 @@ from polysense.models.clip import CLIP, load_model
 from polysense.models.hf import export_hf
 from polysense.presets import get_preset
 from polysense.train.loop import train
-from test_hf_tokenizers import clip_tok_dir  # noqa: F401  (fixture)
+from test_hf_tokenizers import clip_tok_dir, hf_model_dir  # noqa: F401  (a fixture)
 
 N = 16  # one batch: the first step sees every pair, in an order InfoNCE does not depend on
 
@@ -108,29 +108,13 @@ def test_train_on_own_data_plots_the_loss_and_says_what_it_did_not_evaluate(tmp_
     assert "loss.png" in r.stdout
 
 
-def _hf_clip_dir(tmp_path: Path, tok_dir: Path) -> Path:
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    small = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48)
-    text = {**small, "vocab_size": len(tok), "max_position_embeddings": 77,
-            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id}  # fmt: skip
-    hf = CLIPModel(CLIPConfig(text_config=text, vision_config={**small, "patch_size": 8,
-                                                               "image_size": 32},
-                              projection_dim=24))  # fmt: skip
-    directory = tmp_path / "hf"
-    hf.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
-
-
 def _text_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The text tower's weights (a lock leaves its projection, `text_proj`, training)."""
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("text.")}
 
 
 def test_init_from_hf_with_a_locked_then_unlocked_text_tower(tmp_path, clip_tok_dir):  # noqa: F811
-    hf_dir = _hf_clip_dir(tmp_path, clip_tok_dir)
+    hf_dir = hf_model_dir("clip", tmp_path, clip_tok_dir, text_layers=1)[2]
     data = one_caption_pairs(tmp_path / "data")
     start = load_model(str(hf_dir))
     text0 = _text_weights(start)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import logging
@@ -42,21 +43,15 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int, field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of a process, in KiB, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-# --- the abuse run ---------------------------------------------------------------------------
+def _abuse_module():
+    """examples/serve_abuse.py, the abuse driver users run too (loaded by path)."""
+    path = Path(__file__).parents[1] / "examples" / "serve_abuse.py"
+    spec = importlib.util.spec_from_file_location("serve_abuse", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_abuse"] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -64,102 +59,20 @@ def rss_kib(pid: int, field: str) -> int:
 def test_abuse_keeps_good_queries_fast_memory_bounded_and_no_500(index):
     """32 concurrent uploads of a 4096x4096 PNG (the pixel limit, ~50 MB decoded each) and 8
     bodies of 7.7 MB `[[],[],...]`, while one client keeps sending text queries, against a real
-    `polysense serve` process. The issue's bounds: the good queries' p99 < 1 s, server RSS
-    (its peak, VmHWM) < 1.5 GB, no 500. Bounded: at most 60 s, loopback only."""
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polysense.cli",
-            "serve",
-            "--index",
-            str(index.directory),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    big = io.BytesIO()
-    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(big, "PNG")
-    upload = big.getvalue()
-    flood = b"[" + b"[]," * 2_560_000 + b"[]]"  # 7.7 MB
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start in 30 s"
-            time.sleep(0.2)
-        idle_kib = rss_kib(server.pid, "VmRSS")
-
-        async def good(client: httpx.AsyncClient, stop: asyncio.Event) -> list[float]:
-            took = []
-            while not stop.is_set() or len(took) < 50:
-                start = time.perf_counter()
-                r = await client.post("/search", json={"text": "a red circle", "k": 5})
-                took.append(time.perf_counter() - start)
-                assert r.status_code == 200, r.text
-                await asyncio.sleep(0.02)
-            return took
-
-        async def abuse(client: httpx.AsyncClient) -> list[int]:
-            uploads = [
-                client.post("/search", files={"file": ("big.png", upload, "image/png")})
-                for _ in range(32)
-            ]
-            floods = [
-                client.post("/search", content=flood, headers={"content-type": "application/json"})
-                for _ in range(8)
-            ]
-            return [r.status_code for r in await asyncio.gather(*uploads, *floods)]
-
-        async def run() -> tuple[list[float], list[int]]:
-            pool = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-            async with (
-                httpx.AsyncClient(base_url=url, timeout=30) as calm,
-                httpx.AsyncClient(base_url=url, timeout=30, limits=pool) as rough,
-            ):
-                await calm.post("/search", json={"text": "warm up", "k": 1})
-                stop = asyncio.Event()
-                good_task = asyncio.create_task(good(calm, stop))
-                await asyncio.sleep(0.3)  # good queries are flowing before the abuse starts
-                statuses = await abuse(rough)
-                stop.set()
-                return await good_task, statuses
-
-        took, statuses = asyncio.run(asyncio.wait_for(run(), 60))
-        peak_kib = rss_kib(server.pid, "VmHWM")
-        health = httpx.get(url + "/health", timeout=5).json()
-    finally:
-        server.terminate()
-        try:
-            _, log_text = server.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            _, log_text = server.communicate()
-
-    uploads, floods = statuses[:32], statuses[32:]
-    p99 = float(np.quantile(took, 0.99))
-    print(
-        f"good queries: {len(took)}, p50 {np.median(took) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
-        f"uploads {sorted(set(uploads))} ({uploads.count(200)} answered); floods {set(floods)}; "
-        f"server RSS idle {idle_kib / 1024:.0f} MiB, peak {peak_kib / 1024:.0f} MiB; "
-        f"refused decodes {health['refused_decodes']}"
-    )
-    assert 500 not in statuses and "Traceback" not in log_text, log_text[-2000:]
+    `polysense serve` process (examples/serve_abuse.py). The issue's bounds: the good queries'
+    p99 < 1 s, server RSS (its peak, VmHWM) < 1.5 GB, no 500. Loopback only, at most 60 s."""
+    result = _abuse_module().run_abuse(index.directory)
+    print(result.summary())
+    uploads = result.upload_statuses
+    assert set(result.good_statuses) == {200}
+    assert 500 not in uploads + result.flood_statuses, result.server_log[-2000:]
+    assert "Traceback" not in result.server_log, result.server_log[-2000:]
     assert set(uploads) <= {200, 503} and uploads.count(200) >= 1, uploads
-    assert uploads.count(503) == health["refused_decodes"]
-    assert set(floods) == {413}, floods
+    assert uploads.count(503) == result.health["refused_decodes"]
+    assert set(result.flood_statuses) == {413}, result.flood_statuses
+    p99 = float(np.quantile(result.good_seconds, 0.99))
     assert p99 < 1.0, f"good-query p99 {p99:.3f} s under abuse"
-    assert peak_kib < 1.5 * 1024 * 1024, f"server peak RSS {peak_kib / 1024:.0f} MiB"
+    assert result.peak_mib < 1.5 * 1024, f"server peak RSS {result.peak_mib} MiB"
 
 
 # --- bounded decoding -------------------------------------------------------------------------
