@@ -266,9 +266,6 @@ class DecodePool:
             with self._lock:
                 self._in_flight -= 1
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
 
 # --- request parsing ----------------------------------------------------------------------------
 
