@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -38,9 +39,12 @@ def test_every_curation_command_has_help_with_an_example():
 def test_config_file_run_then_verify(tmp_path):
     pairs = make_pairs(tmp_path / "pairs", 40)
     lines = pairs.read_text().splitlines()
-    # two exact copies of the first sample, one caption with a blocklisted word
+    # two exact copies of the first sample (files of their own: rows naming one file would
+    # merge into one item), one caption with a blocklisted word
     first = json.loads(lines[0])
-    extra = [dict(first, key=f"copy{i}") for i in range(2)]
+    for i in range(2):
+        shutil.copyfile(pairs.parent / first["image"], pairs.parent / f"copy{i}.png")
+    extra = [dict(first, key=f"copy{i}", image=f"copy{i}.png") for i in range(2)]
     Image.new("RGB", (32, 32), (20, 20, 20)).save(pairs.parent / "dark.png")
     extra.append({"key": "bad", "image": "dark.png", "caption": "a nsfw dark square"})
     pairs.write_text("\n".join(lines + [json.dumps(e) for e in extra]) + "\n")

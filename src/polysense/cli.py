@@ -393,13 +393,53 @@ def eval_cmd(
     task: Annotated[
         str,
         typer.Argument(
-            help="zeroshot, retrieval or all (contrastive checkpoints); "
+            help="zeroshot, retrieval, all (both) or linear-probe (contrastive checkpoints); "
             "or a task of another family: " + ", ".join(sorted(_family_eval_tasks())) + "."
         ),
     ],
     ckpt: Annotated[Path, typer.Option(help="Checkpoint directory.")],
-    data: Annotated[str, typer.Option(help="World dir or any readable source.")],
-    split: Annotated[str | None, typer.Option(help="World split (default test).")] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="World dir, image folder (one sub-folder per class), CSV/JSONL, COCO or "
+            "Karpathy JSON (dataset_coco.json, dataset_flickr30k.json), shards."
+        ),
+    ],
+    split: Annotated[
+        str | None,
+        typer.Option(help="World or Karpathy split (default test for both)."),
+    ] = None,
+    classnames: Annotated[
+        Path | None,
+        typer.Option(
+            help="Zero-shot / probe class names, one a line, in class-index order (default: the "
+            "labels found, `_` read as spaces)."
+        ),
+    ] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt templates: a set (openai, simple, world) or a file of one template a "
+            "line with {} or {c} for the class (default: world on a world, openai elsewhere)."
+        ),
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder the images of a COCO or Karpathy JSON are under."),
+    ] = None,
+    train_data: Annotated[
+        str | None,
+        typer.Option(help="linear-probe: labelled images to fit it on (default: a world's train)."),
+    ] = None,
+    c: Annotated[
+        float | None,
+        typer.Option(
+            "--c", help="linear-probe: inverse regularisation C (default: chosen on 20 % of train)."
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where the model runs: cpu, cuda, cuda:N, mps.")
+    ] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many samples.")] = None,
@@ -408,39 +448,80 @@ def eval_cmd(
         typer.Option(help="A contrastive checkpoint that scores another model (eval t2i)."),
     ] = None,
 ) -> None:
-    """Evaluate a checkpoint: zero-shot top-1/top-5, image<->text Recall@1/5/10, or a task of
-    another model family (captioning, VQA, hallucination, ...).
+    """Evaluate a checkpoint: zero-shot top-1/top-5, image<->text Recall@1/5/10, a linear probe,
+    or a task of another model family (captioning, VQA, hallucination, ...). The table says how
+    many samples each task scored out of how many were read.
 
-    Example: `polysense eval zeroshot --ckpt runs/quickstart/ckpt --data runs/world --split test_novel`
+    Examples:
+
+    `polysense eval zeroshot --ckpt runs/quickstart/ckpt --data runs/world --split test_novel`
+
+    `polysense eval zeroshot --ckpt runs/clip-b32 --data pets/ --classnames classes.txt --templates openai`
+
+    `polysense eval retrieval --ckpt runs/clip-b32 --data dataset_flickr30k.json --image-root flickr30k-images`
+
+    `polysense eval linear-probe --ckpt runs/clip-b32 --data pets/test --train-data pets/train`
     """
     import json
+    import warnings
 
     from polysense.data.readers import detect_format
     from polysense.eval import get_task
-    from polysense.eval.suite import TASKS, evaluate
+    from polysense.eval.suite import TASKS, check_device, evaluate, linear_probe
+    from polysense.eval.templates import load_classnames, load_templates
     from polysense.fileio import atomic_write_json
     from polysense.models.clip import load_model
 
-    if split is None and detect_format(data) == "world":
+    if split is None and detect_format(data) in ("world", "karpathy"):
         split = "test"
-    family_task = get_task(task) if task not in (*TASKS, "all") else None
+    own_tasks = (*TASKS, "all", "linear-probe")
+    family_task = get_task(task) if task not in own_tasks else None
     if family_task is not None:
         metrics = family_task(
             ckpt=ckpt, data=data, split=split, batch_size=batch_size, limit=limit, clip=clip
         )
     else:
-        tasks = TASKS if task == "all" else (task,)
-        model = load_model(str(ckpt))
-        metrics = evaluate(
-            model, data, split=split, tasks=tasks, batch_size=batch_size, limit=limit
-        )
+        names = load_classnames(classnames) if classnames is not None else None
+        prompts = load_templates(templates) if templates is not None else None
+        model = load_model(str(ckpt), device=check_device(device))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if task == "linear-probe":
+                metrics = linear_probe(
+                    model, data, split=split, train_data=train_data, classnames=names, c=c,
+                    batch_size=batch_size, limit=limit, image_root=image_root, progress=True,
+                )  # fmt: skip
+            else:
+                metrics = evaluate(
+                    model, data, split=split, tasks=TASKS if task == "all" else (task,),
+                    batch_size=batch_size, limit=limit, progress=True, classnames=names,
+                    templates=prompts, image_root=image_root,
+                )  # fmt: skip
+        for warning in caught:
+            if issubclass(warning.category, UserWarning):
+                err_console.print(f"warning: {warning.message}", markup=False, highlight=False)
         metrics["split"] = split or "all"
-        console.print(_metrics_table(metrics, f"{ckpt} on {data}"))
+        console.print(_eval_table(metrics, f"{ckpt} on {data}"))
     if json_out:
         atomic_write_json(json_out, metrics)
         console.print(f"wrote {json_out}")
     else:
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+
+
+def _eval_table(metrics: dict, title: str) -> Table:
+    """The metrics table of `polysense eval`, with what each task scored out of what was read."""
+    table = _metrics_table(metrics, title)
+    for key in ("linear_probe_top1", "linear_probe_top5"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.3f}")
+    read = f"of {metrics['n_samples']} read"
+    if metrics.get("n_rejected"):
+        read += f" ({metrics['n_rejected']} more rejected by the reader)"
+    for task in ("zeroshot", "retrieval", "linear_probe"):
+        if f"{task}_n_samples" in metrics:
+            table.add_row(f"{task} scored", f"{metrics[f'{task}_n_samples']} {read}")
+    return table
 
 
 @app.command("quickstart")
@@ -520,8 +601,12 @@ def index_build(
     ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Embedding batch size.")] = 256,
     limit: Annotated[int | None, typer.Option(help="Index at most this many samples.")] = None,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder the images of a COCO or Karpathy JSON are under.")
+    ] = None,
 ) -> None:
-    """Embed every image and caption of a dataset and write a searchable index.
+    """Embed every image and caption of a dataset and write a searchable index. A CSV/JSONL
+    item's key is its image path (rows of one image are one item with all their captions).
 
     Example: `polysense index build --ckpt runs/quickstart/ckpt --data runs/world --split test --out runs/index`
     """
@@ -529,8 +614,9 @@ def index_build(
 
     writable_dir(out.absolute().parent, flag="--out")
     index = build_index(
-        ckpt, data, out, split=split, index_type=index_type, batch_size=batch_size, limit=limit
-    )
+        ckpt, data, out, split=split, index_type=index_type, batch_size=batch_size, limit=limit,
+        image_root=image_root,
+    )  # fmt: skip
     console.print(f"indexed {len(index)} items -> {out}")
 
 
@@ -540,8 +626,12 @@ def index_add(
     data: Annotated[str, typer.Option(help="World dir or any readable source with new samples.")],
     split: Annotated[str | None, typer.Option(help="World split to add.")] = None,
     batch_size: Annotated[int, typer.Option(help="Embedding batch size.")] = 256,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder the images of a COCO or Karpathy JSON are under.")
+    ] = None,
 ) -> None:
-    """Append new samples to an index without re-embedding the old ones.
+    """Append new samples to an index without re-embedding the old ones. A key already in the
+    index (the same image path) is rejected to rejects.jsonl.
 
     Example: `polysense index add --index runs/index --data runs/world --split val`
     """
@@ -549,7 +639,7 @@ def index_add(
 
     opened = EmbeddingIndex.open(index)
     writable_dir(index.absolute().parent, flag="--index")
-    added = opened.add(data, split=split, batch_size=batch_size)
+    added = opened.add(data, split=split, batch_size=batch_size, image_root=image_root)
     console.print(f"added {added} items to {index}")
 
 
@@ -567,7 +657,8 @@ def search_cmd(
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
 ) -> None:
-    """Search an index: text->image (default), image->image, image->text, text->text.
+    """Search an index: text->image (default), image->image, image->text, text->text. Each
+    result shows its key, score, caption and image file (relative to its source's folder).
 
     Example: `polysense search --index runs/index "a red circle" --k 5`
     """
@@ -594,7 +685,13 @@ def search_cmd(
         print(
             json.dumps(
                 [
-                    {"key": h.key, "score": h.score, "caption": h.caption, "modality": h.modality}
+                    {
+                        "key": h.key,
+                        "score": h.score,
+                        "caption": h.caption,
+                        "modality": h.modality,
+                        "image_path": h.image_path,
+                    }
                     for h in hits
                 ],
                 indent=2,
@@ -606,8 +703,9 @@ def search_cmd(
     table.add_column("key")
     table.add_column("score", justify="right")
     table.add_column("caption")
+    table.add_column("image file")
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), hit.key, f"{hit.score:.4f}", hit.caption)
+        table.add_row(str(rank), hit.key, f"{hit.score:.4f}", hit.caption, hit.image_path or "-")
     console.print(table)
 
 

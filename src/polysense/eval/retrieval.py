@@ -14,6 +14,7 @@ peak extra memory is about `block_size * max(N, M) * 4` bytes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -24,6 +25,18 @@ from polysense.errors import PolysenseError
 from polysense.eval.zeroshot import encode_images, encode_texts, eval_mode, fraction, progress_bar
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+class SharedCaptionWarning(UserWarning):
+    """The same caption text belongs to several images, so image->text ranks have ties."""
+
+
+def shared_captions(texts: Sequence[str], owner: Sequence[int]) -> list[str]:
+    """The caption texts that belong to more than one image, in first-seen order."""
+    owners: dict[str, set[int]] = {}
+    for text, image in zip(texts, owner, strict=True):
+        owners.setdefault(text, set()).add(image)
+    return [text for text, images in owners.items() if len(images) > 1]
 
 
 def _check_inputs(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> None:
@@ -141,8 +154,9 @@ def retrieval_eval(
     """Embed every sample's image and its captions (the first `max_captions` if given), then
     compute :func:`retrieval_metrics`.
 
-    Adds ``n_samples`` (images), ``n_captions`` and ``n_skipped`` (samples without an image or
-    without a non-empty caption; they take no part in the ranking).
+    Adds ``n_samples`` (images), ``n_captions``, ``n_skipped`` (samples without an image or
+    without a non-empty caption; they take no part in the ranking) and ``n_shared_captions``
+    (caption texts of more than one image; a :class:`SharedCaptionWarning` says what they do).
     """
     if batch_size < 1:
         raise PolysenseError(f"batch_size={batch_size}: must be at least 1")
@@ -178,10 +192,23 @@ def retrieval_eval(
             f"retrieval evaluation got no sample with an image and a caption "
             f"({n_skipped} skipped): check --data and --split"
         )
+    shared = shared_captions(texts, owner)
+    if shared:
+        warnings.warn(
+            SharedCaptionWarning(
+                f"{len(shared)} caption texts belong to more than one image (e.g. "
+                f"{shared[0]!r}): an image's own caption ties with the same text under another "
+                "image, and ties count against the query, so image->text recall reads lower "
+                "than the model deserves (0 at K=1 when every caption is shared); make the "
+                "captions of different images differ, or read i2t with this in mind"
+            ),
+            stacklevel=2,
+        )
     image_emb = torch.cat(image_chunks)  # (N, D)
     text_emb = encode_texts(model, texts, batch_size=batch_size, progress=progress)  # (M, D)
     metrics: dict[str, Any] = retrieval_metrics(
         image_emb, text_emb, torch.tensor(owner), ks, block_size=block_size
     )
     metrics |= {"n_samples": n_images, "n_captions": len(texts), "n_skipped": n_skipped}
+    metrics["n_shared_captions"] = len(shared)
     return metrics

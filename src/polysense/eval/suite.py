@@ -3,19 +3,21 @@
 On the world: zero-shot classification of single-object scenes over the 24 colour x shape
 classes, and image<->text Recall@K on multi-object scenes (whose captions carry counts and
 relations), per split. On other data: retrieval over all samples, and zero-shot when samples
-carry a `label` (an image folder's class).
+carry a `label` (an image folder's class, a CSV column), over the given class names or the
+labels found (`_` read as spaces), with the given templates or `openai`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from polysense.data.readers import detect_format, read_samples
+from polysense.data.readers import Rejects, detect_format, read_samples
 from polysense.errors import DataError
 from polysense.eval.retrieval import retrieval_eval
-from polysense.eval.zeroshot import zeroshot_eval
+from polysense.eval.templates import default_templates
+from polysense.eval.zeroshot import class_name, zeroshot_eval
 
 TASKS = ("zeroshot", "retrieval")
 
@@ -25,7 +27,8 @@ def _classnames(data: str | Path, samples: list[dict[str, Any]]) -> list[str]:
         from polysense.data.world import load_manifest
 
         return list(load_manifest(data)["classes"])
-    return sorted({s["label"] for s in samples if isinstance(s.get("label"), str)})
+    labels = sorted({s["label"] for s in samples if isinstance(s.get("label"), str)})
+    return list(dict.fromkeys(class_name(label) for label in labels))
 
 
 def evaluate(
@@ -37,25 +40,46 @@ def evaluate(
     batch_size: int = 256,
     limit: int | None = None,
     progress: bool = False,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Metrics (DESIGN.md keys) of `model` on one split of `data`."""
+    """Metrics (DESIGN.md keys) of `model` on one split of `data`.
+
+    `classnames` (class-index order) and `templates` default to the world's on a world, and to
+    the labels found and the `openai` set elsewhere. Besides the metrics: ``n_samples`` (samples
+    read), ``n_rejected`` (samples the reader skipped), ``zeroshot_n_samples`` and
+    ``retrieval_n_samples`` (samples each task scored).
+    """
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise DataError(f"unknown evaluation task(s) {sorted(unknown)}; choose from {list(TASKS)}")
-    samples = list(read_samples(data, split=split, limit=limit))
+    rejects = Rejects()
+    samples = list(
+        read_samples(data, split=split, limit=limit, rejects=rejects, image_root=image_root)
+    )
     if not samples:
         raise DataError(f"{data}: no samples to evaluate" + (f" in split {split}" if split else ""))
     metrics: dict[str, Any] = {}
     if "zeroshot" in tasks:
-        classnames = _classnames(data, samples)
-        labelled = [s for s in samples if s.get("label") in set(classnames)]
-        if labelled:
+        names = list(classnames) if classnames is not None else _classnames(data, samples)
+        if names and any(s.get("label") is not None for s in samples):
             zs = zeroshot_eval(
-                model, labelled, classnames=classnames, batch_size=batch_size, progress=progress
+                model,
+                samples,
+                classnames=names,
+                templates=templates or default_templates(detect_format(data) == "world"),
+                batch_size=batch_size,
+                progress=progress,
             )
             metrics |= {k: zs[k] for k in ("zeroshot_top1", "zeroshot_top5")}
             metrics["zeroshot_n_samples"] = zs["n_samples"]
             metrics["zeroshot_per_class"] = zs["per_class"]
+        elif tasks == ("zeroshot",):
+            raise DataError(
+                f"{data}: no sample has a label; zero-shot needs labelled images (an image "
+                "folder's sub-folders, or a 'label' column or field naming the class)"
+            )
     if "retrieval" in tasks:
         multi = [s for s in samples if len(s.get("objects") or []) >= 2]
         pool = multi if len(multi) >= 10 else samples
@@ -63,7 +87,9 @@ def evaluate(
         metrics |= {k: v for k, v in rt.items() if k.startswith(("i2t", "t2i"))}
         metrics["retrieval_n_samples"] = rt["n_samples"]
         metrics["retrieval_n_captions"] = rt["n_captions"]
+        metrics["retrieval_n_shared_captions"] = rt["n_shared_captions"]
     metrics["n_samples"] = len(samples)
+    metrics["n_rejected"] = rejects.count
     return metrics
 
 
@@ -94,3 +120,81 @@ def val_zeroshot(data: str | Path) -> Callable[[Any], dict[str, float]] | None:
         return {"val_zeroshot_top1": zeroshot_eval(model, val, classnames=classes)["zeroshot_top1"]}
 
     return probe
+
+
+def check_device(name: str) -> str:
+    """`name` when torch can run on that device here; else one line saying what to pass."""
+    import torch
+
+    from polysense.errors import PolysenseError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PolysenseError(
+            f"--device {name}: not a device name; use cpu, cuda or cuda:N"
+        ) from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise PolysenseError(f"--device {name}: torch sees no such device here; use --device cpu")
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise PolysenseError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0"
+        )
+    return name
+
+
+def linear_probe(
+    model: Any,
+    data: str | Path,
+    *,
+    split: str | None,
+    train_data: str | Path | None,
+    classnames: Sequence[str] | None = None,
+    c: float | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    image_root: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The linear probe of `polysense eval linear-probe`: fitted on `train_data` (on a world,
+    its train split by default), scored on `split` of `data`."""
+    from polysense.eval.linear_probe import linear_probe_eval
+
+    is_world = detect_format(data) == "world"
+    if train_data is None and not is_world:
+        raise DataError(
+            f"{data}: the linear probe is fitted on other labelled images than it is scored on; "
+            "pass them with --train-data PATH (a folder of class sub-folders, a CSV with a "
+            "'label' column ...)"
+        )
+    train_source = train_data if train_data is not None else data
+    train_split = "train" if train_data is None else None
+    rejects = Rejects()
+    read = {"limit": limit, "rejects": rejects, "image_root": image_root}
+    train = list(read_samples(train_source, split=train_split, **read))
+    test = list(read_samples(data, split=split, **read))
+    names = list(classnames) if classnames is not None else _classnames(train_source, train)
+    if not names:
+        raise DataError(
+            f"{train_source}: no sample has a label; the linear probe needs labelled images"
+        )
+    result = linear_probe_eval(
+        model, train, test, classnames=names, c=c, batch_size=batch_size, progress=progress
+    )
+    return {
+        **{k: v for k, v in result.items() if k.startswith("linear_probe")},
+        "linear_probe_n_train": result["n_train"],
+        "linear_probe_n_samples": result["n_samples"],
+        "n_samples": len(test),
+        "n_rejected": rejects.count,
+    }

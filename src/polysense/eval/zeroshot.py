@@ -20,14 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polysense.errors import PolysenseError
+from polysense.eval.templates import WORLD
 
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a {}.",
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image showing a {}.",
-    "a {} shape.",
-)
+DEFAULT_TEMPLATES: tuple[str, ...] = WORLD  # the world's prompts (see eval/templates.py)
 
 
 # ---------------------------------------------------------------- batched encoding (shared)
@@ -162,10 +157,19 @@ def zeroshot_classifier(
     return F.normalize(emb.mean(1), dim=-1)  # (C, D)
 
 
+def class_name(label: str) -> str:
+    """How a label (an image folder's name) reads as a class name: `_` become spaces."""
+    return label.replace("_", " ").strip()
+
+
 def _label_index(label: Any, index: dict[str, int], n_classes: int) -> int | None:
-    """A label string names a class; an int label is a class index. Anything else: None."""
+    """A label string names a class (as written, or with `_` read as spaces); an int label, or
+    a string of digits that names no class (a CSV cell), is a class index. Anything else: None."""
     if isinstance(label, str):
-        return index.get(label)
+        found = index.get(label, index.get(class_name(label)))
+        if found is not None or not label.strip().isdigit():
+            return found
+        label = int(label)
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < n_classes:
         return label
     return None
@@ -190,7 +194,8 @@ def zeroshot_eval(
     if batch_size < 1:
         raise PolysenseError(f"batch_size={batch_size}: must be at least 1")
     classifier = zeroshot_classifier(model, classnames, templates, batch_size=batch_size)  # (C, D)
-    index = {c: i for i, c in enumerate(classnames)}
+    index = {class_name(c): i for i, c in enumerate(classnames)}
+    index |= {c: i for i, c in enumerate(classnames)}
     ranks: list[Tensor] = []
     targets: list[int] = []
     images: list[Any] = []
