@@ -59,19 +59,45 @@ def test_inference_flops_match_the_hand_count(pair):
     assert tp.count_flops(tp.ours_infer(pair)) == expected * len(pair.images)
 
 
-def test_throughput_bench_quick_writes_the_contract_shape(tmp_path):
+@pytest.mark.parametrize("units", [True, False], ids=["bf16-units", "no-bf16-units"])
+def test_throughput_bench_quick_writes_the_contract_shape(tmp_path, monkeypatch, units):
+    """Both kinds of CPU: with bf16 units the bf16 variants and peak are measured; without them
+    (an AVX2-only CPU, simulated by patching `native_bf16`) not one bf16 matmul runs, and the
+    report says "no bf16 units"."""
+    from polysense.precision import native_bf16
+
+    if units and not native_bf16("cpu"):
+        pytest.skip("this CPU has no bf16 units (the other case covers it)")
+    dtypes: list[torch.dtype] = []
+    real_peak = tp.matmul_peak
+    monkeypatch.setattr(tp, "native_bf16", lambda device: units)
+    monkeypatch.setattr(
+        tp, "matmul_peak", lambda dtype, **kw: dtypes.append(dtype) or real_peak(dtype, **kw)
+    )
+    if not units:  # and "auto" must resolve to fp32, as it does on such a CPU
+        monkeypatch.setattr(tp, "resolve_precision", lambda precision, device: "fp32")
     res = tp.run_throughput_bench(
         tmp_path, dims=("clip-tiny",), batch={"clip-tiny": 8}, repeats=2, quick=True
     )
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert {"clip-tiny", "peak_gflops", "table", "environment"} <= set(data)
-    assert set(data["peak_gflops"]) == {"fp32", "bf16"}
     tiny = data["clip-tiny"]
     rates = tiny["train_samples_per_s"]
-    best_hf = max(rates["hf_fp32"], rates["hf_bf16"])
-    assert tiny["train_ratio_vs_hf"] == pytest.approx(rates["polysense"] / best_hf)
     inf = tiny["infer_images_per_s"]
-    best_inf = max(inf["hf_fp32"], inf["hf_bf16"])
+    hf_modes = ["hf_bf16", "hf_fp32"] if units else ["hf_fp32"]
+    assert sorted(m for m in rates if m.startswith("hf")) == hf_modes
+    if units:
+        assert isinstance(data["peak_gflops"]["bf16"], float)
+        assert torch.bfloat16 in dtypes
+    else:
+        assert data["peak_gflops"]["bf16"] == "no bf16 units"
+        assert tiny["bf16"] == "skipped: no bf16 units" and tiny["mfu_bf16_peak"] is None
+        assert torch.bfloat16 not in dtypes
+        assert "polysense_fp32" not in rates  # polysense's auto is fp32 here: no duplicate row
+        assert "no bf16 units" in (tmp_path / "throughput.md").read_text()
+    best_hf = max(rates[m] for m in hf_modes)
+    assert tiny["train_ratio_vs_hf"] == pytest.approx(rates["polysense"] / best_hf)
+    best_inf = max(inf[m] for m in hf_modes)
     assert tiny["infer_ratio_vs_hf"] == pytest.approx(inf["polysense"] / best_inf)
     peak = data["peak_gflops"]["fp32"] * 1e9
     flops = tiny["train_flops_per_sample"]["polysense"]
@@ -83,6 +109,24 @@ def test_throughput_bench_quick_writes_the_contract_shape(tmp_path):
     assert res["clip-tiny"]["params"] == tiny["params"]
     assert (tmp_path / "throughput.md").read_text().startswith("# Training and inference")
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+def test_interleaved_is_bounded_by_time_not_by_the_repeat_count(monkeypatch):
+    """A fake clock that advances 1 s per reading: with a 10 s bound the rounds stop once the
+    rounds so far took over 10 s, after the 3-round minimum, far below the 1000 allowed."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: float(next(clock)))
+    calls = {"a": 0, "b": 0}
+    fns = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+    times = tp.interleaved(fns, repeats=1000, seconds=10.0)
+    # reading 0 starts the clock; each timed call reads it twice (4 readings a round); rounds
+    # 0-2 are the minimum and check nothing; the check before round 3 reads 13: 13 s > 10 s.
+    assert len(times["a"]) == len(times["b"]) == 3
+    assert calls == {"a": 4, "b": 4}  # one warm-up call each, then 3 rounds
+    assert all(t == 1.0 for t in times["a"])
+    few = tp.interleaved(fns, repeats=2, seconds=0.001)
+    assert len(few["a"]) == 2  # a count below the minimum is honoured
+    assert len(tp.interleaved(fns, repeats=5)["a"]) == 5  # no bound: exactly the repeats
 
 
 def test_square_bytes_lower_bounds():

@@ -38,11 +38,12 @@ from polysense.bench.report import write_report
 from polysense.config import RunConfig, apply_overrides
 from polysense.errors import PolysenseError
 from polysense.losses import ContrastiveLoss, clip_loss
-from polysense.precision import resolve_precision
+from polysense.precision import native_bf16, resolve_precision
 
-DIMS = ("clip-tiny", "clip-small")
-# Batch per dims: clip-tiny's preset batch; clip-small's is 256, halved so a step stays ~seconds.
-DEFAULT_BATCH = {"clip-tiny": 128, "clip-small": 128}
+DIMS = ("clip-tiny", "clip-small", "clip-vit-b32")
+# Batch per dims: clip-tiny's preset batch; clip-small's is 256, halved so a step stays ~seconds;
+# 16 at ViT-B (full depth, 151 M parameters: a step takes seconds on 2 cores).
+DEFAULT_BATCH = {"clip-tiny": 128, "clip-small": 128, "clip-vit-b32": 16, "clip-vit-b16": 16}
 # HF CLIPModel's architecture at a preset's widths: patch embedding, cls and eot pooling, both
 # towers trained (clip-tiny's quickstart recipe departs from each; presets/__init__.py)
 HF_ARCH = (
@@ -301,12 +302,21 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def interleaved(fns: dict[str, Callable[[], None]], *, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, timed A, B, C, A, B, C, ... after one warm-up call each."""
+def interleaved(
+    fns: dict[str, Callable[[], None]], *, repeats: int, seconds: float = 0.0, min_repeats: int = 3
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed A, B, C, A, B, C, ... after one warm-up call each.
+
+    Rounds go on until `repeats` are done or, with `seconds` > 0, until the rounds have taken
+    `seconds` (at least `min_repeats` rounds, or `repeats` if fewer): each measurement is bounded
+    by time, so a slow machine takes fewer repeats instead of longer."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    start = time.perf_counter()
+    for done in range(repeats):
+        if seconds and done >= min(min_repeats, repeats) and time.perf_counter() - start > seconds:
+            break
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -352,20 +362,21 @@ def bench_dims(
     peaks: dict[str, float],
     overrides: tuple[str, ...] = (),
     extra: bool = True,
+    seconds: float = 0.0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train and inference throughput of one preset's dims: (results, table rows)."""
+    """Train and inference throughput of one preset's dims: (results, table rows). The bf16
+    variants run only when `peaks` has a bf16 peak (the CPU has bf16 units); `seconds` bounds
+    each of the two interleaved measurements (see `interleaved`)."""
     pair = build_pair(preset, batch=batch, overrides=overrides)
-    train = {
-        "polysense": ours_train_step(pair),
-        "hf_fp32": hf_train_step(pair, bf16=False),
-        "hf_bf16": hf_train_step(pair, bf16=True),
-    }
-    infer = {
-        "polysense": ours_infer(pair),
-        "hf_fp32": hf_infer(pair, bf16=False),
-        "hf_bf16": hf_infer(pair, bf16=True),
-    }
-    if extra:  # polysense forced to fp32 (train.precision=fp32); not the default, not in the ratio
+    bf16 = "bf16" in peaks  # the CPU multiplies bf16 in hardware (else those variants are skipped)
+    hf_modes = ("hf_fp32", "hf_bf16") if bf16 else ("hf_fp32",)
+    train = {"polysense": ours_train_step(pair)}
+    infer = {"polysense": ours_infer(pair)}
+    for mode in hf_modes:
+        train[mode] = hf_train_step(pair, bf16=mode == "hf_bf16")
+        infer[mode] = hf_infer(pair, bf16=mode == "hf_bf16")
+    auto_is_fp32 = resolve_precision(pair.run.train.precision, "cpu") == "fp32"
+    if extra and not auto_is_fp32:  # polysense forced to fp32 beside its bf16 default
         fp32 = dataclasses.replace(pair, run=apply_overrides(pair.run, ["train.precision=fp32"]))
         train["polysense_fp32"] = ours_train_step(fp32)
         infer["polysense_fp32"] = ours_infer(fp32)
@@ -377,12 +388,12 @@ def bench_dims(
         "polysense": count_flops(infer["polysense"]) / batch,
         "hf": count_flops(infer["hf_fp32"]) / batch,
     }
-    t_train = interleaved(train, repeats=repeats)
-    t_infer = interleaved(infer, repeats=repeats)
+    t_train = interleaved(train, repeats=repeats, seconds=seconds)
+    t_infer = interleaved(infer, repeats=repeats, seconds=seconds)
     rate = {k: batch / statistics.median(v) for k, v in t_train.items()}
     rate_inf = {k: batch / statistics.median(v) for k, v in t_infer.items()}
-    hf_best = max(("hf_fp32", "hf_bf16"), key=rate.get)
-    hf_best_inf = max(("hf_fp32", "hf_bf16"), key=rate_inf.get)
+    hf_best = max(hf_modes, key=rate.get)
+    hf_best_inf = max(hf_modes, key=rate_inf.get)
     # Fastest repeat of each: other jobs only ever slow a repeat down, so on a shared machine
     # the ratio of minima is the steadier estimate of the undisturbed ratio (reported beside).
     fastest = {k: batch / min(v) for k, v in t_train.items()}
@@ -392,15 +403,15 @@ def bench_dims(
         "train_ratio_vs_hf": rate["polysense"] / rate[hf_best],
         "infer_ratio_vs_hf": rate_inf["polysense"] / rate_inf[hf_best_inf],
         "mfu": achieved / (peaks["fp32"] * 1e9),
-        "mfu_bf16_peak": achieved / (peaks["bf16"] * 1e9),
+        "mfu_bf16_peak": achieved / (peaks["bf16"] * 1e9) if bf16 else None,
         "mfu_fastest": flops["polysense"] * fastest["polysense"] / (peaks["fp32"] * 1e9),
         # our rate on HF's FLOP count: what HF would need to reach, as a fraction of the peak
         "mfu_hf_flops": flops["hf"] * rate["polysense"] / (peaks["fp32"] * 1e9),
         "hf_mfu": flops["hf"] * rate[hf_best] / (peaks["fp32"] * 1e9),
-        "train_ratio_vs_hf_fastest": fastest["polysense"]
-        / max(fastest["hf_fp32"], fastest["hf_bf16"]),
+        "train_ratio_vs_hf_fastest": fastest["polysense"] / max(fastest[m] for m in hf_modes),
         "infer_ratio_vs_hf_fastest": fastest_inf["polysense"]
-        / max(fastest_inf["hf_fp32"], fastest_inf["hf_bf16"]),
+        / max(fastest_inf[m] for m in hf_modes),
+        "bf16": "measured" if bf16 else "skipped: no bf16 units",
         "train_samples_per_s": rate,
         "train_samples_per_s_fastest": fastest,
         "infer_images_per_s_fastest": fastest_inf,
@@ -411,7 +422,7 @@ def bench_dims(
         "infer_flops_per_sample": flops_infer,
         "params": pair.params,
         "batch": batch,
-        "repeats": repeats,
+        "repeats": min(len(v) for v in t_train.values()),
         "precision": pair.run.train.precision,
         "precision_resolved": resolve_precision(pair.run.train.precision, "cpu"),
         "seconds_train": t_train,
@@ -433,7 +444,7 @@ def bench_dims(
                     "fastest_samples_per_s": fast[name],
                     "gflop_per_sample": f / 1e9,
                     "pct_fp32_peak": 100 * f * r / (peaks["fp32"] * 1e9),
-                    "pct_bf16_peak": 100 * f * r / (peaks["bf16"] * 1e9),
+                    "pct_bf16_peak": 100 * f * r / (peaks["bf16"] * 1e9) if bf16 else None,
                 }
             )
     return res, rows
@@ -445,58 +456,69 @@ def run_throughput_bench(
     dims: tuple[str, ...] = DIMS,
     batch: dict[str, int] | None = None,
     repeats: int = 7,
+    seconds: float = 30.0,
     quick: bool = False,
     extra: bool = True,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Measure and write out/throughput.{json,md,png}; returns the results dict. `threads` sets
-    torch's intra-op threads for the whole run (default: torch's own choice)."""
+    torch's intra-op threads for the whole run (default: torch's own choice). Each measurement
+    takes at most `repeats` interleaved rounds and stops after `seconds` (at least 3 rounds).
+    Where the CPU has no bf16 matrix units (`native_bf16`), the bf16 variants and the bf16 peak
+    are skipped and reported as "no bf16 units": there a bf16 matmul is emulated, 1000x slower."""
     if threads:
         torch.set_num_threads(threads)
     batch = dict(DEFAULT_BATCH, **(batch or {}))
     overrides = QUICK_OVERRIDES if quick else ()
     peak_seconds = 0.1 if quick else 1.0
     sizes = (128, 256) if quick else (256, 512, 1024, 2048)
+    bf16 = native_bf16("cpu")
     peak_fp32 = matmul_peak(torch.float32, sizes=sizes, seconds=peak_seconds)
-    peak_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds)
-    peaks = {"fp32": peak_fp32["gflops"], "bf16": peak_bf16["gflops"]}
+    peak_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds) if bf16 else None
+    peaks = {"fp32": peak_fp32["gflops"]}
+    if peak_bf16 is not None:
+        peaks["bf16"] = peak_bf16["gflops"]
     results: dict[str, Any] = {}
     table: list[dict[str, Any]] = []
     for preset in dims:
         res, rows = bench_dims(
             preset,
-            batch=batch[preset],
+            batch=batch.get(preset, 128),
             repeats=repeats,
             peaks=peaks,
             overrides=overrides,
             extra=extra,
+            seconds=0.0 if quick else seconds,
         )
         size = get_image_size(preset, overrides)
-        res["loader_samples_per_s"] = loader_rate(batch=batch[preset], image_size=size)
+        res["loader_samples_per_s"] = loader_rate(batch=batch.get(preset, 128), image_size=size)
         results[preset] = res
         table += rows
     # the peaks again at the end: the machine's load may change while the models run
     end_fp32 = matmul_peak(torch.float32, sizes=sizes, seconds=peak_seconds)
-    end_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds)
+    end_bf16 = matmul_peak(torch.bfloat16, sizes=sizes, seconds=peak_seconds) if bf16 else None
     # Other jobs only ever lower a measured peak: the machine's peak is the higher of the two,
     # and every utilisation figure is rescaled to it (so MFU errs low, never high).
     best = {"fp32": max(peaks["fp32"], end_fp32["gflops"])}
-    best["bf16"] = max(peaks["bf16"], end_bf16["gflops"])
+    if end_bf16 is not None:
+        best["bf16"] = max(peaks["bf16"], end_bf16["gflops"])
     for preset in dims:
         res = results[preset]
         for key in ("mfu", "mfu_hf_flops", "hf_mfu", "mfu_fastest"):
             res[key] *= peaks["fp32"] / best["fp32"]
-        res["mfu_bf16_peak"] *= peaks["bf16"] / best["bf16"]
+        if bf16:
+            res["mfu_bf16_peak"] *= peaks["bf16"] / best["bf16"]
     for row in table:
         row["pct_fp32_peak"] *= peaks["fp32"] / best["fp32"]
-        row["pct_bf16_peak"] *= peaks["bf16"] / best["bf16"]
+        if bf16:
+            row["pct_bf16_peak"] *= peaks["bf16"] / best["bf16"]
     peaks = best
-    results["peak_gflops"] = peaks
+    results["peak_gflops"] = {**peaks, **({} if bf16 else {"bf16": "no bf16 units"})}
     results["peak_detail"] = {
         "fp32": peak_fp32,
-        "bf16": peak_bf16,
+        "bf16": peak_bf16 if bf16 else "no bf16 units",
         "fp32_at_end": end_fp32,
-        "bf16_at_end": end_bf16,
+        "bf16_at_end": end_bf16 if bf16 else "no bf16 units",
     }
     results["threads"] = torch.get_num_threads()
     results["quick"] = quick
@@ -524,17 +546,18 @@ def run_throughput_bench(
         ax.legend(fontsize=8)
         ax.set_title(f"polysense vs HF CLIPModel, {results['threads']} threads")
 
+    bf16_peak = f"bf16 {peaks['bf16']:.0f} GFLOP/s" if bf16 else "bf16: no bf16 units (skipped)"
     notes = (
-        f"Matmul peak measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
-        f"{peaks['bf16']:.0f} GFLOP/s. "
+        f"Matmul peak measured in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, {bf16_peak}. "
         + " ".join(
             f"{p}: train x{results[p]['train_ratio_vs_hf']:.2f} vs HF "
             f"({results[p]['hf_best_train_mode']}), infer x{results[p]['infer_ratio_vs_hf']:.2f}, "
-            f"MFU {100 * results[p]['mfu']:.0f}% of fp32 peak "
-            f"({100 * results[p]['mfu_bf16_peak']:.0f}% of bf16)."
+            f"MFU {100 * results[p]['mfu']:.0f}% of fp32 peak"
+            + (f" ({100 * results[p]['mfu_bf16_peak']:.0f}% of bf16)." if bf16 else ".")
             for p in dims
         )
-        + f" Interleaved, median of {repeats}."
+        + f" Interleaved, median of up to {repeats} rounds"
+        + (f" or {seconds:g} s per measurement." if not quick else ".")
     )
     write_report(
         out,

@@ -24,11 +24,23 @@ def _show(out: Path, name: str) -> None:
 @bench_app.command("throughput")
 def bench_throughput(
     out: Annotated[Path, typer.Option(help="Output directory for throughput.json/.md/.png.")],
-    repeats: Annotated[int, typer.Option(help="Interleaved repeats per variant (median).")] = 7,
-    batch: Annotated[int | None, typer.Option(help="Batch for every dims (default 128).")] = None,
+    repeats: Annotated[
+        int, typer.Option(help="At most this many interleaved rounds per measurement (median).")
+    ] = 7,
+    seconds: Annotated[
+        float,
+        typer.Option(help="Stop a measurement's rounds after this many seconds (at least 3)."),
+    ] = 30.0,
+    batch: Annotated[
+        int | None,
+        typer.Option(help="Batch for every dims (default: 128 tiny/small, 16 at ViT-B)."),
+    ] = None,
     dims: Annotated[
-        str, typer.Option(help="Comma-separated presets whose dims are compared.")
-    ] = "clip-tiny,clip-small",
+        str,
+        typer.Option(
+            help="Comma-separated presets whose dims are compared (clip-vit-b16 too, slowly)."
+        ),
+    ] = "clip-tiny,clip-small,clip-vit-b32",
     quick: Annotated[
         bool, typer.Option(help="One-layer, width-32 models and tiny peaks: a smoke test.")
     ] = False,
@@ -38,7 +50,8 @@ def bench_throughput(
 ) -> None:
     """Training and inference samples/s of polysense vs HF CLIPModel (same architecture, weights,
     batch and threads; interleaved), FLOPs per sample and MFU against the matmul peak measured in
-    the same run (fp32 and bf16).
+    the same run (fp32, and bf16 where the CPU has bf16 units; elsewhere those variants are
+    skipped as "no bf16 units"). Each measurement is bounded by --seconds, not by a count.
 
     Example: `flock /tmp/polysense-heavy.lock polysense bench throughput --out runs/bench`
     """
@@ -49,9 +62,17 @@ def bench_throughput(
         raise PolysenseError(f"--dims {dims!r} names no preset; e.g. --dims {','.join(DIMS)}")
     if repeats < 1:
         raise PolysenseError(f"--repeats must be >= 1, got {repeats}")
+    if not seconds > 0:
+        raise PolysenseError(f"--seconds must be > 0, got {seconds}")
     sizes = {d: batch for d in names} if batch else None
     run_throughput_bench(
-        out, dims=names, batch=sizes, repeats=repeats, quick=quick, threads=threads
+        out,
+        dims=names,
+        batch=sizes,
+        repeats=repeats,
+        seconds=seconds,
+        quick=quick,
+        threads=threads,
     )
     _show(out, "throughput")
 

@@ -184,7 +184,8 @@ def siglip_tiny() -> RunConfig:
 # Each equals transformers' config of the published model (CLIPConfig() and SiglipConfig()
 # defaults are openai/clip-vit-base-patch32 and google/siglip-base-patch16-224), so a trained one
 # exports to a directory transformers loads, and `--init` on the published weights fits them. The
-# recipe is a fine-tuning one (CLIP's AdamW betas and eps, a small lr, weight decay 0.2): from
+# recipe is a fine-tuning one (CLIP's AdamW betas and eps, a small lr, weight decay 0.2; add
+# --set train.grad_checkpointing=true where memory is short): from
 # random weights these take days on a CPU; start them from a checkpoint with --init.
 
 
@@ -215,7 +216,6 @@ def _finetune(batch_size: int = 32) -> TrainConfig:
         weight_decay=0.2,
         betas=(0.9, 0.98),
         eps=1e-6,
-        grad_checkpointing=True,
     )
 
 
