@@ -104,6 +104,7 @@ def cards(page) -> list[dict]:
             return {key: c.querySelector('.key').textContent,
                     caption: c.querySelector('.caption').textContent,
                     score: c.querySelector('.score').textContent,
+                    path: c.querySelector('.path').hidden ? null : c.querySelector('.path').textContent,
                     natural: img.naturalWidth, shown: img.getBoundingClientRect().width,
                     rendering: getComputedStyle(img).imageRendering, alt: img.alt};
         })""",
@@ -114,6 +115,8 @@ def assert_shows(shown: list[dict], results: list[dict]) -> None:
     assert [c["key"] for c in shown] == [r["key"] for r in results]
     assert [c["score"] for c in shown] == [f"score {r['score']:.3f}" for r in results]
     assert [c["caption"] for c in shown] == [r["caption"] or "(no caption)" for r in results]
+    assert [c["path"] for c in shown] == [r["image_path"] for r in results]  # the image file
+    assert all(c["path"] and c["path"].endswith(".png") for c in shown)
     for card in shown:
         assert card["natural"] == 32  # the item's 32 px PNG, loaded from /items/KEY/image
         assert card["shown"] >= 4 * 32 and card["rendering"] == "pixelated"

@@ -1,7 +1,7 @@
-"""Evaluation: zero-shot, retrieval, captioning, VQA, hallucination, compositional.
+"""Evaluation: zero-shot, retrieval, linear probe, captioning, VQA, hallucination, compositional.
 
-`polysense eval TASK` runs zeroshot/retrieval itself (`eval.suite`); every other task is a
-function named here as "module:function", called as
+`polysense eval TASK` runs zeroshot/retrieval/linear-probe itself (`eval.suite`); every other
+task is a function named here as "module:function", called as
 `fn(ckpt=Path, data=str, split=str | None, batch_size=int, limit=int | None, clip=Path | None)
 -> dict` (metrics with the DESIGN.md keys; the caller prints or writes them).
 """
@@ -30,7 +30,7 @@ FAMILY_TASKS: dict[str, str] = {
 def get_task(name: str) -> Callable[..., dict]:
     """The evaluation function of task `name`; an error lists the tasks there are."""
     if name not in FAMILY_TASKS:
-        known = ", ".join(["zeroshot", "retrieval", "all", *sorted(FAMILY_TASKS)])
+        known = ", ".join(["zeroshot", "retrieval", "all", "linear-probe", *sorted(FAMILY_TASKS)])
         raise PolysenseError(f"unknown eval task {name!r}; available: {known}")
     module, _, attr = FAMILY_TASKS[name].partition(":")
     try:
