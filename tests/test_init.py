@@ -108,6 +108,44 @@ def test_train_on_own_data_plots_the_loss_and_says_what_it_did_not_evaluate(tmp_
     assert "loss.png" in r.stdout
 
 
+def test_train_eval_data_scores_held_out_labelled_images_during_and_after(tmp_path):
+    """`--eval-data FOLDER --templates simple`: the zero-shot top-1 in metrics.json equals the
+    one computed here by hand from the checkpoint (argmax of cosine to "a photo of a {c}."), and
+    with train.eval_every the probe joins metrics.jsonl."""
+    data = one_caption_pairs(tmp_path / "data")
+    held = tmp_path / "held"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, row in enumerate(rows):  # class folders named like "red_circle": `_` reads as a space
+        folder = held / row["caption"].removeprefix("a ").replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.open(data.parent / row["image"]).save(folder / f"{i}.png")
+    r = cli("train", "clip-tiny", "--data", str(data), "--out", str(tmp_path / "o"),
+            "--eval-data", str(held), "--templates", "simple", "--set", "train.steps=4",
+            "--set", "train.batch_size=16", "--set", "train.eval_every=2",
+            "--set", "train.precision=fp32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    model = load_model(str(tmp_path / "o"))
+    classes = sorted(p.name for p in held.iterdir())
+    with torch.no_grad():
+        prompts = model.encode_text([f"a photo of a {c.replace('_', ' ')}." for c in classes])
+        hits = 0
+        for c in classes:
+            images = [Image.open(f) for f in sorted((held / c).iterdir())]
+            best = (model.encode_image(images) @ prompts.T).argmax(dim=1)
+            hits += int((best == classes.index(c)).sum())
+    assert metrics["zeroshot_top1"] == pytest.approx(hits / N, abs=1e-9)
+    assert metrics["eval_data"] == str(held) and metrics["n_samples"] == N
+    logged = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    probes = [row for row in logged if "val_zeroshot_top1" in row]
+    assert [row["step"] for row in probes] == [2, 4]
+    assert probes[-1]["val_zeroshot_top1"] == pytest.approx(metrics["zeroshot_top1"], abs=1e-9)
+    bad = cli("train", "clip-tiny", "--data", str(data), "--out", str(tmp_path / "x"),
+              "--templates", "simple")  # fmt: skip
+    assert bad.returncode != 0 and "--eval-data PATH" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def _text_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The text tower's weights (a lock leaves its projection, `text_proj`, training)."""
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("text.")}

@@ -257,18 +257,33 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 
 
 def _train_and_evaluate(
-    cfg, *, data: Path, out: Path, resume: bool, eval_splits: tuple[str, ...]
+    cfg,
+    *,
+    data: Path,
+    out: Path,
+    resume: bool,
+    eval_splits: tuple[str, ...],
+    eval_data: Path | None = None,
+    classnames: list[str] | None = None,
+    templates: tuple[str, ...] | None = None,
 ) -> dict:
     import torch.distributed as dist
 
     from polysense.config import to_dict
     from polysense.data.readers import detect_format
-    from polysense.eval.suite import evaluate_splits, val_zeroshot
+    from polysense.eval.suite import data_probe, evaluate_splits, val_zeroshot
+    from polysense.eval.suite import evaluate as evaluate_data
     from polysense.fileio import atomic_write_json
     from polysense.models.clip import load_model, read_run_config
     from polysense.train.loop import train
 
-    evaluate = val_zeroshot(data) if cfg.train.eval_every else None
+    evaluate = None
+    if cfg.train.eval_every:  # a probe during training: the eval data's, else a world's val
+        evaluate = (
+            data_probe(eval_data, classnames=classnames, templates=templates)
+            if eval_data is not None
+            else val_zeroshot(data)
+        )
     result = train(cfg, data=data, out=out, resume=resume, evaluate=evaluate)
     if dist.is_initialized():  # under torchrun: rank 0 evaluates and reports, the others stop
         rank = dist.get_rank()
@@ -285,12 +300,19 @@ def _train_and_evaluate(
     if eval_splits and detect_format(data) == "world":
         model = load_model(str(out))
         metrics = evaluate_splits(model, data, splits=eval_splits)
-    elif eval_splits:
+    elif eval_splits and eval_data is None:
         console.print(
             f"--eval-splits names a world's splits; {data} is a {detect_format(data)} source, so "
-            "no split was evaluated (evaluate it with `polysense eval zeroshot|retrieval --ckpt "
-            f"{out} --data PATH`)"
+            "no split was evaluated (give held-out data with --eval-data PATH)"
         )
+    if eval_data is not None:
+        held_out = evaluate_data(
+            load_model(str(out)), eval_data, split=None, classnames=classnames, templates=templates
+        )
+        if metrics:  # a world's splits first; the held-out data's figures beside them
+            metrics["eval_data"] = {**held_out, "path": str(eval_data)}
+        else:  # the held-out data's figures are the run's (the table shows them)
+            metrics = {**held_out, "eval_data": str(eval_data)}
     metrics |= {
         "train_samples_per_s": result.train_samples_per_s,
         "train_steps": result.steps,
@@ -340,6 +362,22 @@ def train_cmd(
             "training recipe stays (the same as --set train.init=DIR)."
         ),
     ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Held-out data evaluated after training (zero-shot where images are labelled, "
+            "Recall@K always) and, with --set train.eval_every=N, every N steps on its first "
+            "1000 samples (plotted in loss.png)."
+        ),
+    ] = None,
+    classnames: Annotated[
+        Path | None,
+        typer.Option(help="--eval-data's class names, one a line in class-index order."),
+    ] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(help="--eval-data's prompt templates: openai, simple, world or a file."),
+    ] = None,
 ) -> None:
     """Train a preset; on a world, evaluate on test and test_novel and write OUT/metrics.json.
 
@@ -380,8 +418,34 @@ def train_cmd(
             f"{','.join(SPLITS)} (comma-separated), or --eval-splits '' for none"
         )
     writable_dir(out, flag="--out")
-    runner = get_runner(preset) or _train_and_evaluate
-    metrics = runner(cfg, data=data, out=out, resume=resume, eval_splits=splits)
+    family_runner = get_runner(preset)
+    if family_runner is not None:
+        if eval_data or classnames or templates:
+            raise PolysenseError(
+                f"--eval-data/--classnames/--templates evaluate the contrastive presets; {preset} "
+                f"trains another family: evaluate it with `polysense eval TASK --ckpt {out}`"
+            )
+        metrics = family_runner(cfg, data=data, out=out, resume=resume, eval_splits=splits)
+    else:
+        if (classnames or templates) and eval_data is None:
+            raise PolysenseError(
+                "--classnames/--templates describe --eval-data; give the held-out data with "
+                "--eval-data PATH"
+            )
+        if eval_data is not None and not eval_data.exists():
+            raise PolysenseError(f"--eval-data {eval_data}: no such file or directory")
+        from polysense.eval.templates import load_classnames, load_templates
+
+        metrics = _train_and_evaluate(
+            cfg,
+            data=data,
+            out=out,
+            resume=resume,
+            eval_splits=splits,
+            eval_data=eval_data,
+            classnames=load_classnames(classnames) if classnames else None,
+            templates=load_templates(templates) if templates else None,
+        )
     if "zeroshot_top1" in metrics or "i2t_r1" in metrics:
         console.print(_metrics_table(metrics, f"{preset} on {data}"))
     plotted = " and loss.png" if (out / "loss.png").is_file() else ""
@@ -822,7 +886,12 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
     if not train_rows:
         console.print(f"{metrics_jsonl} logs no training step: no loss plot")
         return
-    val_rows = [r for r in rows if "val_zeroshot_top1" in r]
+    # the periodic evaluation: a world's val zero-shot, or --eval-data's (zero-shot or R@1)
+    val_key = next(
+        (k for k in ("val_zeroshot_top1", "val_t2i_r1") if any(k in r for r in rows)), ""
+    )
+    val_rows = [r for r in rows if val_key in r]
+    label = {"val_zeroshot_top1": "val zero-shot top-1", "val_t2i_r1": "val text->image R@1"}
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
     ax.set_xlabel("step")
@@ -833,12 +902,12 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
         acc = ax.twinx()
         acc.plot(
             [r["step"] for r in val_rows],
-            [r["val_zeroshot_top1"] for r in val_rows],
+            [r[val_key] for r in val_rows],
             color="tab:orange",
             marker="o",
-            label="val zero-shot top-1",
+            label=label[val_key],
         )
-        acc.set_ylabel("val zero-shot top-1")
+        acc.set_ylabel(label[val_key])
         acc.set_ylim(0, 1)
         fig.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()

@@ -122,6 +122,35 @@ def val_zeroshot(data: str | Path) -> Callable[[Any], dict[str, float]] | None:
     return probe
 
 
+def data_probe(
+    data: str | Path,
+    *,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    limit: int = 1000,
+    image_root: str | Path | None = None,
+) -> Callable[[Any], dict[str, float]]:
+    """For any source (`polysense train --eval-data`): a probe the trainer calls every
+    `train.eval_every` steps on the first `limit` samples, read once. Labelled images give
+    `val_zeroshot_top1` (with `classnames`/`templates` as `evaluate` takes them); other data,
+    image-caption pairs, give `val_t2i_r1` and `val_i2t_r1`."""
+    samples = list(read_samples(data, split=None, limit=limit, image_root=image_root))
+    if not samples:
+        raise DataError(f"--eval-data {data}: no samples to evaluate")
+    names = list(classnames) if classnames is not None else _classnames(data, samples)
+    labelled = bool(names) and any(s.get("label") is not None for s in samples)
+    prompts = templates or default_templates(detect_format(data) == "world")
+
+    def probe(model: Any) -> dict[str, float]:
+        if labelled:
+            zs = zeroshot_eval(model, samples, classnames=names, templates=prompts)
+            return {"val_zeroshot_top1": zs["zeroshot_top1"]}
+        rt = retrieval_eval(model, samples)
+        return {"val_t2i_r1": rt["t2i_r1"], "val_i2t_r1": rt["i2t_r1"]}
+
+    return probe
+
+
 def check_device(name: str) -> str:
     """`name` when torch can run on that device here; else one line saying what to pass."""
     import torch
