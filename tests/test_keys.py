@@ -70,9 +70,9 @@ def test_rows_of_one_image_merge_wherever_they_are(tmp_path):
     for name in ("a.png", "b.png"):
         png(tmp_path / name, (9, 9, 9))
     lines = [
-        {"image": "a.png", "caption": "a1"},
+        {"image": "a.png", "caption": "a1", "note": ""},
         {"image": "b.png", "caption": ["b1", "b2"]},
-        {"image": "a.png", "caption": ["a2", "a3"], "label": "late"},
+        {"image": "a.png", "caption": ["a2", "a3"], "label": "late", "note": "kept"},
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -81,7 +81,8 @@ def test_rows_of_one_image_merge_wherever_they_are(tmp_path):
         "a.png": ["a1", "a2", "a3"],
         "b.png": ["b1", "b2"],
     }
-    assert next(s for s in samples if s["key"] == "a.png")["label"] == "late"
+    a = next(s for s in samples if s["key"] == "a.png")
+    assert (a["label"], a["note"]) == ("late", "kept")  # the first row that fills a cell
 
 
 def test_two_tables_go_into_one_index_and_results_name_their_files(tmp_path, ckpt):

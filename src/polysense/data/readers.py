@@ -610,8 +610,8 @@ def _merged_rows(
 
     A first pass counts the rows of each file, so an item is yielded at its last row: a table
     sorted by image holds one item at a time, and its rejects come in line order. The key is
-    the first `key`/`id` cell of its rows, else :func:`path_key`; a cell two rows both fill keeps
-    the first row's value.
+    the first `key`/`id` cell of its rows, else :func:`path_key`; each other cell is the first
+    row's that fills it.
     """
     remaining: Counter[str] = Counter()
     for line_key, raw in read():
@@ -637,7 +637,8 @@ def _merged_rows(
             first.text.extend(row.text)
             first.own_key = first.own_key or row.own_key
             for name, value in row.fields.items():
-                first.fields.setdefault(name, value)
+                if first.fields.get(name) in (None, ""):  # the first row that fills a cell
+                    first.fields[name] = value
         remaining[row.identity] -= 1
         if remaining[row.identity] <= 0:
             done = pending.pop(row.identity)
