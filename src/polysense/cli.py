@@ -840,11 +840,13 @@ def serve_cmd(
 
 @app.command("import-hf")
 def import_hf_cmd(
-    src: Annotated[Path, typer.Argument(help="A Hugging Face CLIPModel or SiglipModel directory.")],
+    src: Annotated[
+        Path, typer.Argument(help="A Hugging Face CLIPModel, SiglipModel or LLaVA directory.")
+    ],
     out: Annotated[Path, typer.Option(help="polysense checkpoint directory to write.")],
 ) -> None:
     """Convert Hugging Face CLIP/SigLIP weights (config.json + safetensors) to a polysense
-    checkpoint.
+    checkpoint; a LlavaForConditionalGeneration directory becomes a VLM checkpoint.
 
     Example: `polysense import-hf ./clip-vit-base-patch32 --out runs/clip-b32`
     """
@@ -856,9 +858,12 @@ def import_hf_cmd(
 @app.command("export-hf")
 def export_hf_cmd(
     ckpt: Annotated[Path, typer.Argument(help="polysense checkpoint directory.")],
-    out: Annotated[Path, typer.Option(help="Directory for CLIPModel/SiglipModel.from_pretrained.")],
+    out: Annotated[
+        Path, typer.Option(help="Directory for CLIPModel/SiglipModel/Llava*.from_pretrained.")
+    ],
 ) -> None:
-    """Write a polysense checkpoint as a Hugging Face CLIPModel (or SiglipModel) directory.
+    """Write a polysense checkpoint as a Hugging Face CLIPModel (or SiglipModel) directory; a VLM
+    checkpoint (HF decoder, mlp2x projector) as LlavaForConditionalGeneration + LlavaProcessor.
 
     Example: `polysense export-hf runs/quickstart/ckpt --out runs/quickstart/hf`
     """

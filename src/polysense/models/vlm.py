@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from polysense.config import ConfigError, VisionConfig, check_fields, dumps, from_dict
 from polysense.data.transforms import images_to_tensor
@@ -39,6 +40,7 @@ from polysense.decoding import ban
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_path, atomic_write_text
 from polysense.models.vit import MLP, Attention, VisionTransformer, init_linear
+from polysense.models.vlm_hf import LM_DIR, ChatPrompt, HFChatTokenizer, is_hf_dir
 
 PAD, BOS, EOS, IMAGE = "[PAD]", "[BOS]", "[EOS]", "<image>"
 CAPTION_INSTRUCTION = "describe the image."
@@ -50,8 +52,9 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def chat_prompt(instruction: str) -> str:
-    """The chat template; the image tokens go where `<image>` stands."""
-    return f"USER: {IMAGE}\n{instruction}\nASSISTANT:"
+    """The chat template; the image tokens go where `<image>` stands. The string remembers its
+    instruction, so an HF tokenizer renders it with its own chat template (`ChatPrompt`)."""
+    return ChatPrompt(f"USER: {IMAGE}\n{instruction}\nASSISTANT:", turns=(), question=instruction)
 
 
 def chat_turn(instruction: str) -> str:
@@ -64,7 +67,8 @@ def conversation(turns: Sequence[tuple[str, str]], question: str) -> str:
     text = ""
     for k, (q, a) in enumerate(turns):
         text += (chat_prompt(q) if k == 0 else chat_turn(q)) + f" {a}{EOS}"
-    return text + (chat_prompt(question) if not turns else chat_turn(question))
+    text += chat_prompt(question) if not turns else chat_turn(question)
+    return ChatPrompt(text, turns=turns, question=question)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +105,23 @@ class VLMConfig:
     qformer_layers: int = 2
     qformer_heads: int = 4
     max_tiles: int = 4  # a W:H = k:1 image is cut into k square tiles (k <= max_tiles)
+    # "polysense": the GPT below (fields of `lm`); "hf": a transformers causal LM (init.lm=HF_DIR;
+    # its architecture is the checkpoint's lm/config.json, `lm` only mirrors its sizes)
+    decoder: Literal["polysense", "hf"] = "polysense"
+    # the vision tokens the projector reads: -1 = after the final LayerNorm; -2 = the output of
+    # the second to last block, without it (LLaVA's hidden_states[-2]); "patch" drops the cls token
+    feature_layer: int = -1
+    feature_select: Literal["full", "patch"] = "full"
 
     def __post_init__(self) -> None:
         check_fields(
             self, positive="num_queries qformer_heads max_tiles", non_negative="qformer_layers"
         )
+        if self.feature_layer >= 0:
+            raise ConfigError(
+                f"model.feature_layer={self.feature_layer}: count from the end (-1 = last block "
+                "with the final LayerNorm, -2 = LLaVA's second to last block)"
+            )
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,13 @@ class VLMTrainConfig:
     # multi-turn packing: one image prefix serves several answers).
     qa_turns: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (fast on CPUs with AMX)
+    # LoRA on the LM through peft (0 = off): with train_lm, only the adapters of the LM train;
+    # checkpoints hold the merged weights (state.pt keeps the adapters, so resume is exact)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""  # comma-separated module names; "" = peft's default for the LM type
+    grad_checkpointing: bool = False  # recompute LM and ViT activations in backward
     log_every: int = 10
     ckpt_every: int = 200
     scst: SCSTConfig = field(default_factory=SCSTConfig)
@@ -161,16 +184,18 @@ class VLMTrainConfig:
             self,
             positive="batch_size steps lr qa_turns log_every",
             non_negative="seed max_minutes lr_vision weight_decay warmup_steps grad_clip "
-            "train_vision_top mix_caption mix_qa mix_ocr ckpt_every",
+            "train_vision_top mix_caption mix_qa mix_ocr ckpt_every lora_rank lora_alpha",
             fraction="min_lr_ratio",
-            below_one="betas",
+            below_one="betas lora_dropout",
         )
 
 
 @dataclass(frozen=True)
 class InitConfig:
-    lm: str = ""  # an lm-tiny checkpoint: its GPT weights and tokenizer ("" = fresh)
-    vision: str = "runs/quickstart/ckpt"  # a polysense CLIP checkpoint: its ViT
+    # an lm-tiny checkpoint (its GPT and tokenizer), or any HF AutoModelForCausalLM directory
+    # (its weights, tokenizer and chat template; sets model.decoder=hf); "" = a fresh GPT
+    lm: str = ""
+    vision: str = "runs/quickstart/ckpt"  # a polysense CLIP checkpoint or HF CLIP/SigLIP dir
     vlm: str = ""  # a VLM checkpoint to continue from (stage 2 starts from stage 1)
 
 
@@ -242,6 +267,36 @@ class ChatTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True).strip()
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return [self.bos_id, *self.encode(prompt)]
+
+    def response_ids(self, response: str) -> list[int]:
+        return [*self.encode(" " + response), self.eos_id]
+
+    def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+        """Ids of (instruction, response) turns in the template, and a flag per token: True on
+        each response and its [EOS] (the targets)."""
+        row, flags = [], []
+        for k, (instruction, response) in enumerate(turns):
+            p = (
+                self.prompt_ids(chat_prompt(instruction))
+                if k == 0
+                else self.encode(chat_turn(instruction))
+            )
+            a = self.response_ids(response)
+            row += p + a
+            flags += [False] * len(p) + [True] * len(a)
+        return row, flags
+
+    def scored_row(self, prompt: str, response: str, *, eos: bool) -> tuple[list[int], int]:
+        """(ids of prompt + response, number of prompt tokens) for `VLM.score`."""
+        p, r = self.prompt_ids(prompt), self.response_ids(response)
+        return p + (r if eos else r[:-1]), len(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +370,7 @@ class GPT(nn.Module):
     def __init__(self, *, cfg: LMConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = False  # recompute each block in backward (training only)
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(DecoderBlock(cfg=cfg) for _ in range(cfg.layers))
@@ -345,7 +401,11 @@ class GPT(nn.Module):
         mask = attention_mask(key_mask, t)
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, mask, cache[i] if cache is not None else None)
+            past = cache[i] if cache is not None else None
+            if self.grad_checkpointing and torch.is_grad_enabled() and past is None:
+                x, kv = checkpoint(block, x, mask, None, use_reentrant=False)
+            else:
+                x, kv = block(x, mask, past)
             new_cache.append(kv)
         logits = self.ln_f(x) @ self.token_embed.weight.T  # (B, T, V)
         return logits, new_cache
@@ -448,10 +508,22 @@ class Batch:
 
 
 class VLM(nn.Module):
-    """Vision tower + projector + GPT. `generate` / `score` take PIL images and prompt strings."""
+    """Vision tower + projector + decoder (polysense's GPT, or an HF causal LM passed as `lm`).
+    `generate` / `score` take PIL images and prompt strings."""
 
-    def __init__(self, *, cfg: VLMConfig, tokenizer: ChatTokenizer) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: VLMConfig,
+        tokenizer: ChatTokenizer | HFChatTokenizer,
+        lm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        if (lm is not None) != (cfg.decoder == "hf"):
+            raise PolysenseError(
+                f"model.decoder={cfg.decoder!r} but an HF LM was{'' if lm is not None else ' not'} "
+                "given; an HF decoder comes from init.lm=HF_DIR"
+            )
         if tokenizer.vocab_size > cfg.lm.vocab_size:
             raise PolysenseError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.lm.vocab_size="
@@ -462,7 +534,7 @@ class VLM(nn.Module):
         self.visual = VisionTransformer(cfg=cfg.vision)
         self.tile_embed = nn.Parameter(torch.zeros(cfg.max_tiles, cfg.vision.width))
         self.projector = build_projector(cfg)
-        self.lm = GPT(cfg=cfg.lm)
+        self.lm = lm if lm is not None else GPT(cfg=cfg.lm)
 
     @property
     def device(self) -> torch.device:
@@ -498,8 +570,10 @@ class VLM(nn.Module):
         frozen = not any(p.requires_grad for p in self.visual.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             tokens = self.visual.forward_features(
-                tiles.flatten(0, 1).to(self.device)
+                tiles.flatten(0, 1).to(self.device), layer=self.cfg.feature_layer
             )  # (B*k, n, W)
+        if self.cfg.feature_select == "patch" and self.visual.cls_token is not None:
+            tokens = tokens[:, 1:]  # LLaVA's "default": the patch tokens only
         tokens = rearrange(tokens, "(b k) n w -> b k n w", b=b, k=k) + self.tile_embed[:k, None]
         tokens = rearrange(tokens, "b k n w -> b (k n) w")  # (B, k*n, W)
         return self.projector(tokens)  # (B, k*n, C); qformer: (B, num_queries, C)
@@ -518,10 +592,10 @@ class VLM(nn.Module):
 
     # -- token rows -----------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
-        return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+        return self.tokenizer.prompt_ids(prompt)
 
     def response_ids(self, response: str) -> list[int]:
-        return [*self.tokenizer.encode(" " + response), self.tokenizer.eos_id]
+        return self.tokenizer.response_ids(response)
 
     def build_batch(
         self,
@@ -592,6 +666,17 @@ class VLM(nn.Module):
     ) -> list[str]:
         """Decode a response per (image, prompt); `decode_args` go to `polysense.decoding.generate`
         (strategy greedy/beam/sample, max_new_tokens, num_beams, temperature, top_p, seed)."""
+        ids = self.generate_ids(images, prompts, **decode_args)
+        return [self.tokenizer.decode(row) for row in ids]
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        images: Sequence[Image.Image | torch.Tensor | None],
+        prompts: Sequence[str],
+        **decode_args: Any,
+    ) -> list[list[int]]:
+        """The token ids `generate` decodes (stop token excluded)."""
         from polysense.decoding import LMStepper, generate
 
         if len(images) != len(prompts):
@@ -599,8 +684,7 @@ class VLM(nn.Module):
         batch = self._prefix(images, prompts)
         stepper = LMStepper(self.lm)
         logits, state = stepper.start(batch.embeds, batch.key_mask)
-        ids = generate(stepper, logits, state, stop_ids=(self.tokenizer.eos_id,), **decode_args)
-        return [self.tokenizer.decode(row) for row in ids]
+        return generate(stepper, logits, state, stop_ids=self.tokenizer.stop_ids, **decode_args)
 
     @torch.no_grad()
     def score(
@@ -614,16 +698,17 @@ class VLM(nn.Module):
         """Sum of log p(response tokens | image, prompt) per row: (B,). `eos` adds the end token."""
         rows, n_prompt = [], []
         for p, r in zip(prompts, responses, strict=True):
-            pi, ri = self.prompt_ids(p), self.response_ids(r)
-            rows.append(pi + (ri if eos else ri[:-1]))
-            n_prompt.append(len(pi))
+            row, n = self.tokenizer.scored_row(p, r, eos=eos)
+            rows.append(row)
+            n_prompt.append(n)
         return self.sequence_logprobs(rows, self.image_tokens(images), n_prompt=n_prompt)
 
     def banned_ids(self) -> list[int]:
         """Ids a response never holds: padding, begin, `<image>` and the LM's rows past the
         tokenizer's vocabulary."""
         t = self.tokenizer
-        return [t.pad_id, t.bos_id, t.image_id, *range(t.vocab_size, self.cfg.lm.vocab_size)]
+        special = {t.pad_id, t.bos_id, t.image_id} - {None, *t.stop_ids}
+        return [*sorted(special), *range(t.vocab_size, self.cfg.lm.vocab_size)]
 
     def sequence_logprobs(
         self,
@@ -651,12 +736,24 @@ class VLM(nn.Module):
 # checkpoints
 
 
-def _write(module: nn.Module, cfg: Any, tokenizer: ChatTokenizer, ckpt_dir: Path) -> Path:
+def _write(module: nn.Module, cfg: Any, tokenizer: Any, ckpt_dir: Path) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    from polysense.models.vlm_hf import merged_state_dict
+
+    tensors, seen = {}, set()
+    for k, v in merged_state_dict(module).items():  # LoRA folded in: a plain model loads it
+        v = v.detach().cpu().contiguous()
+        if v.data_ptr() in seen:  # tied weights (an HF LM's head): safetensors wants copies
+            v = v.clone()
+        seen.add(v.data_ptr())
+        tensors[k] = v
     with atomic_path(ckpt_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tokenizer.save(ckpt_dir / TOKENIZER_FILE)
+    if isinstance(tokenizer, HFChatTokenizer):  # its own files, chat template included
+        tokenizer.save_dir(ckpt_dir)
+        module.lm.model.config.save_pretrained(ckpt_dir / LM_DIR)
+    else:
+        tokenizer.save(ckpt_dir / TOKENIZER_FILE)
     atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")  # last: marks it complete
     return ckpt_dir
 
@@ -664,10 +761,11 @@ def _write(module: nn.Module, cfg: Any, tokenizer: ChatTokenizer, ckpt_dir: Path
 def save_vlm(
     model: VLM | GPT,
     cfg: VLMRunConfig | LMRunConfig,
-    tokenizer: ChatTokenizer,
+    tokenizer: ChatTokenizer | HFChatTokenizer,
     ckpt_dir: str | Path,
 ) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json (each atomically)."""
+    """Write config.json, model.safetensors and tokenizer.json (each atomically); with an HF
+    decoder, the tokenizer's own files and the LM's architecture in lm/config.json instead."""
     return _write(model, cfg, tokenizer, Path(ckpt_dir))
 
 
@@ -729,7 +827,17 @@ def load_vlm(ckpt_dir: str | Path, *, device: str = "cpu") -> VLM:
             f"{ckpt_dir} holds a text-only language model (lm-tiny); captioning and VQA need a "
             "VLM checkpoint from `polysense train vlm-tiny-stage1` or `vlm-tiny-stage2`"
         )
-    model = VLM(cfg=cfg.model, tokenizer=ChatTokenizer.from_file(ckpt_dir / TOKENIZER_FILE))
+    if cfg.model.decoder == "hf":
+        from polysense.models.vlm_hf import lm_from_config_dir
+
+        tokenizer: Any = HFChatTokenizer.from_dir(ckpt_dir)
+        lm = lm_from_config_dir(ckpt_dir / LM_DIR)
+        if tokenizer.vocab_size > lm.token_embed.num_embeddings:
+            lm.model.resize_token_embeddings(tokenizer.vocab_size)
+        model = VLM(cfg=cfg.model, tokenizer=tokenizer, lm=lm)
+    else:
+        tokenizer = ChatTokenizer.from_file(ckpt_dir / TOKENIZER_FILE)
+        model = VLM(cfg=cfg.model, tokenizer=tokenizer)
     try:
         model.load_state_dict(_weights(ckpt_dir))
     except RuntimeError as exc:
@@ -750,15 +858,24 @@ def build_vlm(run: VLMRunConfig, *, texts: Sequence[str] | None = None) -> tuple
     if init.vlm:
         prev = load_vlm(init.vlm)
         cfg = dataclasses.replace(run, model=prev.cfg)
-        model = VLM(cfg=prev.cfg, tokenizer=prev.tokenizer)
+        if prev.cfg.decoder == "hf":
+            return prev.train(), cfg
+        model = VLM(cfg=prev.cfg, tokenizer=prev.tokenizer)  # (draws the init: keeps the RNG)
         model.load_state_dict(prev.state_dict())
         return model.train(), cfg
     if not init.vision:
         raise ConfigError("init.vision is empty: a VLM needs a CLIP checkpoint for its ViT")
     clip = load_model(init.vision)
     lm_cfg = run.model.lm
-    lm_state = None
-    if init.lm:
+    lm_state, hf_lm, decoder = None, None, "polysense"
+    if init.lm and is_hf_dir(init.lm):
+        from polysense.models.vlm_hf import lm_config_fields, load_hf_lm
+
+        hf_lm, tokenizer = load_hf_lm(init.lm)
+        fields = lm_config_fields(hf_lm.model.config)
+        fields["vocab_size"] = hf_lm.token_embed.num_embeddings
+        lm_cfg, decoder = LMConfig(**fields), "hf"
+    elif init.lm:
         gpt, tokenizer, lm_run = load_lm(init.lm)
         lm_cfg, lm_state = lm_run.model, gpt.state_dict()
     else:
@@ -766,8 +883,8 @@ def build_vlm(run: VLMRunConfig, *, texts: Sequence[str] | None = None) -> tuple
             raise ConfigError("init.lm is empty and no texts were given to train a tokenizer")
         tokenizer = ChatTokenizer.train(texts, vocab_size=lm_cfg.vocab_size)
         lm_cfg = dataclasses.replace(lm_cfg, vocab_size=tokenizer.vocab_size)
-    model_cfg = dataclasses.replace(run.model, lm=lm_cfg, vision=clip.cfg.vision)
-    model = VLM(cfg=model_cfg, tokenizer=tokenizer)
+    model_cfg = dataclasses.replace(run.model, lm=lm_cfg, vision=clip.cfg.vision, decoder=decoder)
+    model = VLM(cfg=model_cfg, tokenizer=tokenizer, lm=hf_lm)
     model.visual.load_state_dict(clip.visual.state_dict())
     if lm_state is not None:
         model.lm.load_state_dict(lm_state)

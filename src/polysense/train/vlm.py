@@ -19,6 +19,7 @@ have requires_grad False and are not in the optimiser. The batch of step s is a 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -47,13 +48,13 @@ from polysense.models.vlm import (
     VLMTrainConfig,
     build_vlm,
     chat_prompt,
-    chat_turn,
     conversation,
     load_lm,
     load_vlm,
     read_config,
     save_vlm,
 )
+from polysense.models.vlm_hf import is_hf_dir
 from polysense.train.checkpoint import load_state, save_state, trim_metrics
 from polysense.train.loop import StepLog
 from polysense.train.optim import lr_factor, set_lr
@@ -203,15 +204,7 @@ def vlm_batch(model: VLM, data: SplitData, examples: list[Example]) -> Any:
             pix[("ocr", i)] = t
     rows, targets, tokens = [], [], []
     for e in examples:
-        row, flags = [], []
-        for k, (instruction, response) in enumerate(e.turns):
-            if k == 0:
-                p = model.prompt_ids(chat_prompt(instruction))
-            else:
-                p = model.tokenizer.encode(chat_turn(instruction))
-            a = model.response_ids(response)
-            row += p + a
-            flags += [False] * len(p) + [True] * len(a)
+        row, flags = model.tokenizer.conversation_ids(e.turns)  # the tokenizer's chat template
         rows.append(row)
         targets.append(flags)
         tokens.append(pix[("ocr" if e.task == "ocr" else "scene", e.index)])
@@ -237,12 +230,14 @@ def lm_batch(lm: GPT, tok: ChatTokenizer, texts: list[str]) -> tuple[torch.Tenso
 
 
 def set_trainable(model: VLM | GPT, tc: VLMTrainConfig) -> None:
-    """requires_grad from the config: LM, projector (with the tile embedding), top ViT blocks."""
+    """requires_grad from the config: LM (only its LoRA adapters when train.lora_rank > 0),
+    projector (with the tile embedding), top ViT blocks."""
     model.requires_grad_(False)
+    lm = model if isinstance(model, GPT) else model.lm
+    for name, p in lm.named_parameters():
+        p.requires_grad_(tc.train_lm and (not tc.lora_rank or ".lora_" in name))
     if isinstance(model, GPT):
-        model.requires_grad_(tc.train_lm)
         return
-    model.lm.requires_grad_(tc.train_lm)
     model.projector.requires_grad_(tc.train_projector)
     model.tile_embed.requires_grad_(tc.train_projector)
     n = tc.train_vision_top
@@ -250,6 +245,31 @@ def set_trainable(model: VLM | GPT, tc: VLMTrainConfig) -> None:
         for block in model.visual.blocks[-n:]:
             block.requires_grad_(True)
         model.visual.ln_post.requires_grad_(True)
+
+
+def prepare_lm(model: VLM | GPT, tc: VLMTrainConfig) -> None:
+    """LoRA adapters (peft) on the LM when train.lora_rank > 0, and gradient checkpointing of
+    the LM and the ViT when train.grad_checkpointing."""
+    lm = model if isinstance(model, GPT) else model.lm
+    if tc.lora_rank:
+        from polysense.models.vlm_hf import add_lora
+
+        add_lora(
+            lm,
+            rank=tc.lora_rank,
+            alpha=tc.lora_alpha,
+            dropout=tc.lora_dropout,
+            targets=tc.lora_targets,
+        )
+    if tc.grad_checkpointing:
+        if isinstance(lm, GPT):
+            lm.grad_checkpointing = True
+        else:
+            lm.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if isinstance(model, VLM):
+            model.visual.set_grad_checkpointing(True)
 
 
 def build_optimizer(model: nn.Module, tc: VLMTrainConfig) -> torch.optim.AdamW:
@@ -291,6 +311,10 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
         image_size = load_vlm(out).cfg.vision.image_size
     elif isinstance(cfg, VLMRunConfig) and cfg.init.vlm:
         image_size = load_vlm(cfg.init.vlm).cfg.vision.image_size
+    elif isinstance(cfg, VLMRunConfig) and cfg.init.vision and is_hf_dir(cfg.init.vision):
+        image_size = json.loads((Path(cfg.init.vision) / "config.json").read_text())[
+            "vision_config"
+        ].get("image_size", 224)
     elif isinstance(cfg, VLMRunConfig) and cfg.init.vision:
         from polysense.models.clip import read_run_config
 
@@ -311,7 +335,8 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
         model = load_vlm(out)
         return model.train(), model.tokenizer, dataclasses.replace(cfg, model=model.cfg), train
     torch.manual_seed(cfg.train.seed)
-    model, run = build_vlm(cfg, texts=world_texts(train))
+    hf_lm = bool(cfg.init.lm) and is_hf_dir(cfg.init.lm)  # brings its own tokenizer
+    model, run = build_vlm(cfg, texts=None if hf_lm else world_texts(train))
     return model, model.tokenizer, run, train
 
 
@@ -330,6 +355,7 @@ def train_stage(
     tc = cfg.train
     state = load_state(out) if resume else None
     model, tok, cfg, train = _prepare(cfg, data, out, resume and state is not None)
+    prepare_lm(model, tc)
     set_trainable(model, tc)
     optimizer = build_optimizer(model, tc)
     start, elapsed_before = 0, 0.0

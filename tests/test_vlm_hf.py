@@ -1,0 +1,434 @@
+"""The VLM on Hugging Face parts: any causal LM as the decoder (tiny random Llama, Qwen2, GPT-2
+built with `save_pretrained`), its tokenizer's chat template, an HF CLIP vision tower at LLaVA's
+feature layer, and LLaVA itself: logits equal `LlavaForConditionalGeneration` holding the same
+weights, and `export-hf` writes a LLaVA directory that transformers loads and generates from with
+polysense's greedy tokens. Nothing downloads: every model and tokenizer is built here."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from typer.testing import CliRunner
+
+from polysense.data.world import generate_world
+from polysense.decoding import LMStepper
+from polysense.errors import PolysenseError
+from polysense.models.vlm import (
+    CAPTION_INSTRUCTION,
+    InitConfig,
+    VLMConfig,
+    VLMRunConfig,
+    build_vlm,
+    chat_prompt,
+    conversation,
+    load_vlm,
+    save_vlm,
+)
+from polysense.models.vlm_hf import import_llava
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CORPUS = [
+    "a red circle left of a blue square",
+    "two small green triangles above a large yellow star",
+    "what color is the circle? red",
+    "how many shapes are there? three",
+    "is there a purple star? no",
+    "describe the image. one shape: a large orange square",
+    "USER: ASSISTANT: [INST] [/INST] user assistant",
+] * 10
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+    " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _bpe(specials: list[str]) -> RawTokenizer:
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(CORPUS, trainer=trainer)
+    return raw
+
+
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2 style: <s> / </s>, its [INST] chat template, and an <image> token."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe(["<pad>", "<s>", "</s>", "<image>"]),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens=["<image>"],
+    )
+    tok.chat_template = LLAMA_TEMPLATE
+    return tok
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2 style: ChatML, eos <|im_end|>, no BOS and no <image> token (polysense adds it)."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _save(model, tok, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    tok = llama_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, initializer_range=0.2,
+    )  # fmt: skip
+    return _save(LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    tok = qwen_tokenizer()
+    torch.manual_seed(1)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    return _save(Qwen2ForCausalLM(cfg), tok, tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    tok = llama_tokenizer()
+    tok.chat_template = None  # no template: polysense's USER/ASSISTANT one is used
+    torch.manual_seed(2)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    return _save(GPT2LMHeadModel(cfg), tok, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny HF CLIPModel for 32 px images (patches of 8: 16 patches + cls)."""
+    torch.manual_seed(3)
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("hf-clip")
+    CLIPModel(cfg).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vlm-hf-world")
+    generate_world(root, n=40, seed=5, modalities=("image", "text", "ocr"), workers=1)
+    return root
+
+
+def llava_run(lm: Path, vision: Path, **model) -> VLMRunConfig:
+    return VLMRunConfig(
+        name="vlm-hf-test",
+        model=VLMConfig(
+            **{"projector": "mlp2x", "feature_layer": -2, "feature_select": "patch"} | model
+        ),
+        init=InitConfig(lm=str(lm), vision=str(vision)),
+    )
+
+
+def scene(seed: int = 0) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy())
+
+
+def _hf_lm(directory: Path):
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}
+    name = next(k for k in cls if k in directory.name)
+    return cls[name].from_pretrained(directory).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# any causal LM as the decoder
+
+
+@pytest.mark.parametrize("lm_fixture", ["llama_dir", "qwen2_dir", "gpt2_dir"])
+def test_hf_decoder_left_padded_and_cached_equals_transformers(lm_fixture, clip_dir, request):
+    """Each row of a left-padded batch, run through the HF decoder with polysense's masks and
+    positions, gives the logits transformers gives for that row alone; KV-cached steps equal it."""
+    lm_dir = request.getfixturevalue(lm_fixture)
+    model, _ = build_vlm(llava_run(lm_dir, clip_dir))
+    model.eval()
+    assert model.cfg.decoder == "hf"
+    ref = _hf_lm(lm_dir)
+    ids = [model.tokenizer.encode(t) for t in ("a red circle left of", "two small green")]
+    n = max(map(len, ids))
+    x = torch.zeros(2, n, dtype=torch.long)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    for r, row in enumerate(ids):
+        x[r, n - len(row) :], mask[r, n - len(row) :] = torch.tensor(row), True
+    with torch.no_grad():
+        full, _ = model.lm(model.lm.token_embed(x), mask)  # (2, n, V)
+        stepper = LMStepper(model.lm)
+        logits, state = stepper.start(model.lm.token_embed(x[:, :-2]), mask[:, :-2])
+        steps = [logits]
+        for t in (n - 2, n - 1):
+            logits, state = stepper.step(x[:, t], state)
+            steps.append(logits)
+        for r, row in enumerate(ids):
+            alone = ref(input_ids=torch.tensor([row])).logits[0]  # (L, V)
+            mine = full[r, n - len(row) :, : alone.shape[-1]]  # (Qwen2: + the <image> row)
+            torch.testing.assert_close(mine, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, -3:], atol=1e-5, rtol=1e-5)
+
+
+def _ids(rendered) -> list[int]:
+    """apply_chat_template(tokenize=True) gives ids, or an encoding holding them."""
+    return list(rendered if isinstance(rendered, list) else rendered["input_ids"])
+
+
+def test_prompts_and_targets_follow_the_tokenizers_chat_template(llama_dir, qwen2_dir, clip_dir):
+    for lm_dir, end in ((llama_dir, "</s>"), (qwen2_dir, "<|im_end|>\n")):
+        model, _ = build_vlm(llava_run(lm_dir, clip_dir))
+        tok = model.tokenizer
+        user = [{"role": "user", "content": "<image>\nwhat color is the circle?"}]
+        expected = tok.hf.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+        expected = _ids(expected)
+        assert model.prompt_ids(chat_prompt("what color is the circle?")) == list(expected)
+        assert expected.count(tok.image_id) == 1
+        turns = [("what color is the circle?", "red"), ("how many shapes?", "two")]
+        ids, flags = tok.conversation_ids(turns)
+        msgs = [*user, {"role": "assistant", "content": "red"}]
+        msgs += [{"role": "user", "content": "how many shapes?"}]
+        msgs += [{"role": "assistant", "content": "two"}]
+        whole = tok.hf.apply_chat_template(msgs, tokenize=True)
+        assert ids == _ids(whole)
+        targets = tok.hf.decode([i for i, f in zip(ids, flags, strict=True) if f])
+        assert targets.replace(" ", "") == f"red{end}two{end}".replace(" ", "")
+        # a multi-turn prompt renders its history with the template too
+        history = tok.hf.apply_chat_template(msgs[:3], add_generation_prompt=True, tokenize=False)
+        assert model.prompt_ids(conversation(turns[:1], "how many shapes?")) == tok.encode(history)
+
+
+def test_qwen2_without_an_image_token_gets_one(qwen2_dir, clip_dir):
+    model, _ = build_vlm(llava_run(qwen2_dir, clip_dir))
+    n_before = len(qwen_tokenizer())
+    assert model.tokenizer.image_id == n_before  # appended
+    assert model.lm.token_embed.num_embeddings == n_before + 1 == model.cfg.lm.vocab_size
+    ref = _hf_lm(qwen2_dir)
+    torch.testing.assert_close(
+        model.lm.token_embed.weight[:n_before], ref.get_input_embeddings().weight
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-exact
+
+
+def hand_built_llava(model, clip_dir: Path, llama_dir: Path) -> LlavaForConditionalGeneration:
+    """The LLaVA holding the same weights, assembled from the HF parts by transformers' own
+    module names (the independent reference; nothing of polysense's export is used)."""
+    clip = CLIPModel.from_pretrained(clip_dir)
+    llama = LlamaForCausalLM.from_pretrained(llama_dir)
+    cfg = LlavaConfig(
+        vision_config=clip.config.vision_config,
+        text_config=llama.config,
+        image_token_index=model.tokenizer.image_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    llava.model.language_model.load_state_dict(llama.model.state_dict())
+    llava.lm_head.load_state_dict(llama.lm_head.state_dict())
+    proj = llava.model.multi_modal_projector
+    proj.linear_1.load_state_dict(model.projector[0].state_dict())
+    proj.linear_2.load_state_dict(model.projector[2].state_dict())
+    return llava
+
+
+def test_logits_equal_llava_for_conditional_generation(llama_dir, clip_dir):
+    """(HF CLIP vision at layer -2, patch tokens; MLP projector; HF Llama) = transformers' LLaVA
+    within 1e-4, on a left-padded batch of two prompts with an image each."""
+    model, _ = build_vlm(llava_run(llama_dir, clip_dir))
+    model.eval()
+    llava = hand_built_llava(model, clip_dir, llama_dir)
+    images = [scene(0), scene(1)]
+    prompts = [chat_prompt("what color is the circle?"), chat_prompt(CAPTION_INSTRUCTION)]
+    pix = model.pixels(images)  # (1, 3, 32, 32) each: the CLIP processor's tensors
+    n_img = 16  # 4 x 4 patches, cls dropped
+    worst = 0.0
+    with torch.no_grad():
+        batch = model.build_batch([model.prompt_ids(p) for p in prompts], model.image_tokens(pix))
+        ours, _ = model.lm(batch.embeds, batch.key_mask)  # (2, T, V)
+        for r, p in enumerate(prompts):
+            ids = model.prompt_ids(p)
+            at = ids.index(model.tokenizer.image_id)
+            expanded = ids[:at] + [model.tokenizer.image_id] * n_img + ids[at + 1 :]
+            theirs = llava(input_ids=torch.tensor([expanded]), pixel_values=pix[r]).logits[0]
+            mine = ours[r, ours.shape[1] - len(expanded) :]
+            worst = max(worst, float((mine - theirs).abs().max()))
+    print(f"max |polysense - LlavaForConditionalGeneration| logits: {worst:.2e}")
+    assert worst < 1e-4
+    assert float(theirs.std()) > 0.1  # not a trivial agreement of near-zero logits
+
+
+def test_export_hf_loads_in_transformers_and_generates_polysense_greedy_tokens(
+    llama_dir, clip_dir, tmp_path
+):
+    from polysense.cli import app
+
+    model, run = build_vlm(llava_run(llama_dir, clip_dir))
+    with torch.no_grad():
+        model.tile_embed.normal_(std=0.5)  # folded into the projector's bias on export
+    ckpt = save_vlm(model.eval(), run, model.tokenizer, tmp_path / "ckpt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export-hf", str(ckpt), "--out", str(tmp_path / "llava")])
+    assert res.exit_code == 0, res.output
+    image_path = tmp_path / "scene.png"
+    scene(4).save(image_path)
+    question = "what color is the circle?"
+    res = runner.invoke(app, ["ask", "--ckpt", str(ckpt), str(image_path), question])
+    assert res.exit_code == 0, res.output
+    asked = res.output.strip()
+
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    msgs = [{"role": "user", "content": f"<image>\n{question}"}]
+    text = processor.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(
+        images=Image.open(image_path), text=text, return_tensors="pt", add_special_tokens=False
+    )
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=16, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    stops = set(hf.generation_config.eos_token_id)
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+    loaded = load_vlm(ckpt)
+    ours = loaded.generate_ids([Image.open(image_path)], [chat_prompt(question)], max_new_tokens=16)
+    assert ours[0] == new and len(new) >= 4
+    assert asked == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    # import-hf reads the LLaVA directory back: the same answer
+    res = runner.invoke(
+        app, ["import-hf", str(tmp_path / "llava"), "--out", str(tmp_path / "back")]
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["ask", "--ckpt", str(tmp_path / "back"), str(image_path), question])
+    assert res.exit_code == 0 and res.output.strip() == asked, res.output
+    back = import_llava(tmp_path / "llava")
+    assert back.cfg.feature_layer == -2 and back.cfg.feature_select == "patch"
+
+
+def test_what_llava_cannot_hold_is_a_one_line_error(qwen2_dir, clip_dir, tmp_path, capsys):
+    from test_cli_errors import run_cli
+
+    model, run = build_vlm(llava_run(qwen2_dir, clip_dir, feature_layer=-1))
+    ckpt = save_vlm(model, run, model.tokenizer, tmp_path / "ckpt")
+    code, out, err = run_cli(capsys, "export-hf", str(ckpt), "--out", str(tmp_path / "x"))
+    assert code != 0 and "model.feature_layer=-1" in out + err
+    assert "Traceback" not in out + err and len((out + err).strip().splitlines()) <= 3
+    with pytest.raises(PolysenseError, match="count from the end"):
+        VLMConfig(feature_layer=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# training through the HF path
+
+
+def test_train_stage1_and_stage2_with_qwen2_and_hf_clip_then_ask(
+    world, qwen2_dir, clip_dir, tmp_path
+):
+    """`polysense train vlm-tiny-stage1/2 --set init.lm=QWEN2 --set init.vision=HF_CLIP` on the
+    world: stage 1 moves only the projector (LM and ViT stay the HF files' weights), stage 2
+    moves the LM, and `polysense ask` answers from the stage-2 checkpoint."""
+    from polysense.cli import app
+
+    runner = CliRunner()
+    common = ["--data", str(world), "--eval-splits", "", "--set", "train.batch_size=4",
+              "--set", "train.warmup_steps=1", "--set", "model.feature_layer=-2",
+              "--set", "model.feature_select=patch"]  # fmt: skip
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    args = ["train", "vlm-tiny-stage1", "--out", str(s1), *common, "--set", "train.steps=3",
+            "--set", f"init.lm={qwen2_dir}", "--set", f"init.vision={clip_dir}"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    args = ["train", "vlm-tiny-stage2", "--out", str(s2), *common, "--set", "train.steps=3",
+            "--set", f"init.vlm={s1}", "--set", f"init.vision={clip_dir}",
+            "--set", "train.scst.fraction=0.34", "--set", "train.scst.batch_size=2",
+            "--set", "train.scst.samples=2", "--set", "train.scst.max_new_tokens=4"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+
+    qwen = load_file(next(qwen2_dir.glob("*.safetensors")))
+    w1, w2 = load_file(s1 / "model.safetensors"), load_file(s2 / "model.safetensors")
+    key = "lm.model.model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(w1[key], qwen["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(w2[key], w1[key])
+    torch.manual_seed(0)  # train.seed: the projector stage 1 started from
+    built, _ = build_vlm(llava_run(qwen2_dir, clip_dir))
+    assert not torch.equal(w1["projector.0.weight"], built.projector[0].weight.detach())
+    clip_vis = CLIPModel.from_pretrained(clip_dir).vision_model.state_dict()
+    assert torch.equal(
+        w1["visual.patch_embed.weight"], clip_vis["embeddings.patch_embedding.weight"]
+    )
+    loaded = load_vlm(s2)
+    assert loaded.cfg.decoder == "hf" and loaded.tokenizer.hf.chat_template == CHATML_TEMPLATE
+    image_path = tmp_path / "scene.png"
+    scene(5).save(image_path)
+    res = runner.invoke(app, ["ask", "--ckpt", str(s2), str(image_path), "what color is it?"])
+    assert res.exit_code == 0, res.output
+    expected = loaded.generate([Image.open(image_path)], [chat_prompt("what color is it?")])
+    assert res.output.strip() == expected[0]
+    assert dataclasses.asdict(loaded.cfg)["lm"]["width"] == 32
+    assert (s2 / "lm" / "config.json").is_file()
