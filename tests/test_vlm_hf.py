@@ -39,6 +39,7 @@ from polysense.models.vlm import (
     InitConfig,
     VLMConfig,
     VLMRunConfig,
+    VLMTrainConfig,
     build_vlm,
     chat_prompt,
     conversation,
@@ -46,6 +47,7 @@ from polysense.models.vlm import (
     save_vlm,
 )
 from polysense.models.vlm_hf import import_llava
+from polysense.train.vlm import train_stage
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -432,3 +434,112 @@ def test_train_stage1_and_stage2_with_qwen2_and_hf_clip_then_ask(
     assert res.output.strip() == expected[0]
     assert dataclasses.asdict(loaded.cfg)["lm"]["width"] == 32
     assert (s2 / "lm" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (peft) and gradient checkpointing
+
+
+def _train(lm: Path, vision: Path, **train) -> VLMRunConfig:
+    base = {"batch_size": 4, "steps": 3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2}
+    return dataclasses.replace(llava_run(lm, vision), train=VLMTrainConfig(**(base | train)))
+
+
+def test_lora_trains_only_the_adapters_and_the_checkpoint_holds_merged_weights(
+    world, llama_dir, clip_dir, tmp_path
+):
+    """train.lora_rank=4: the trainable parameters are peft's adapters on q_proj/v_proj (peft's
+    default for Llama) plus the projector, by the hand count; after training, every other LM
+    weight equals the HF file's, q_proj/v_proj moved (merged into the checkpoint, which loads
+    without peft)."""
+    run = _train(llama_dir, clip_dir, lora_rank=4, lora_alpha=8.0, lr=1e-2)
+    summary = train_stage(run, data=world, out=tmp_path / "lora", progress=False)
+    r, width, kv = 4, 32, 16  # Llama: 2 key/value heads of 8
+    lora = 2 * (r * (width + width) + r * (width + kv))  # 2 layers x (q_proj + v_proj)
+    projector = 2 * (width * width + width) + 4 * width  # mlp2x + the tile embedding
+    assert summary["trainable_params"] == lora + projector
+    ref = load_file(next(llama_dir.glob("*.safetensors")))
+    saved = load_file(tmp_path / "lora" / "model.safetensors")
+    assert not any("lora_" in k or "base_layer" in k for k in saved)
+    for k, v in ref.items():
+        moved = not torch.equal(saved[f"lm.model.{k}"], v)
+        assert moved == (".q_proj." in k or ".v_proj." in k), k
+    load_vlm(tmp_path / "lora")  # a plain model reads it
+
+
+def test_merged_lora_weights_give_the_lora_models_logits(llama_dir, clip_dir):
+    """peft's LoRA forward (the reference) = a plain model holding `merged_state_dict`."""
+    from polysense.models.vlm_hf import add_lora, merged_state_dict
+
+    model, _ = build_vlm(llava_run(llama_dir, clip_dir))
+    plain, _ = build_vlm(llava_run(llama_dir, clip_dir))
+    model.eval(), plain.eval()
+    add_lora(model.lm, rank=4, alpha=8.0, dropout=0.0, targets="q_proj,v_proj,down_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)  # peft starts B at 0; a trained adapter is not
+        prompt = model.prompt_ids(chat_prompt("what?"))
+        batch = model.build_batch([prompt], model.image_tokens([scene()]))
+        with_lora, _ = model.lm(batch.embeds, batch.key_mask)
+        base, _ = plain.lm(batch.embeds, batch.key_mask)
+        plain.load_state_dict(merged_state_dict(model))
+        merged, _ = plain.lm(batch.embeds, batch.key_mask)
+    torch.testing.assert_close(merged, with_lora, atol=1e-5, rtol=1e-5)
+    assert float((with_lora - base).abs().max()) > 1e-2  # the adapters changed the function
+
+
+def test_a_lora_run_resumes_exactly(world, llama_dir, clip_dir, tmp_path, monkeypatch):
+    from polysense.train import vlm as train_vlm
+
+    run = _train(llama_dir, clip_dir, lora_rank=4, mix_qa=1.0)
+    train_stage(run, data=world, out=tmp_path / "full", progress=False)
+    original = train_vlm.sample_examples
+
+    def killed_at_2(data, tc, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(data, tc, step)
+
+    monkeypatch.setattr(train_vlm, "sample_examples", killed_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(run, data=world, out=tmp_path / "killed", progress=False)
+    monkeypatch.setattr(train_vlm, "sample_examples", original)
+    train_stage(run, data=world, out=tmp_path / "killed", resume=True, progress=False)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("hf", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(hf, llama_dir, clip_dir):
+    from polysense.models.vlm import GPT, VLM, LMConfig
+    from polysense.train.vlm import prepare_lm, set_trainable
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        if hf:
+            model, _ = build_vlm(llava_run(llama_dir, clip_dir))
+        else:
+            ref, _ = build_vlm(llava_run(llama_dir, clip_dir))
+            cfg = dataclasses.replace(ref.cfg, decoder="polysense", lm=LMConfig(
+                vocab_size=ref.tokenizer.vocab_size, width=32, layers=2, heads=2))  # fmt: skip
+            from polysense.models.vlm_hf import HFChatTokenizer
+
+            model = VLM(cfg=cfg, tokenizer=HFChatTokenizer(tokenizer=ref.tokenizer.hf))
+            assert isinstance(model.lm, GPT)
+        tc = VLMTrainConfig(grad_checkpointing=checkpointing, train_vision_top=1)
+        prepare_lm(model, tc)
+        set_trainable(model, tc)
+        model.train()
+        on = model.lm.model.is_gradient_checkpointing if hf else model.lm.grad_checkpointing
+        assert on == checkpointing and model.visual.grad_checkpointing == checkpointing
+        ids, flags = model.tokenizer.conversation_ids([("what color?", "red")])
+        batch = model.build_batch([ids], model.image_tokens([scene()]), targets=[flags])
+        model.loss(batch).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5)
