@@ -29,6 +29,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from typer.testing import CliRunner
 
 from polysense.data.world import generate_world
@@ -169,6 +171,8 @@ def clip_dir(tmp_path_factory) -> Path:
     )  # fmt: skip
     directory = tmp_path_factory.mktemp("hf-clip")
     CLIPModel(cfg).save_pretrained(directory)
+    crop = {"height": 32, "width": 32}
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=crop).save_pretrained(directory)
     return directory
 
 
@@ -543,3 +547,56 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf, llama_dir, clip_dir
     assert plain.keys() == ckpt.keys() and len(plain) > 10
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# any vision tower
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> Path:
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(6)
+    cfg = SiglipConfig(
+        text_config=dict(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("hf-siglip")
+    SiglipModel(cfg).save_pretrained(directory)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("tower", ["clip_dir", "siglip_dir"])
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_vision_tokens_are_the_towers_hidden_states(tower, layer, llama_dir, request):
+    """init.vision=HF CLIP/SigLIP dir: the tokens the projector reads are transformers'
+    hidden_states[layer] (-1: after post_layernorm, polysense's final LayerNorm), the cls token
+    dropped by feature_select=patch; the images go through that tower's own processor."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    directory = request.getfixturevalue(tower)
+    run = llava_run(llama_dir, directory, feature_layer=layer)
+    model, _ = build_vlm(run)
+    model.eval()
+    hf = AutoModel.from_pretrained(directory).vision_model.eval()
+    image = scene(7).resize((45, 37))
+    processor = AutoImageProcessor.from_pretrained(directory)
+    pix = processor(images=image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(model.pixels([image])[0], pix, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        states = hf(pixel_values=pix, output_hidden_states=True).hidden_states
+        expected = states[layer] if layer != -1 else hf.post_layernorm(states[-1])
+        if tower == "clip_dir":
+            expected = expected[:, 1:]  # "patch": cls dropped
+        ours = model.encode_tiles(pix[None])  # (1, N, C) after the projector
+        proj = model.projector(expected)
+    assert ours.shape == proj.shape == (1, 16, 32)
+    torch.testing.assert_close(ours, proj, atol=1e-5, rtol=1e-5)

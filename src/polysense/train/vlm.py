@@ -56,7 +56,7 @@ from polysense.models.vlm import (
 )
 from polysense.models.vlm_hf import is_hf_dir
 from polysense.train.checkpoint import load_state, save_state, trim_metrics
-from polysense.train.loop import StepLog
+from polysense.train.loop import StepLog, _device
 from polysense.train.optim import lr_factor, set_lr
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +222,8 @@ def lm_batch(lm: GPT, tok: ChatTokenizer, texts: list[str]) -> tuple[torch.Tenso
         mask[r, t - len(row) :] = True
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-    return lm.token_embed(ids), mask, labels
+    device = lm.token_embed.weight.device
+    return lm.token_embed(ids.to(device)), mask.to(device), labels.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +357,7 @@ def train_stage(
     state = load_state(out) if resume else None
     model, tok, cfg, train = _prepare(cfg, data, out, resume and state is not None)
     prepare_lm(model, tc)
+    model.to(_device(0))  # CUDA when present (POLYSENSE_DEVICE=cpu keeps the CPU), as the loop does
     set_trainable(model, tc)
     optimizer = build_optimizer(model, tc)
     start, elapsed_before = 0, 0.0
@@ -453,8 +455,9 @@ def train_stage(
     return summary
 
 
-def _autocast(precision: str) -> Any:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def _autocast(precision: str, model: nn.Module) -> Any:
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _xe_loss(
@@ -471,7 +474,7 @@ def _xe_loss(
         gen = np.random.default_rng([tc.seed, step])
         picked = [texts[i] for i in gen.integers(len(texts), size=tc.batch_size)]
         embeds, mask, labels = lm_batch(model, tok, picked)
-        with _autocast(tc.precision):
+        with _autocast(tc.precision, model):
             logits, _ = model(embeds, mask)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
     return _vlm_loss(model, data, sample_examples(data, tc, step), tc.precision)
@@ -507,7 +510,7 @@ def scst_loss(
     sc, v = tc.scst, model.cfg.vision
     rows = np.random.default_rng([tc.seed, step]).integers(len(data), size=sc.batch_size).tolist()
     pixels = normalize(data.images[rows], v.image_mean, v.image_std)[:, None]  # (B, 1, 3, H, W)
-    with _autocast(tc.precision):
+    with _autocast(tc.precision, model):
         tokens = model.encode_tiles(pixels).repeat_interleave(sc.samples, 0)  # (B*K, N, C)
     prompt = model.prompt_ids(chat_prompt(CAPTION_INSTRUCTION))
     eos, banned = model.tokenizer.eos_id, model.banned_ids()
@@ -541,7 +544,7 @@ def scst_loss(
     advantage = (scores - others).flatten().to(model.device)  # (B*K,)
     # a caption that stopped before max_new_tokens drew the end token: it is part of the action
     seqs = [prompt + ids + [eos] * (len(ids) < sc.max_new_tokens) for ids in drawn]
-    with _autocast(tc.precision):
+    with _autocast(tc.precision, model):
         logp = model.sequence_logprobs(
             seqs,
             list(tokens),
@@ -561,7 +564,7 @@ def _vlm_loss(model: VLM, data: SplitData, examples: list[Example], precision: s
     for group in groups:
         if not group:
             continue
-        with _autocast(precision):
+        with _autocast(precision, model):
             batch = vlm_batch(model, data, group)
             part = model.loss(batch, reduction="sum")
         count += int((batch.labels != -100).sum())
