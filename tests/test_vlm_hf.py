@@ -600,3 +600,14 @@ def test_vision_tokens_are_the_towers_hidden_states(tower, layer, llama_dir, req
         proj = model.projector(expected)
     assert ours.shape == proj.shape == (1, 16, 32)
     torch.testing.assert_close(ours, proj, atol=1e-5, rtol=1e-5)
+
+
+def test_an_init_lm_that_is_not_a_causal_lm_is_a_one_line_error(world, clip_dir, tmp_path, capsys):
+    from test_cli_errors import run_cli
+
+    args = ["train", "vlm-tiny-stage1", "--data", str(world), "--out", str(tmp_path / "x"),
+            "--eval-splits", "", "--set", f"init.lm={clip_dir}",
+            "--set", f"init.vision={clip_dir}"]  # fmt: skip
+    code, out, err = run_cli(capsys, *args)
+    assert code != 0 and "model_type='clip'" in out + err and "init.lm" in out + err
+    assert "Traceback" not in out + err

@@ -8,8 +8,11 @@
 - `VLM`: the image tokens replace the `<image>` placeholder of the chat template
   `USER: <image>\\n{instruction}\\nASSISTANT: {response}[EOS]`. A wide image (the world's OCR
   strips, 4:1) is cut into square tiles, each encoded separately, tokens concatenated in order.
-- The vision tower is the ViT of a polysense CLIP checkpoint (`VisionTransformer.forward_features`
-  gives its token sequence: cls + patches).
+- The vision tower is the ViT of a polysense CLIP checkpoint or of an HF CLIP/SigLIP directory
+  (`VisionTransformer.forward_features` gives its token sequence: cls + patches, at
+  `model.feature_layer`; `feature_select="patch"` drops the cls token, as LLaVA does).
+- The decoder is the GPT below, or any HF causal LM with its tokenizer and chat template
+  (`init.lm=HF_DIR`, `model.decoder="hf"`; models/vlm_hf.py, which also writes and reads LLaVA).
 
 A checkpoint directory holds `config.json` (an `LMRunConfig` or `VLMRunConfig`), `model.safetensors`
 and `tokenizer.json`; `load_vlm` reads either kind back.
@@ -849,9 +852,10 @@ def load_vlm(ckpt_dir: str | Path, *, device: str = "cpu") -> VLM:
 
 
 def build_vlm(run: VLMRunConfig, *, texts: Sequence[str] | None = None) -> tuple[VLM, VLMRunConfig]:
-    """A VLM from its init sources: the ViT of the CLIP checkpoint `run.init.vision`, the GPT and
-    tokenizer of `run.init.lm` (or fresh, with a BPE trained on `texts`), or everything from
-    `run.init.vlm`. Returns the model and the run config with the model config it really has."""
+    """A VLM from its init sources: the ViT of the CLIP checkpoint or HF CLIP/SigLIP directory
+    `run.init.vision`, the GPT and tokenizer of `run.init.lm` (an HF causal LM directory: that LM,
+    its tokenizer and chat template; "": a fresh GPT, with a BPE trained on `texts`), or
+    everything from `run.init.vlm`. Returns the model and the run config with the model config it really has."""
     from polysense.models.clip import load_model
 
     init = run.init
