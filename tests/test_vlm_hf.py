@@ -374,6 +374,9 @@ def test_export_hf_loads_in_transformers_and_generates_polysense_greedy_tokens(
     assert res.exit_code == 0 and res.output.strip() == asked, res.output
     back = import_llava(tmp_path / "llava")
     assert back.cfg.feature_layer == -2 and back.cfg.feature_select == "patch"
+    # and `ask` reads the LLaVA directory itself
+    res = runner.invoke(app, ["ask", "--ckpt", str(tmp_path / "llava"), str(image_path), question])
+    assert res.exit_code == 0 and res.output.strip() == asked, res.output
 
 
 def test_what_llava_cannot_hold_is_a_one_line_error(qwen2_dir, clip_dir, tmp_path, capsys):

@@ -822,8 +822,19 @@ def load_lm(ckpt_dir: str | Path) -> tuple[GPT, ChatTokenizer, LMRunConfig]:
 
 
 def load_vlm(ckpt_dir: str | Path, *, device: str = "cpu") -> VLM:
-    """A VLM checkpoint directory -> the model (with `.run_cfg`), in eval mode."""
+    """A VLM checkpoint directory, or a Hugging Face LLaVA directory (`vlm_hf.import_llava`) ->
+    the model (with `.run_cfg`), in eval mode."""
     ckpt_dir = Path(ckpt_dir)
+    if is_hf_dir(ckpt_dir):
+        from polysense.models.vlm_hf import import_llava
+
+        model_type = json.loads((ckpt_dir / CONFIG_FILE).read_text())["model_type"]
+        if model_type != "llava":
+            raise PolysenseError(
+                f"{ckpt_dir / CONFIG_FILE}: model_type={model_type!r} is not a VLM; pass a "
+                "polysense VLM checkpoint or a LlavaForConditionalGeneration directory"
+            )
+        return import_llava(ckpt_dir).to(device)
     cfg = read_config(ckpt_dir)
     if not isinstance(cfg, VLMRunConfig):
         raise PolysenseError(

@@ -70,7 +70,11 @@ def messages(turns: Sequence[tuple[str, str]], question: str | None) -> list[dic
 def is_hf_dir(path: str | Path) -> bool:
     """A directory whose config.json names a transformers `model_type`."""
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
+    try:
+        data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # the polysense reader that follows names the problem
+    return isinstance(data, dict) and "model_type" in data
 
 
 # ---------------------------------------------------------------------------------------------
