@@ -284,8 +284,10 @@ def test_qwen2_without_an_image_token_gets_one(qwen2_dir, clip_dir):
 def hand_built_llava(model, clip_dir: Path, llama_dir: Path) -> LlavaForConditionalGeneration:
     """The LLaVA holding the same weights, assembled from the HF parts by transformers' own
     module names (the independent reference; nothing of polysense's export is used)."""
+    from transformers import AutoModelForCausalLM
+
     clip = CLIPModel.from_pretrained(clip_dir)
-    llama = LlamaForCausalLM.from_pretrained(llama_dir)
+    llama = AutoModelForCausalLM.from_pretrained(llama_dir)
     cfg = LlavaConfig(
         vision_config=clip.config.vision_config,
         text_config=llama.config,
@@ -327,6 +329,66 @@ def test_logits_equal_llava_for_conditional_generation(llama_dir, clip_dir):
     print(f"max |polysense - LlavaForConditionalGeneration| logits: {worst:.2e}")
     assert worst < 1e-4
     assert float(theirs.std()) > 0.1  # not a trivial agreement of near-zero logits
+
+
+# name: vision (image size, patch, width, heads, mlp), LM (class, hidden, heads, kv heads, mlp)
+REAL = {
+    "llava-1.5-7b": ((336, 14, 1024, 16, 4096), (LlamaConfig, 4096, 32, 32, 11008)),
+    "clip-l14-qwen2-0.5b": ((336, 14, 1024, 16, 4096), (Qwen2Config, 896, 14, 2, 4864)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REAL))
+def test_logits_equal_llava_at_real_dimensions(name, tmp_path):
+    """LLaVA-1.5-7B's dimensions (CLIP ViT-L/14-336: 577 tokens, Llama 4096 wide, 32 heads of
+    128, MLP 11008) and CLIP-L + Qwen2-0.5B's (GQA 14/2 heads), one layer per tower and the
+    test tokenizer's vocabulary: polysense's logits on a real-size photo equal the hand-assembled
+    LlavaForConditionalGeneration's within 1e-4."""
+    (size, patch, vw, vh, vm), (lm_cfg, hidden, heads, kv, mlp) = REAL[name]
+    torch.manual_seed(0)
+    clip_cfg = CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4),
+        vision_config=dict(hidden_size=vw, num_attention_heads=vh, intermediate_size=vm,
+                           num_hidden_layers=2, image_size=size, patch_size=patch),
+        projection_dim=16,
+    )  # fmt: skip
+    clip_dir = tmp_path / "clip"
+    CLIPModel(clip_cfg).save_pretrained(clip_dir)
+    crop = {"height": size, "width": size}
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop).save_pretrained(clip_dir)
+    tok = llama_tokenizer()
+    cfg = lm_cfg(
+        vocab_size=len(tok) + 8, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    lm_dir = _save(LlamaForCausalLM(cfg) if lm_cfg is LlamaConfig else Qwen2ForCausalLM(cfg),
+                   tok, tmp_path / "lm")  # fmt: skip
+    model, _ = build_vlm(llava_run(lm_dir, clip_dir))
+    model.eval()
+    llava = hand_built_llava(model, clip_dir, lm_dir)
+    photo = scene(8).resize((640, 427))
+    prompt = chat_prompt("what is in the picture?")
+    n_img = (size // patch) ** 2
+    with torch.no_grad():
+        pix = model.pixels([photo])
+        batch = model.build_batch([model.prompt_ids(prompt)], model.image_tokens(pix))
+        ours, _ = model.lm(batch.embeds, batch.key_mask)
+        ids = model.prompt_ids(prompt)
+        at = ids.index(model.tokenizer.image_id)
+        expanded = ids[:at] + [model.tokenizer.image_id] * n_img + ids[at + 1 :]
+        theirs = llava(input_ids=torch.tensor([expanded]), pixel_values=pix[0]).logits
+        other = llava(input_ids=torch.tensor([expanded]), pixel_values=-pix[0]).logits
+    assert ours.shape == theirs.shape == (1, len(expanded), len(tok) + 8)
+    assert float((other - theirs)[0, at + n_img :].abs().max()) > 1e-2  # the image counts
+    worst = float((ours - theirs).abs().max())
+    print(
+        f"{name}: max |polysense - LLaVA| logits {worst:.2e} (logit std {float(theirs.std()):.2f})"
+    )
+    assert worst < 1e-4
 
 
 def test_export_hf_loads_in_transformers_and_generates_polysense_greedy_tokens(
