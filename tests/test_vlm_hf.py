@@ -676,3 +676,30 @@ def test_an_init_lm_that_is_not_a_causal_lm_is_a_one_line_error(world, clip_dir,
     code, out, err = run_cli(capsys, *args)
     assert code != 0 and "model_type='clip'" in out + err and "init.lm" in out + err
     assert "Traceback" not in out + err
+
+
+def test_a_siglip_tower_exports_to_llava_too(llama_dir, siglip_dir, tmp_path):
+    """HF SigLIP vision (no cls: LLaVA's "full" strategy, no extra image token) + Llama: the
+    export generates polysense's greedy tokens in transformers, and reads back equal."""
+    model, run = build_vlm(llava_run(llama_dir, siglip_dir, feature_select="full"))
+    ckpt = save_vlm(model.eval(), run, model.tokenizer, tmp_path / "ckpt")
+    from polysense.models.hf import export_checkpoint, import_to_checkpoint
+
+    export_checkpoint(ckpt, tmp_path / "llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    assert hf.config.vision_config.model_type == "siglip_vision_model"
+    processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    image, question = scene(9).resize((50, 40)), "how many shapes are there?"
+    msgs = [{"role": "user", "content": f"<image>\n{question}"}]
+    text = processor.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=image, text=text, return_tensors="pt", add_special_tokens=False)
+    assert (inputs["input_ids"] == model.tokenizer.image_id).sum() == 16  # 4 x 4 patches
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=12, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    stops = set(hf.generation_config.eos_token_id)
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+    ours = load_vlm(ckpt).generate_ids([image], [chat_prompt(question)], max_new_tokens=12)[0]
+    assert ours == new and len(new) >= 4
+    back = load_vlm(import_to_checkpoint(tmp_path / "llava", tmp_path / "back"))
+    assert back.generate_ids([image], [chat_prompt(question)], max_new_tokens=12)[0] == new

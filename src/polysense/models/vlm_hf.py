@@ -318,10 +318,14 @@ def _check_llava(model: Any) -> None:
     want = {
         "model.decoder": (cfg.decoder, "hf", "set init.lm to an HF causal LM directory"),
         "model.projector": (cfg.projector, "mlp2x", "LLaVA's projector is Linear-GELU-Linear"),
-        "model.vision.pool": (v.pool, "cls", "LLaVA's vision tower is an HF CLIP vision model"),
-        "model.vision.stem": (v.stem, "patch", "HF CLIP has only a patch embedding"),
+        "model.vision.stem": (v.stem, "patch", "HF CLIP/SigLIP have only a patch embedding"),
     }
     wrong = [f"{k}={have!r} ({fix})" for k, (have, need, fix) in want.items() if have != need]
+    if _tower_family(v) is None:
+        wrong.append(
+            f"model.vision.pool={v.pool!r} with ln_pre={v.ln_pre} is neither an HF CLIP (cls, "
+            "ln_pre) nor a SigLIP (no cls, no ln_pre) vision tower"
+        )
     if cfg.feature_layer == -1:
         wrong.append(
             "model.feature_layer=-1 (polysense's -1 includes the final LayerNorm, LLaVA's "
@@ -329,6 +333,15 @@ def _check_llava(model: Any) -> None:
         )
     if wrong:
         raise PolysenseError("this VLM cannot be written as LLaVA: " + "; ".join(wrong))
+
+
+def _tower_family(v: VisionConfig) -> str | None:
+    """'clip' or 'siglip': the HF vision model a polysense tower is, for LLaVA."""
+    if v.pool == "cls" and v.ln_pre and not v.patch_bias:
+        return "clip"
+    if v.pool in ("map", "mean") and not v.ln_pre:
+        return "siglip"
+    return None
 
 
 def export_llava(model: Any, out_dir: str | Path) -> Path:
@@ -345,25 +358,41 @@ def export_llava(model: Any, out_dir: str | Path) -> Path:
     cfg, v, tok = model.cfg, model.cfg.vision, model.tokenizer
     lm = model.lm.model
     text_config = lm.config
-    n_tokens = (v.image_size // v.patch_size) ** 2 + (cfg.feature_select == "full")
+    family = _tower_family(v)
+    cls = family == "clip"
+    # LLaVA's "default" drops the first token: only for a tower that has a cls token
+    strategy = "default" if cls and cfg.feature_select == "patch" else "full"
+    n_tokens = (v.image_size // v.patch_size) ** 2 + (cls and strategy == "full")
+    if cls:
+        vision_config = transformers.CLIPVisionConfig(**hf_vision_fields(v))
+    else:
+        vision_config = transformers.SiglipVisionConfig(
+            **hf_vision_fields(v), vision_use_head=False
+        )
     hf_cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**hf_vision_fields(v)),
+        vision_config=vision_config,
         text_config=text_config.to_dict(),
         image_token_index=tok.image_id,
         projector_hidden_act="gelu",
         vision_feature_layer=cfg.feature_layer,
-        vision_feature_select_strategy="default" if cfg.feature_select == "patch" else "full",
+        vision_feature_select_strategy=strategy,
         image_seq_length=n_tokens,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     with quiet_transformers():
         hf = transformers.LlavaForConditionalGeneration(hf_cfg)
     shapes = {k: x.shape for k, x in hf.state_dict().items()}
-    ours = {k.removeprefix("visual."): x for k, x in model.visual.state_dict().items()}
+    ours = {
+        k.removeprefix("visual."): x
+        for k, x in model.visual.state_dict().items()
+        if not k.startswith("head.")  # SigLIP's pooling head: the VLM does not read it
+    }
     vis_pairs = [
         (["model.vision_tower." + k for k in h], [o.removeprefix("visual.") for o in our])
-        for h, our in _vision_pairs(v, "clip")
+        for h, our in _vision_pairs(v, family)
     ]
+    if family == "siglip" and not v.patch_bias:
+        ours["patch_embed.bias"] = torch.zeros(v.width)  # HF SigLIP always has one
     state = convert(ours, shapes, vis_pairs, to_hf=True)
     lin1, lin2 = model.projector[0], model.projector[2]
     state["model.multi_modal_projector.linear_1.weight"] = lin1.weight.detach().clone()
@@ -395,7 +424,7 @@ def export_llava(model: Any, out_dir: str | Path) -> Path:
                 vision_feature_select_strategy=hf_cfg.vision_feature_select_strategy,
                 chat_template=tok.hf.chat_template,
                 image_token=IMAGE,
-                num_additional_image_tokens=1,
+                num_additional_image_tokens=1 if cls else 0,
             )
             processor.save_pretrained(str(tmp))
         for f in sorted(tmp.iterdir()):
@@ -419,8 +448,10 @@ def import_llava(src_dir: str | Path) -> Any:
     c, vc = hf.config, hf.config.vision_config
     where = f"{src}/config.json"
     problems = []
-    if vc.model_type != "clip_vision_model":
-        problems.append(f"vision_config.model_type={vc.model_type!r} (only clip_vision_model)")
+    families = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+    family = families.get(vc.model_type)
+    if family is None:
+        problems.append(f"vision_config.model_type={vc.model_type!r} (only {sorted(families)})")
     if c.projector_hidden_act != "gelu" or not c.multimodal_projector_bias:
         problems.append(f"projector_hidden_act={c.projector_hidden_act!r} (only gelu, with bias)")
     if not isinstance(c.vision_feature_layer, int):
@@ -437,12 +468,12 @@ def import_llava(src_dir: str | Path) -> Any:
         layers=vc.num_hidden_layers,
         heads=vc.num_attention_heads,
         mlp_ratio=vc.intermediate_size / vc.hidden_size,
-        pool="cls",
+        pool="cls" if family == "clip" else "mean",  # SigLIP's head is not read: none kept
         ln_eps=vc.layer_norm_eps,
         act=_act(vc.hidden_act, f"{where} vision_config"),
-        ln_pre=True,
-        patch_bias=False,
-        **_image_processing(src, "clip", vc.image_size),
+        ln_pre=family == "clip",
+        patch_bias=family == "siglip",
+        **_image_processing(src, family, vc.image_size),
     )
     tc = c.text_config
     with quiet_transformers():
@@ -459,14 +490,23 @@ def import_llava(src_dir: str | Path) -> Any:
         feature_layer=layer if layer < 0 else layer - vc.num_hidden_layers - 1,
         feature_select="patch" if c.vision_feature_select_strategy == "default" else "full",
     )
+    if family == "siglip" and cfg.feature_select == "patch":
+        raise PolysenseError(
+            f"{where}: vision_feature_select_strategy='default' drops the first patch of a "
+            "SigLIP tower (it has no cls token); polysense cannot express that"
+        )
     model = VLM(cfg=cfg, tokenizer=tokenizer, lm=lm)
     hf_state = hf.state_dict()
     ours_shapes = {k.removeprefix("visual."): x.shape for k, x in model.visual.state_dict().items()}
     vis_pairs = [
         (["model.vision_tower." + k for k in h], [o.removeprefix("visual.") for o in our])
-        for h, our in _vision_pairs(vision, "clip")
+        for h, our in _vision_pairs(vision, family)
     ]
-    vis_src = {k: x for k, x in hf_state.items() if k.startswith("model.vision_tower.")}
+    vis_src = {
+        k: x
+        for k, x in hf_state.items()
+        if k.startswith("model.vision_tower.") and not k.startswith("model.vision_tower.head.")
+    }
     model.visual.load_state_dict(convert(vis_src, ours_shapes, vis_pairs, to_hf=False))
     p = "model.multi_modal_projector."
     model.projector[0].load_state_dict(
