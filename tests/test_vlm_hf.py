@@ -7,6 +7,8 @@ polysense's greedy tokens. Nothing downloads: every model and tokenizer is built
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -703,3 +705,23 @@ def test_a_siglip_tower_exports_to_llava_too(llama_dir, siglip_dir, tmp_path):
     assert ours == new and len(new) >= 4
     back = load_vlm(import_to_checkpoint(tmp_path / "llava", tmp_path / "back"))
     assert back.generate_ids([image], [chat_prompt(question)], max_new_tokens=12)[0] == new
+
+
+def test_generation_stops_at_the_lms_generation_config_eos_too(llama_dir, clip_dir, tmp_path):
+    """A chat LM whose generation_config.json names a second end token (Llama-3's <|eot_id|>
+    beside <|end_of_text|>) stops there as well; the checkpoint keeps it."""
+    directory = tmp_path / "llama-eot"
+    shutil.copytree(llama_dir, directory)
+    tok = llama_tokenizer()
+    eot = tok.convert_tokens_to_ids("[")  # any id: stands for <|eot_id|>
+    gen = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(
+        json.dumps(gen | {"eos_token_id": [tok.eos_token_id, eot]})
+    )
+    model, run = build_vlm(llava_run(directory, clip_dir))
+    assert model.tokenizer.stop_ids == (tok.eos_token_id, eot)
+    loaded = load_vlm(save_vlm(model, run, model.tokenizer, tmp_path / "ckpt"))
+    assert loaded.tokenizer.stop_ids == (tok.eos_token_id, eot)
+    assert eot not in loaded.banned_ids()
+    ids = loaded.generate_ids([scene()], [chat_prompt("what?")], max_new_tokens=30)[0]
+    assert eot not in ids and tok.eos_token_id not in ids

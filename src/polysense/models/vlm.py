@@ -755,6 +755,7 @@ def _write(module: nn.Module, cfg: Any, tokenizer: Any, ckpt_dir: Path) -> Path:
     if isinstance(tokenizer, HFChatTokenizer):  # its own files, chat template included
         tokenizer.save_dir(ckpt_dir)
         module.lm.model.config.save_pretrained(ckpt_dir / LM_DIR)
+        module.lm.model.generation_config.save_pretrained(ckpt_dir / LM_DIR)
     else:
         tokenizer.save(ckpt_dir / TOKENIZER_FILE)
     atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")  # last: marks it complete
@@ -846,6 +847,7 @@ def load_vlm(ckpt_dir: str | Path, *, device: str = "cpu") -> VLM:
 
         tokenizer: Any = HFChatTokenizer.from_dir(ckpt_dir)
         lm = lm_from_config_dir(ckpt_dir / LM_DIR)
+        tokenizer.add_stops(lm.model.generation_config)
         if tokenizer.vocab_size > lm.token_embed.num_embeddings:
             lm.model.resize_token_embeddings(tokenizer.vocab_size)
         model = VLM(cfg=cfg.model, tokenizer=tokenizer, lm=lm)

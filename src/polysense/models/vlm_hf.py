@@ -187,6 +187,13 @@ class HFChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True).strip()
 
+    def add_stops(self, generation_config: Any) -> None:
+        """Also stop at the LM's generation_config eos ids (Llama-3 / Qwen chat models end a turn
+        with a token other than the tokenizer's eos)."""
+        eos = getattr(generation_config, "eos_token_id", None)
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.stop_ids = tuple(dict.fromkeys([*self.stop_ids, *map(int, eos)]))
+
 
 # ---------------------------------------------------------------------------------------------
 # the language model
@@ -273,18 +280,22 @@ def load_hf_lm(src: str | Path) -> tuple[HFCausalLM, HFChatTokenizer]:
     except (OSError, ValueError) as exc:
         raise PolysenseError(f"{src}: transformers could not load it ({exc})") from None
     tokenizer = HFChatTokenizer.from_dir(src)
+    tokenizer.add_stops(model.generation_config)
     if tokenizer.vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(tokenizer.vocab_size)
     return HFCausalLM(model=model), tokenizer
 
 
 def lm_from_config_dir(directory: Path) -> HFCausalLM:
-    """A fresh LM of the architecture saved in `directory` (its weights come from elsewhere)."""
-    from transformers import AutoConfig
+    """A fresh LM of the architecture (and generation config) saved in `directory`; its
+    weights come from elsewhere."""
+    from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     with quiet_transformers():
         model = causal_lm_class(config, directory)(config)
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(directory))
     return HFCausalLM(model=model)
 
 
