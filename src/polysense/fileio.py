@@ -137,6 +137,18 @@ def temp_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def files_into(directory: str | Path, *, prefix: str = ".files.") -> Iterator[Path]:
+    """A locked temporary directory inside `directory` for writers that fill a folder
+    (`save_pretrained`); when the block succeeds each file in it is renamed into `directory`
+    (file by file: each appears whole), and the temporary directory goes either way."""
+    directory = Path(directory)
+    with _translated(directory), temp_dir(directory, prefix) as tmp:
+        yield tmp
+        for file in sorted(tmp.iterdir()):
+            os.replace(file, directory / file.name)
+
+
 def remove_stale(directory: str | Path, pattern: re.Pattern[str] = TEMP_FILE) -> list[Path]:
     """Remove what writers killed mid-write left in `directory`: the files and directories whose
     name matches `pattern` (by default the temp files of `atomic_open` and `atomic_path`) that

@@ -15,8 +15,6 @@ raises instead) rather than silently hidden.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from polysense.errors import DataError, PolysenseError
-from polysense.fileio import atomic_path
+from polysense.fileio import atomic_path, files_into
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
 # The BPE trainer sees at most this many characters of each text. Its cost grows with the square
@@ -203,15 +201,10 @@ class Tokenizer:
         """Write the tokenizer's Hugging Face files (`save_pretrained`: tokenizer_config.json,
         tokenizer.json or spiece.model, ...) into `directory`, each file atomically. Returns them."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        written = []
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer-") as tmp:
-            self._hf.save_pretrained(tmp)
-            for file in sorted(Path(tmp).iterdir()):
-                with atomic_path(directory / file.name) as dest:
-                    shutil.copyfile(file, dest)
-                written.append(directory / file.name)
-        return written
+        with files_into(directory, prefix=".tokenizer.") as tmp:
+            self._hf.save_pretrained(str(tmp))
+            names = sorted(f.name for f in tmp.iterdir())
+        return [directory / name for name in names]
 
     def to_json(self) -> dict | None:
         """The tokenizer.json content (None for a slow, SentencePiece-only tokenizer)."""

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from polysense.config import ModelConfig, RunConfig, TextConfig, VisionConfig
 from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.data.transforms import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from polysense.errors import PolysenseError
+from polysense.fileio import files_into
 from polysense.models.clip import CLIP
 from polysense.models.text import TextTransformer, quiet_transformers
 from polysense.models.vit import ACTIVATIONS, mlp_dim
@@ -496,9 +494,7 @@ def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
     hf.config.name_or_path = run_cfg.name
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export."))
-    try:
+    with files_into(out, prefix=".export.") as tmp:
         with quiet_transformers():
             hf.save_pretrained(tmp)
         _write_preprocessor(tmp, v)
@@ -517,10 +513,6 @@ def export_hf(model: CLIP, run_cfg: RunConfig, out_dir: str | Path) -> Path:
                 **{k: s for k, s in special.items() if s is not None},
             }
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from polysense.config import ModelConfig, TextConfig, VisionConfig
 from polysense.errors import PolysenseError
+from polysense.fileio import files_into
 from polysense.models.text import quiet_transformers
 
 IMAGE = "<image>"
@@ -421,27 +421,20 @@ def export_llava(model: Any, out_dir: str | Path) -> Path:
     hf.generation_config.pad_token_id = tok.pad_id
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export."))
-    try:
-        with quiet_transformers():
-            hf.save_pretrained(tmp)
-            _write_preprocessor(tmp, v)
-            image_processor = transformers.AutoImageProcessor.from_pretrained(str(tmp))
-            processor = transformers.LlavaProcessor(
-                image_processor=image_processor,
-                tokenizer=tok.hf,
-                patch_size=v.patch_size,
-                vision_feature_select_strategy=hf_cfg.vision_feature_select_strategy,
-                chat_template=tok.hf.chat_template,
-                image_token=IMAGE,
-                num_additional_image_tokens=1 if cls else 0,
-            )
-            processor.save_pretrained(str(tmp))
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with files_into(out, prefix=".export.") as tmp, quiet_transformers():
+        hf.save_pretrained(tmp)
+        _write_preprocessor(tmp, v)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(str(tmp))
+        processor = transformers.LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok.hf,
+            patch_size=v.patch_size,
+            vision_feature_select_strategy=hf_cfg.vision_feature_select_strategy,
+            chat_template=tok.hf.chat_template,
+            image_token=IMAGE,
+            num_additional_image_tokens=1 if cls else 0,
+        )
+        processor.save_pretrained(str(tmp))
     return out
 
 
