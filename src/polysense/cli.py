@@ -489,7 +489,21 @@ def eval_cmd(
     ] = None,
     image_root: Annotated[
         Path | None,
-        typer.Option(help="Folder the images of a COCO or Karpathy JSON are under."),
+        typer.Option(
+            help="Folder the images of a COCO or Karpathy JSON, VQAv2 questions or POPE file "
+            "are under."
+        ),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="vqa: the VQAv2 annotations JSON of the --data questions file."),
+    ] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            help="vqa/caption on a standard file: write the answers or captions here (VQA / "
+            "COCO results format)."
+        ),
     ] = None,
     train_data: Annotated[
         str | None,
@@ -525,25 +539,36 @@ def eval_cmd(
     `polysense eval retrieval --ckpt runs/clip-b32 --data dataset_flickr30k.json --image-root flickr30k-images`
 
     `polysense eval linear-probe --ckpt runs/clip-b32 --data pets/test --train-data pets/train`
+
+    `polysense eval vqa --ckpt runs/vlm/stage2 --data v2_OpenEnded_mscoco_val2014_questions.json
+    --annotations v2_mscoco_val2014_annotations.json --image-root val2014 --results answers.json`
     """
+    import inspect
     import json
     import warnings
 
-    from polysense.data.readers import detect_format
     from polysense.eval import get_task
     from polysense.eval.suite import TASKS, check_device, evaluate, linear_probe
     from polysense.eval.templates import load_classnames, load_templates
     from polysense.fileio import atomic_write_json
     from polysense.models.clip import load_model
 
-    if split is None and detect_format(data) in ("world", "karpathy"):
-        split = "test"
     own_tasks = (*TASKS, "all", "linear-probe")
     family_task = get_task(task) if task not in own_tasks else None
+    if split is None and _split_format(data, strict=family_task is None) in ("world", "karpathy"):
+        split = "test"
     if family_task is not None:
+        extra = {"annotations": annotations, "image_root": image_root, "results": results}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        accepted = inspect.signature(family_task).parameters
+        for name in extra:
+            if name not in accepted:
+                flag = "--" + name.replace("_", "-")
+                raise PolysenseError(f"{flag} does not apply to eval {task}; drop it")
         metrics = family_task(
-            ckpt=ckpt, data=data, split=split, batch_size=batch_size, limit=limit, clip=clip
-        )
+            ckpt=ckpt, data=data, split=split, batch_size=batch_size, limit=limit, clip=clip,
+            **extra,
+        )  # fmt: skip
     else:
         names = load_classnames(classnames) if classnames is not None else None
         prompts = load_templates(templates) if templates is not None else None
@@ -571,6 +596,20 @@ def eval_cmd(
         console.print(f"wrote {json_out}")
     else:
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+
+
+def _split_format(data: str, *, strict: bool) -> str | None:
+    """The format of `data`; None for a file the readers do not know (a VQAv2 or POPE file,
+    which its own task reads) unless `strict`."""
+    from polysense.data.readers import detect_format
+    from polysense.errors import DataError
+
+    try:
+        return detect_format(data)
+    except DataError:
+        if strict or not Path(data).is_file():
+            raise
+        return None
 
 
 def _eval_table(metrics: dict, title: str) -> Table:

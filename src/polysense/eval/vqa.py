@@ -4,6 +4,11 @@ punctuation, number words to digits, articles and contractions) and its consensu
 With several reference answers (VQA v2 has ten), an answer scores min(#matching refs / 3, 1),
 averaged over the ten leave-one-out subsets of the references as the official script does; with
 one reference (the world) it is exact match after normalisation.
+
+`read_vqav2` reads the official VQAv2 files: the questions file (`questions[]` of image_id,
+question, question_id) and the annotations file (`annotations[]` of question_id, ten `answers`,
+answer_type); images are COCO's `COCO_<data_subtype>_<image_id:012d>.jpg` under the image root,
+as the official VQA API names them (data_subtype from the questions file, default val2014).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from polysense.errors import PolysenseError
 
 _CONTRACTIONS = {
     "dont": "don't",
@@ -131,6 +138,84 @@ def evaluate(model: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
     return metrics
 
 
+def coco_image_name(image_id: int, subtype: str = "val2014") -> str:
+    """COCO 2014's file name, as the VQA API builds it: 123 -> COCO_val2014_000000000123.jpg."""
+    return f"COCO_{subtype}_{int(image_id):012d}.jpg"
+
+
+def read_vqav2(
+    questions: str | Path, annotations: str | Path, *, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The questions of a VQAv2 questions file, each with its image's file name, its ten answers
+    and answer type from the annotations file (one-line errors name the file and the field)."""
+    from polysense.eval.formats import field, read_json
+
+    qfix = "a VQAv2 questions file has questions[] of {image_id, question, question_id}"
+    afix = "a VQAv2 annotations file has annotations[] of {question_id, answers[], answer_type}"
+    qdoc = read_json(questions, "a VQAv2 questions JSON (--data)")
+    adoc = read_json(annotations, "a VQAv2 annotations JSON (--annotations)")
+    qs = field(qdoc, "questions", str(questions), qfix)
+    subtype = str(qdoc.get("data_subtype") or "val2014")
+    by_id: dict[Any, dict[str, Any]] = {}
+    for i, a in enumerate(field(adoc, "annotations", str(annotations), afix)):
+        where = f"{annotations}: annotations[{i}]"
+        answers = field(a, "answers", where, afix)
+        refs = [str(field(x, "answer", f"{where}.answers", afix)) for x in answers]
+        if not refs:
+            raise PolysenseError(f"{where} has an empty 'answers' list; {afix}")
+        by_id[field(a, "question_id", where, afix)] = {
+            "answers": refs,
+            "answer_type": str(a.get("answer_type") or "other"),
+        }
+    out = []
+    for i, q in enumerate(qs[:limit] if limit else qs):
+        where = f"{questions}: questions[{i}]"
+        qid = field(q, "question_id", where, qfix)
+        if qid not in by_id:
+            raise PolysenseError(
+                f"{where}: question_id {qid} has no annotation in {annotations}; pass the "
+                "annotations file of the same split"
+            )
+        image_id = field(q, "image_id", where, qfix)
+        out.append(
+            {
+                "question_id": qid,
+                "question": str(field(q, "question", where, qfix)),
+                "image": coco_image_name(image_id, subtype),
+            }
+            | by_id[qid]
+        )
+    return out
+
+
+def evaluate_vqav2(
+    model: Any, items: Sequence[dict[str, Any]], image_root: Path | None, *, batch_size: int = 256
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Soft VQA accuracy over `read_vqav2`'s questions, overall and per answer type, and the
+    answers in the VQA results format ([{question_id, answer}])."""
+    from polysense.eval.formats import open_image
+
+    opened: dict[str, Any] = {}
+    for q in items:
+        if q["image"] not in opened:
+            opened[q["image"]] = open_image(image_root, q["image"], f"question {q['question_id']}")
+    preds = answer_questions(
+        model, [opened[q["image"]] for q in items], [q["question"] for q in items],
+        batch_size=batch_size,
+    )  # fmt: skip
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for q, p in zip(items, preds, strict=True):
+        by_type[q["answer_type"]].append(answer_accuracy(p, q["answers"]))
+    allv = [v for vs in by_type.values() for v in vs]
+    metrics: dict[str, Any] = {"vqa_accuracy": sum(allv) / len(allv), "vqa_n_questions": len(allv)}
+    for kind, vs in sorted(by_type.items()):
+        metrics[f"vqa_accuracy_{kind.replace('/', '_')}"] = sum(vs) / len(vs)
+    results = [
+        {"question_id": q["question_id"], "answer": p} for q, p in zip(items, preds, strict=True)
+    ]
+    return metrics, results
+
+
 def eval_task(
     *,
     ckpt: Path,
@@ -139,11 +224,31 @@ def eval_task(
     batch_size: int,
     limit: int | None,
     clip: Path | None,
+    annotations: Path | None = None,
+    image_root: Path | None = None,
+    results: Path | None = None,
 ) -> dict[str, Any]:
-    """`polysense eval vqa`: exact-match VQA accuracy on a world split, per question type."""
+    """`polysense eval vqa`: VQA accuracy on a world split per question type, or with
+    --annotations the soft accuracy on VQAv2 questions + annotations per answer type."""
     from polysense.models.vlm import load_vlm
     from polysense.train.vlm import load_split
 
+    if annotations is not None:
+        from polysense.eval.formats import no_split
+        from polysense.fileio import atomic_write_json
+
+        no_split(split, data, "a VQAv2 questions file")
+        items = read_vqav2(data, annotations, limit=limit)
+        model = load_vlm(ckpt)
+        with torch.no_grad():
+            metrics, answers = evaluate_vqav2(model, items, image_root, batch_size=batch_size)
+        if results is not None:
+            atomic_write_json(results, answers)
+        return metrics | {"n_samples": len(items), "split": "all"}
+    if results is not None or image_root is not None:
+        raise PolysenseError(
+            "--results/--image-root go with a VQAv2 questions file; pass --annotations FILE too"
+        )
     model = load_vlm(ckpt)
     split_data = load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)
     with torch.no_grad():

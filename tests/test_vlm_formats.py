@@ -1,0 +1,162 @@
+"""Standard benchmark formats for the VLM evals (VQAv2, POPE, COCO captions): fixtures written
+here, the model's replies fixed by monkeypatching `VLM.generate` (keyed on the image's colour
+and the prompt, so a wrong image or question changes the score), expectations by hand or by
+pycocoevalcap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import tiny_config
+from polysense.cli import app
+from polysense.errors import PolysenseError
+from polysense.models.vlm import VLM, ChatTokenizer, LMConfig, VLMConfig, VLMRunConfig, save_vlm
+
+RED, BLUE, GREEN = (200, 20, 20), (20, 20, 200), (20, 200, 20)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    tok = ChatTokenizer.train(["a red circle", "is there a blue square?", "yes no"], vocab_size=300)
+    lm = LMConfig(vocab_size=tok.vocab_size, context_length=128, width=32, layers=1, heads=2)
+    cfg = VLMConfig(lm=lm, vision=tiny_config().model.vision, projector="mlp2x")
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("vlm-ck")
+    return save_vlm(VLM(cfg=cfg, tokenizer=tok).eval(), VLMRunConfig(model=cfg), tok, out)
+
+
+def _colour(image: Image.Image) -> tuple[int, int, int]:
+    """The fixture colour nearest the image's centre pixel (JPEG shifts it a little)."""
+    px = image.convert("RGB").getpixel((image.width // 2, image.height // 2))
+    return min(
+        (RED, BLUE, GREEN), key=lambda c: sum((a - b) ** 2 for a, b in zip(c, px, strict=True))
+    )
+
+
+def fake_replies(monkeypatch, replies: dict[tuple[tuple[int, int, int], str], str]) -> list:
+    """VLM.generate answers replies[(colour, text in the prompt)]; returns the calls' prompts."""
+    seen: list[str] = []
+
+    def generate(self, images, prompts, **kwargs):
+        out = []
+        for image, prompt in zip(images, prompts, strict=True):
+            seen.append(prompt)
+            hits = [r for (c, text), r in replies.items() if c == _colour(image) and text in prompt]
+            out.append(hits[0] if len(hits) == 1 else "unknown")
+        return out
+
+    monkeypatch.setattr(VLM, "generate", generate)
+    return seen
+
+
+def _image(path: Path, colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), colour).save(path)
+
+
+def _answers(*pairs: tuple[str, int]) -> list[dict]:
+    words = [w for w, k in pairs for _ in range(k)]
+    assert len(words) == 10
+    return [
+        {"answer": w, "answer_confidence": "yes", "answer_id": i + 1} for i, w in enumerate(words)
+    ]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _error(*args: str) -> str:
+    """The one-line message `polysense` prints (cli.main) for a command that must fail."""
+    r = _invoke(*args)
+    assert r.exit_code != 0 and isinstance(r.exception, PolysenseError), r.output
+    message = str(r.exception)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# VQAv2
+
+
+@pytest.fixture
+def vqav2(tmp_path) -> tuple[Path, Path, Path]:
+    root = tmp_path / "val2014"
+    _image(root / "COCO_val2014_000000000001.jpg", RED)
+    _image(root / "COCO_val2014_000000000003.jpg", BLUE)
+    questions = {
+        "data_subtype": "val2014",
+        "questions": [
+            {"image_id": 1, "question": "What color is it?", "question_id": 10},
+            {"image_id": 1, "question": "How many circles?", "question_id": 11},
+            {"image_id": 3, "question": "Is it blue?", "question_id": 30},
+        ],
+    }
+    ann = [
+        (10, 1, _answers(("red", 2), ("maroon", 8)), "red", "other"),
+        (11, 1, _answers(("2", 3), ("two", 1), ("3", 6)), "3", "number"),
+        (30, 3, _answers(("yes", 3), ("no", 7)), "no", "yes/no"),
+    ]
+    annotations = {
+        "annotations": [
+            {"question_id": q, "image_id": i, "answers": a, "multiple_choice_answer": m,
+             "answer_type": t, "question_type": "what"}
+            for q, i, a, m, t in ann
+        ]
+    }  # fmt: skip
+    qf, af = tmp_path / "questions.json", tmp_path / "annotations.json"
+    qf.write_text(json.dumps(questions))
+    af.write_text(json.dumps(annotations))
+    return qf, af, root
+
+
+def test_vqav2_soft_accuracy_from_the_official_files(ckpt, vqav2, tmp_path, monkeypatch) -> None:
+    qf, af, root = vqav2
+    fake_replies(
+        monkeypatch,
+        {
+            (RED, "What color is it?"): "Red.",  # 2 of 10 say red: (2*1/3 + 8*2/3)/10 = 0.6
+            (RED, "How many circles?"): "two",  # '2' x3 + 'two' x1 -> 4 matches of '2': 1.0
+            (BLUE, "Is it blue?"): "Yes",  # 3 of 10 say yes: (3*2/3 + 7*1)/10 = 0.9
+        },
+    )
+    out, res = tmp_path / "m.json", tmp_path / "answers.json"
+    r = _invoke("eval", "vqa", "--ckpt", str(ckpt), "--data", str(qf), "--annotations", str(af),
+                "--image-root", str(root), "--results", str(res), "--json", str(out))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert m["vqa_accuracy"] == pytest.approx((0.6 + 1.0 + 0.9) / 3)
+    assert m["vqa_accuracy_other"] == pytest.approx(0.6)
+    assert m["vqa_accuracy_number"] == pytest.approx(1.0)
+    assert m["vqa_accuracy_yes_no"] == pytest.approx(0.9)
+    assert m["vqa_n_questions"] == 3
+    assert json.loads(res.read_text()) == [
+        {"question_id": 10, "answer": "Red."},
+        {"question_id": 11, "answer": "two"},
+        {"question_id": 30, "answer": "Yes"},
+    ]
+
+
+def test_vqav2_errors_are_one_line(ckpt, vqav2, tmp_path, monkeypatch) -> None:
+    qf, af, root = vqav2
+    fake_replies(monkeypatch, {})
+    base = ["eval", "vqa", "--ckpt", str(ckpt), "--data", str(qf), "--annotations", str(af)]
+    msg = _error(*base, "--image-root", str(tmp_path / "nowhere"))
+    assert "nowhere/COCO_val2014_000000000001.jpg does not exist; pass --image-root" in msg
+    msg = _error(*base, "--image-root", str(root), "--split", "val")
+    assert f"{qf} is a VQAv2 questions file, which has no splits; drop --split" in msg
+    doc = json.loads(af.read_text())
+    del doc["annotations"][1]["answers"]
+    af.write_text(json.dumps(doc))
+    msg = _error(*base, "--image-root", str(root))
+    assert msg.startswith(f"{af}: annotations[1] has no 'answers' field; a VQAv2 annotations")
+    msg = _error("eval", "vqa", "--ckpt", str(ckpt), "--data", str(qf), "--results", "x.json")
+    assert "pass --annotations FILE" in msg
+    msg = _error("eval", "chair", "--ckpt", str(ckpt), "--data", str(qf), "--annotations", str(af))
+    assert msg == "--annotations does not apply to eval chair; drop it"
