@@ -160,3 +160,52 @@ def test_vqav2_errors_are_one_line(ckpt, vqav2, tmp_path, monkeypatch) -> None:
     assert "pass --annotations FILE" in msg
     msg = _error("eval", "chair", "--ckpt", str(ckpt), "--data", str(qf), "--annotations", str(af))
     assert msg == "--annotations does not apply to eval chair; drop it"
+
+
+# ---------------------------------------------------------------------------------------------
+# POPE
+
+
+def test_pope_file_scores_by_hand(ckpt, tmp_path, monkeypatch) -> None:
+    _image(tmp_path / "img" / "a.jpg", RED)
+    _image(tmp_path / "img" / "b.jpg", BLUE)
+    rows = [  # (image, question, label, the model's reply): the outcome
+        ("a.jpg", "Is there a circle in the image?", "yes", "Yes"),  # TP
+        ("a.jpg", "Is there a dog in the image?", "no", "yes, there is"),  # FP
+        ("a.jpg", "Is there a cat in the image?", "no", "No"),  # TN
+        ("b.jpg", "Is there a square in the image?", "yes", "no."),  # FN
+        ("b.jpg", "Is there a car in the image?", "no", "Yes."),  # FP
+        ("b.jpg", "Is there a tree in the image?", "yes", "yes"),  # TP
+    ]
+    pope = tmp_path / "coco_pope_random.jsonl"
+    pope.write_text(
+        "".join(
+            json.dumps({"question_id": i, "image": im, "text": q, "label": lab}) + "\n"
+            for i, (im, q, lab, _) in enumerate(rows, 1)
+        )
+    )
+    colours = {"a.jpg": RED, "b.jpg": BLUE}
+    fake_replies(monkeypatch, {(colours[im], q): r for im, q, _, r in rows})
+    out = tmp_path / "m.json"
+    args = ["eval", "pope", "--ckpt", str(ckpt), "--data", str(pope)]
+    r = _invoke(*args, "--image-root", str(tmp_path / "img"), "--json", str(out))
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    # TP 2, FP 2, TN 1, FN 1: accuracy 3/6, precision 2/4, recall 2/3, F1 2PR/(P+R) = 4/7
+    assert m["pope_accuracy"] == pytest.approx(3 / 6)
+    assert m["pope_precision"] == pytest.approx(2 / 4)
+    assert m["pope_recall"] == pytest.approx(2 / 3)
+    assert m["pope_f1"] == pytest.approx(4 / 7)
+    assert m["pope_yes_ratio"] == pytest.approx(4 / 6)
+    assert m["pope_n"] == 6
+    msg = _error(*args, "--image-root", str(tmp_path / "img"), "--split", "test")
+    assert "is a POPE question file, which has no splits; drop --split" in msg
+    msg = _error(*args)
+    assert "image a.jpg does not exist; pass --image-root" in msg
+    pope.write_text(pope.read_text().replace('"label": "no"', '"label": "maybe"', 1))
+    msg = _error(*args, "--image-root", str(tmp_path / "img"))
+    assert msg.startswith(f"{pope}: line 2: label 'maybe' is neither 'yes' nor 'no'")
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"images": [], "annotations": []}))
+    msg = _error("eval", "pope", "--ckpt", str(ckpt), "--data", str(coco))
+    assert "eval pope reads a world or a POPE question file" in msg

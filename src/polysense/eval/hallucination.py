@@ -9,6 +9,7 @@ ranked with absent objects sharing a colour or a shape with a present one first 
 error, the world's hardest confusion), then by co-occurrence. Objects are (colour, shape) pairs;
 the pool is every pair seen in training or in the evaluated split, so the world's held-out pairs
 are never asked about on `test`. A reply counts as "yes" when its normalised first word is yes.
+`read_pope` reads POPE's own question files (JSON lines of question_id, image, text, label).
 
 CHAIR (Rohrbach et al. 2018): CHAIR-i = hallucinated object mentions / all mentions (unique
 objects per caption), CHAIR-s = captions with at least one hallucinated object / all captions.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polysense.errors import PolysenseError
 from polysense.eval.captioning import tokenize
 
 SAMPLINGS = ("random", "popular", "adversarial")
@@ -235,6 +237,69 @@ def _load(ckpt: Path, data: str, split: str | None, limit: int | None) -> tuple[
     return model, load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)
 
 
+def read_pope(path: str | Path, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """A POPE question file: JSON lines (or a JSON list) of {question_id, image, text, label},
+    the label "yes" or "no"; one-line errors name the file, the line and the field."""
+    from polysense.eval.formats import field, read_json
+
+    fix = 'a POPE line is {"question_id", "image", "text", "label": "yes"|"no"}'
+    rows = read_json(path, "a POPE question file (JSON lines of question_id, image, text, label)")
+    if not isinstance(rows, list):
+        rows = [rows]
+    out = []
+    for n, row in enumerate(rows[:limit] if limit else rows, 1):
+        where = f"{path}: line {n}"
+        label = str(field(row, "label", where, fix)).strip().lower()
+        if label not in ("yes", "no"):
+            raise PolysenseError(
+                f"{where}: label {row['label']!r} is neither 'yes' nor 'no'; {fix}"
+            )
+        out.append(
+            {
+                "question_id": row.get("question_id", n),
+                "image": str(field(row, "image", where, fix)),
+                "text": str(field(row, "text", where, fix)),
+                "label": label == "yes",
+            }
+        )
+    return out
+
+
+def is_pope_file(data: str | Path) -> bool:
+    """A JSON/JSONL file whose first entry has POPE's `text` and `label` fields."""
+    from polysense.eval.formats import read_json
+
+    p = Path(data)
+    if not p.is_file() or p.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    try:
+        rows = read_json(p, "a POPE question file")
+    except PolysenseError:
+        return False
+    first = rows[0] if isinstance(rows, list) and rows else rows
+    return isinstance(first, dict) and "label" in first and "text" in first
+
+
+def evaluate_pope_file(
+    model: Any, items: Sequence[dict[str, Any]], image_root: Path | None, *, batch_size: int = 256
+) -> dict[str, Any]:
+    """`read_pope`'s questions asked of the model (its image, the question as written): accuracy,
+    precision, recall, F1 and yes-ratio, a reply counting as yes when its first word is."""
+    from polysense.eval.formats import open_image
+    from polysense.eval.vqa import answer_questions
+
+    opened: dict[str, Any] = {}
+    for q in items:
+        if q["image"] not in opened:
+            opened[q["image"]] = open_image(image_root, q["image"], f"question {q['question_id']}")
+    replies = answer_questions(
+        model, [opened[q["image"]] for q in items], [q["text"] for q in items],
+        batch_size=batch_size, max_new_tokens=2,
+    )  # fmt: skip
+    scores = pope_scores([is_yes(r) for r in replies], [q["label"] for q in items])
+    return {f"pope_{k}": v for k, v in scores.items()} | {"pope_n": len(items)}
+
+
 def eval_pope_task(
     *,
     ckpt: Path,
@@ -243,10 +308,30 @@ def eval_pope_task(
     batch_size: int,
     limit: int | None,
     clip: Path | None,
+    image_root: Path | None = None,
 ) -> dict[str, Any]:
-    """`polysense eval pope`: POPE with random, popular and adversarial negatives."""
+    """`polysense eval pope`: on a world, POPE with random, popular and adversarial negatives;
+    on a POPE question file, its questions as written."""
+    from polysense.data.readers import detect_format
+    from polysense.eval.formats import no_split
+    from polysense.models.vlm import load_vlm
     from polysense.train.vlm import load_split
 
+    if is_pope_file(data):
+        no_split(split, data, "a POPE question file")
+        items = read_pope(data, limit=limit)
+        with torch.no_grad():
+            metrics = evaluate_pope_file(load_vlm(ckpt), items, image_root, batch_size=batch_size)
+        return metrics | {"n_samples": len(items), "split": "all"}
+    if detect_format(data) != "world":
+        raise PolysenseError(
+            f"{data}: eval pope reads a world or a POPE question file (JSON lines of "
+            '{"question_id", "image", "text", "label": "yes"|"no"}); pass one of them'
+        )
+    if image_root is not None:
+        raise PolysenseError(
+            "--image-root goes with a POPE question file; a world holds its images"
+        )
     model, split_data = _load(ckpt, data, split, limit)
     train = load_split(data, "train", image_size=model.cfg.vision.image_size)
     with torch.no_grad():
