@@ -209,3 +209,78 @@ def test_pope_file_scores_by_hand(ckpt, tmp_path, monkeypatch) -> None:
     coco.write_text(json.dumps({"images": [], "annotations": []}))
     msg = _error("eval", "pope", "--ckpt", str(ckpt), "--data", str(coco))
     assert "eval pope reads a world or a POPE question file" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO captions
+
+
+def test_coco_captions_score_as_pycocoevalcap(ckpt, tmp_path, monkeypatch) -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from polysense.eval.captioning import tokenize
+    from polysense.models.vlm import CAPTION_INSTRUCTION
+
+    images = [(42, "COCO_val2014_000000000042.jpg", RED), (7, "COCO_val2014_000000000007.jpg", BLUE),
+              (9, "COCO_val2014_000000000009.jpg", GREEN)]  # fmt: skip
+    refs = {
+        42: ["A red circle on a white table.", "a big red circle sitting on a table",
+             "A red round shape on the table."],
+        7: ["a blue square next to a small blue square", "Two blue squares side by side."],
+        9: ["a green circle and a green square", "A green circle beside a green square.",
+            "green shapes on a plain background"],
+    }  # fmt: skip
+    generated = {
+        RED: "A red circle sitting on a table.",
+        BLUE: "two blue squares next to a blue circle",
+        GREEN: "a green circle beside a square",
+    }
+    root = tmp_path / "val2014"
+    for _, name, colour in images:
+        _image(root / name, colour)
+    anns = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in
+            enumerate(((i, c) for i, cs in refs.items() for c in cs), 1)]  # fmt: skip
+    doc = {
+        "info": {},
+        "images": [{"id": i, "file_name": f, "width": 40, "height": 40} for i, f, _ in images],
+        "annotations": anns,
+    }
+    data = tmp_path / "captions_val2014.json"
+    data.write_text(json.dumps(doc))
+    prompts = fake_replies(monkeypatch, {(c, CAPTION_INSTRUCTION): g for c, g in generated.items()})
+    out, res = tmp_path / "m.json", tmp_path / "captions_results.json"
+    args = ["eval", "caption", "--ckpt", str(ckpt), "--data", str(data)]
+    r = _invoke(*args, "--image-root", str(root), "--results", str(res), "--json", str(out))
+    assert r.exit_code == 0, r.output
+    assert len(prompts) == 3
+    m = json.loads(out.read_text())
+    colour = {i: c for i, _, c in images}
+    assert json.loads(res.read_text()) == [
+        {"image_id": i, "caption": generated[colour[i]]} for i, _, _ in images
+    ]
+    # the reference tool on the same (pre-tokenised: its PTB tokenizer's job) text
+    gts = {i: [tokenize(c) for c in cs] for i, cs in refs.items()}
+    hyp = {i: [tokenize(generated[colour[i]])] for i in refs}
+    bleu, _ = Bleu(4).compute_score(gts, hyp, verbose=0)
+    cider, _ = Cider().compute_score(gts, hyp)
+    assert bleu[3] > 0.1 and cider > 0.1  # the fixture has 4-gram matches to compare on
+    for k in range(4):
+        assert m[f"bleu{k + 1}"] == pytest.approx(bleu[k], abs=1e-6)
+    assert m["cider"] == pytest.approx(cider, abs=1e-6)
+    assert m["caption_n_images"] == 3
+    msg = _error(*args, "--image-root", str(root), "--split", "test")
+    assert "is a COCO captions file, which has no splits; drop --split" in msg
+    del doc["annotations"][0]["caption"]
+    data.write_text(json.dumps(doc))
+    msg = _error(*args, "--image-root", str(root))
+    assert msg.startswith(f"{data}: annotations[0] has no 'caption' field; a COCO captions file")
+
+
+def test_split_on_a_source_without_splits_is_one_line(ckpt, pairs_jsonl) -> None:
+    for task in ("caption", "vqa"):
+        msg = _error("eval", task, "--ckpt", str(ckpt), "--data", str(pairs_jsonl), "--split", "x")
+        assert msg == (
+            f"--split x: {pairs_jsonl} is a jsonl source, which has no splits; drop --split "
+            "(it applies to a world, tar shards or a Karpathy JSON)"
+        )

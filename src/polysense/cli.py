@@ -501,8 +501,8 @@ def eval_cmd(
     results: Annotated[
         Path | None,
         typer.Option(
-            help="vqa/caption on a standard file: write the answers or captions here (VQA / "
-            "COCO results format)."
+            help="vqa/caption on a VQAv2 or COCO captions file: write the answers or captions "
+            "here (VQA / COCO results format)."
         ),
     ] = None,
     train_data: Annotated[
@@ -542,6 +542,11 @@ def eval_cmd(
 
     `polysense eval vqa --ckpt runs/vlm/stage2 --data v2_OpenEnded_mscoco_val2014_questions.json
     --annotations v2_mscoco_val2014_annotations.json --image-root val2014 --results answers.json`
+
+    `polysense eval pope --ckpt runs/vlm/stage2 --data coco_pope_random.json --image-root val2014`
+
+    `polysense eval caption --ckpt runs/vlm/stage2 --data captions_val2014.json --image-root
+    val2014 --results captions_results.json`
     """
     import inspect
     import json

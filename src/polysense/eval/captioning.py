@@ -8,6 +8,10 @@ clipped tf-idf n-gram vectors, the Gaussian length penalty (sigma 6) and the x10
 reference, the "length" in that penalty counts the bigrams of a sentence. Text is compared after
 `tokenize` (lower case, punctuation removed), the job of the PTB tokenizer in the COCO toolkit.
 CIDEr is not a fraction: it is reported on the reference's scale (a perfect consensus is ~10).
+
+`read_coco_captions` reads a COCO captions file (captions_val2014.json: `images[]` of id and
+file_name, `annotations[]` of image_id and caption); `evaluate_coco` scores the model's captions
+against those references and returns them in the COCO results format ([{image_id, caption}]).
 """
 
 from __future__ import annotations
@@ -210,21 +214,22 @@ def evaluate(
 ) -> dict[str, Any]:
     """Captions of `data` (a train.vlm.SplitData; `CAPTION_DECODING`) scored against its
     references, beside greedy captions (`metrics["greedy"]`) and the nearest-neighbour (over
-    `train`) and most-frequent-caption baselines. The neighbours are found with
+    `train`, when given) and most-frequent-caption baselines. The neighbours are found with
     `clip.encode_image` when a CLIP model is given, else with the VLM's own ViT."""
     captions = generate_captions(model, data.images, batch_size=batch_size)
     metrics: dict[str, Any] = caption_metrics(data.captions, captions)
     greedy = generate_captions(model, data.images, batch_size=batch_size, strategy="greedy")
     metrics["greedy"] = caption_metrics(data.captions, greedy)
-    if clip is not None:
-        q, bank = clip_features(clip, data.images), clip_features(clip, train.images)
-    else:
-        q, bank = pooled_features(model, data.images), pooled_features(model, train.images)
-    nn_caps = nearest_neighbour_captions(q, bank, train.captions)
-    metrics["baseline_nn"] = caption_metrics(data.captions, nn_caps)
-    frequent = most_frequent_caption(train.captions)
-    metrics["baseline_most_frequent"] = caption_metrics(data.captions, [frequent] * len(data))
-    metrics["baseline_most_frequent"]["caption"] = frequent
+    if train is not None:  # a source without splits has no training captions to draw on
+        if clip is not None:
+            q, bank = clip_features(clip, data.images), clip_features(clip, train.images)
+        else:
+            q, bank = pooled_features(model, data.images), pooled_features(model, train.images)
+        nn_caps = nearest_neighbour_captions(q, bank, train.captions)
+        metrics["baseline_nn"] = caption_metrics(data.captions, nn_caps)
+        frequent = most_frequent_caption(train.captions)
+        metrics["baseline_most_frequent"] = caption_metrics(data.captions, [frequent] * len(data))
+        metrics["baseline_most_frequent"]["caption"] = frequent
     metrics["examples"] = [
         {"key": k, "generated": c, "references": r}
         for k, c, r in zip(data.keys[:8], captions[:8], data.captions[:8], strict=False)
@@ -240,6 +245,55 @@ def clip_features(clip: Any, images: torch.Tensor, batch_size: int = 512) -> tor
     return torch.cat([clip.encode_image(x).float().cpu() for x in pix.split(batch_size)])
 
 
+def read_coco_captions(path: str | Path, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """The images of a COCO captions file that have captions, each with its file name and its
+    reference captions (one-line errors name the file, the entry and the field)."""
+    from polysense.eval.formats import field, read_json
+
+    fix = "a COCO captions file has images[] of {id, file_name} and annotations[] of {image_id, caption}"
+    doc = read_json(path, "a COCO captions JSON (captions_val2014.json)")
+    refs: dict[Any, list[str]] = {}
+    for i, a in enumerate(field(doc, "annotations", str(path), fix)):
+        where = f"{path}: annotations[{i}]"
+        refs.setdefault(field(a, "image_id", where, fix), []).append(
+            str(field(a, "caption", where, fix))
+        )
+    out = []
+    for i, im in enumerate(field(doc, "images", str(path), fix)):
+        where = f"{path}: images[{i}]"
+        image_id = field(im, "id", where, fix)
+        if refs.get(image_id):
+            file_name = str(field(im, "file_name", where, fix))
+            out.append({"image_id": image_id, "file_name": file_name, "references": refs[image_id]})
+    if not out:
+        raise PolysenseError(f"{path}: no image has a caption in 'annotations'; {fix}")
+    return out[:limit] if limit else out
+
+
+def evaluate_coco(
+    model: Any, items: Sequence[dict[str, Any]], image_root: Path | None, *, batch_size: int = 256
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """BLEU-1..4 and CIDEr-D of the model's captions (`CAPTION_DECODING`) of `read_coco_captions`'
+    images against their references, and the captions as COCO results [{image_id, caption}]."""
+    from polysense.eval.formats import open_image
+    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
+
+    prompt = chat_prompt(CAPTION_INSTRUCTION)
+    captions: list[str] = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        images = [
+            open_image(image_root, q["file_name"], f"image_id {q['image_id']}") for q in chunk
+        ]
+        captions += model.generate(images, [prompt] * len(images), **CAPTION_DECODING)
+    metrics: dict[str, Any] = caption_metrics([q["references"] for q in items], captions)
+    metrics["caption_n_images"] = len(items)
+    results = [
+        {"image_id": q["image_id"], "caption": c} for q, c in zip(items, captions, strict=True)
+    ]
+    return metrics, results
+
+
 def eval_task(
     *,
     ckpt: Path,
@@ -248,15 +302,41 @@ def eval_task(
     batch_size: int,
     limit: int | None,
     clip: Path | None,
+    image_root: Path | None = None,
+    results: Path | None = None,
 ) -> dict[str, Any]:
-    """`polysense eval caption`: BLEU-1..4 and CIDEr-D on a split, with both baselines."""
+    """`polysense eval caption`: BLEU-1..4 and CIDEr-D on a split, with both baselines (trained
+    on the source's train split); on a COCO captions file against its references."""
+    from polysense.data.readers import detect_format
+    from polysense.eval.formats import SPLIT_FORMATS, no_split
+    from polysense.fileio import atomic_write_json
     from polysense.models.vlm import load_vlm
     from polysense.train.vlm import load_split
 
+    fmt = detect_format(data)
+    if fmt == "coco":
+        no_split(split, data, "a COCO captions file")
+        if clip is not None:
+            raise PolysenseError("--clip finds the baseline's neighbours in a train split; a COCO "
+                                 "captions file has none: drop --clip")  # fmt: skip
+        items = read_coco_captions(data, limit=limit)
+        with torch.no_grad():
+            metrics, captions = evaluate_coco(
+                load_vlm(ckpt), items, image_root, batch_size=batch_size
+            )
+        if results is not None:
+            atomic_write_json(results, captions)
+        return metrics | {"n_samples": len(items), "split": "all"}
+    if fmt not in SPLIT_FORMATS:
+        no_split(split, data, f"a {fmt} source")
+    if image_root is not None or results is not None:
+        raise PolysenseError(
+            f"--image-root/--results go with a COCO captions file; {data} is a {fmt} source"
+        )
     model = load_vlm(ckpt)
     size = model.cfg.vision.image_size
     split_data = load_split(data, split, image_size=size, limit=limit)
-    train = load_split(data, "train", image_size=size)
+    train = load_split(data, "train", image_size=size) if fmt in SPLIT_FORMATS else None
     clip_model = None
     if clip is not None:
         from polysense.models.clip import load_model

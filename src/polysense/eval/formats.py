@@ -11,6 +11,9 @@ from PIL import Image
 
 from polysense.errors import PolysenseError
 
+# The sources with splits (`--split NAME` picks one), as the readers have them.
+SPLIT_FORMATS = ("world", "wds", "karpathy")
+
 
 def read_json(path: str | Path, what: str) -> Any:
     """A JSON document, or a JSONL file as a list of its lines' objects; `what` names the format."""
@@ -58,5 +61,5 @@ def no_split(split: str | None, data: str | Path, kind: str) -> None:
     if split is not None:
         raise PolysenseError(
             f"--split {split}: {data} is {kind}, which has no splits; drop --split "
-            "(it applies to a world or a Karpathy JSON)"
+            "(it applies to a world, tar shards or a Karpathy JSON)"
         )

@@ -249,6 +249,12 @@ def eval_task(
         raise PolysenseError(
             "--results/--image-root go with a VQAv2 questions file; pass --annotations FILE too"
         )
+    from polysense.data.readers import detect_format
+    from polysense.eval.formats import SPLIT_FORMATS, no_split
+
+    fmt = detect_format(data)
+    if fmt not in SPLIT_FORMATS:
+        no_split(split, data, f"a {fmt} source")
     model = load_vlm(ckpt)
     split_data = load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)
     with torch.no_grad():
