@@ -284,3 +284,54 @@ def test_split_on_a_source_without_splits_is_one_line(ckpt, pairs_jsonl) -> None
             f"--split x: {pairs_jsonl} is a jsonl source, which has no splits; drop --split "
             "(it applies to a world, tar shards or a Karpathy JSON)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Winoground
+
+
+def test_winoground_file_scores_by_hand(ckpt, tmp_path, monkeypatch) -> None:
+    # s(image colour, caption): the VLM's log-likelihood, fixed by monkeypatching VLM.score
+    table = {
+        (RED, "a red thing"): 2, (RED, "a blue thing"): 1,  # ex 0: text, image and group
+        (BLUE, "a red thing"): 0, (BLUE, "a blue thing"): 3,
+        (RED, "mug on grass"): 2, (RED, "grass on mug"): 1,  # ex 1: text only
+        (BLUE, "mug on grass"): 3, (BLUE, "grass on mug"): 4,  # (c0 prefers image 1)
+        (RED, "x"): 1, (RED, "y"): 2,  # ex 2: neither (image 0 prefers c1;
+        (BLUE, "x"): 0, (BLUE, "y"): 1,  # c1 prefers image 0)
+    }  # fmt: skip
+    lines = [("a red thing", "a blue thing", "Object"), ("mug on grass", "grass on mug", "Relation"),
+             ("x", "y", "Object")]  # fmt: skip
+    root = tmp_path / "images"
+    for n in range(3):
+        _image(root / f"ex_{n}_img_0.png", RED)
+        _image(root / f"ex_{n}_img_1.png", BLUE)
+    data = tmp_path / "examples.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": n, "caption_0": c0, "caption_1": c1, "image_0": f"ex_{n}_img_0",
+                        "image_1": f"ex_{n}_img_1", "tag": "?", "collapsed_tag": tag}) + "\n"
+            for n, (c0, c1, tag) in enumerate(lines)
+        )
+    )  # fmt: skip
+    channel = {0: RED, 1: GREEN, 2: BLUE}
+
+    def score(self, images, prompts, responses, **kwargs):
+        # the normalised tile's brightest channel names the fixture colour
+        cols = [channel[int(px.float().mean((0, 2, 3)).argmax())] for px in images]
+        return torch.tensor([float(table[(c, r)]) for c, r in zip(cols, responses, strict=True)])
+
+    monkeypatch.setattr(VLM, "score", score)
+    out = tmp_path / "m.json"
+    args = ["eval", "winoground", "--ckpt", str(ckpt), "--data", str(data)]
+    r = _invoke(*args, "--image-root", str(root), "--json", str(out))
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert (m["winoground_text"], m["winoground_image"]) == pytest.approx((2 / 3, 1 / 3))
+    assert m["winoground_group"] == pytest.approx(1 / 3) and m["winoground_n"] == 3
+    assert (m["winoground_text_Object"], m["winoground_image_Object"]) == (0.5, 0.5)
+    assert (m["winoground_text_Relation"], m["winoground_group_Relation"]) == (1.0, 0.0)
+    msg = _error(*args, "--image-root", str(tmp_path), "--split", "test")
+    assert "is a Winoground examples file, which has no splits" in msg
+    msg = _error(*args, "--image-root", str(tmp_path))
+    assert "line 1: image" in msg and "ex_0_img_0.png does not exist" in msg

@@ -490,8 +490,8 @@ def eval_cmd(
     image_root: Annotated[
         Path | None,
         typer.Option(
-            help="Folder the images of a COCO or Karpathy JSON, VQAv2 questions or POPE file "
-            "are under."
+            help="Folder the images of a COCO or Karpathy JSON, or of a VQAv2, POPE or "
+            "Winoground file, are under."
         ),
     ] = None,
     annotations: Annotated[

@@ -9,6 +9,10 @@ Each example is scored with a score s(caption, image): the dual encoder's cosine
 the VLM's log-likelihood of the caption after the captioning prompt. text: both images prefer
 their own caption; image: both captions prefer their own image; group: both. Chance is 0.25,
 0.25 and 1/6 (the paper's values for random scores).
+
+`read_winoground` reads Winoground's own examples file (JSON lines of caption_0, caption_1,
+image_0, image_1 and collapsed_tag), images `<image_root>/<image_N>.png` as the dataset lays
+them out; the kinds are then its tags (Object, Relation, Both).
 """
 
 from __future__ import annotations
@@ -167,6 +171,50 @@ def vlm_score_fn(model: Any, images: torch.Tensor, batch_size: int = 256) -> Cal
     return fn
 
 
+def is_winoground_file(data: str | Path) -> bool:
+    """A JSON/JSONL file whose first entry has Winoground's caption_0 and image_0 fields."""
+    from polysense.eval.formats import read_json
+
+    p = Path(data)
+    if not p.is_file() or p.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    try:
+        rows = read_json(p, "a Winoground examples file")
+    except PolysenseError:
+        return False
+    first = rows[0] if isinstance(rows, list) and rows else rows
+    return isinstance(first, dict) and "caption_0" in first and "image_0" in first
+
+
+def read_winoground(
+    path: str | Path, image_root: Path | None, *, image_size: int, limit: int | None = None
+) -> tuple[list[WinoExample], torch.Tensor]:
+    """Winoground's examples and their images (uint8 (2N, S, S, 3), resized and centre-cropped
+    as a world split's): example k holds images 2k and 2k+1."""
+    import numpy as np
+
+    from polysense.data.transforms import resize_center_crop
+    from polysense.eval.formats import field, open_image, read_json
+
+    fix = "a Winoground line is {id, caption_0, caption_1, image_0, image_1, collapsed_tag}"
+    rows = read_json(path, "a Winoground examples file (examples.jsonl)")
+    rows = rows if isinstance(rows, list) else [rows]
+    examples, images = [], []
+    for n, row in enumerate(rows[:limit] if limit else rows, 1):
+        where = f"{path}: line {n}"
+        caps = [str(field(row, f"caption_{k}", where, fix)) for k in (0, 1)]
+        for k in (0, 1):
+            name = str(field(row, f"image_{k}", where, fix))
+            name = name if Path(name).suffix else f"{name}.png"
+            image = open_image(image_root, name, where)
+            images.append(np.asarray(resize_center_crop(image, image_size), dtype=np.uint8))
+        kind = str(row.get("collapsed_tag") or row.get("tag") or "all")
+        examples.append(WinoExample(2 * n - 2, 2 * n - 1, caps[0], caps[1], kind))
+    if not examples:
+        raise PolysenseError(f"{path}: no examples; {fix}")
+    return examples, torch.from_numpy(np.stack(images))
+
+
 def eval_task(
     *,
     ckpt: Path,
@@ -175,6 +223,7 @@ def eval_task(
     batch_size: int,
     limit: int | None,
     clip: Path | None,
+    image_root: Path | None = None,
 ) -> dict[str, Any]:
     """`polysense eval winoground`: for a CLIP or a VLM checkpoint; with `--clip`, the CLIP's
     scores beside the VLM's. Chance levels are included."""
@@ -188,17 +237,27 @@ def eval_task(
     if clip is not None:
         clips["clip"] = load_model(clip)
     size = vlm.cfg.vision.image_size if vlm is not None else clips["clip"].cfg.vision.image_size
-    split_data = load_split(data, split, image_size=size, limit=limit)
-    examples = build_examples(split_data.objects)
+    if is_winoground_file(data):
+        from polysense.eval.formats import no_split
+
+        no_split(split, data, "a Winoground examples file")
+        examples, images = read_winoground(data, image_root, image_size=size, limit=limit)
+        n_samples = len(examples)
+    else:
+        if image_root is not None:
+            raise PolysenseError(
+                "--image-root goes with a Winoground examples file; a world holds its images"
+            )
+        split_data = load_split(data, split, image_size=size, limit=limit)
+        examples, images = build_examples(split_data.objects), split_data.images
+        n_samples = len(split_data)
     result: dict[str, Any] = {}
     with torch.no_grad():
         if vlm is not None:
-            result["vlm"] = evaluate(vlm_score_fn(vlm, split_data.images, batch_size), examples)
+            result["vlm"] = evaluate(vlm_score_fn(vlm, images, batch_size), examples)
         if "clip" in clips:
-            result["clip"] = evaluate(
-                clip_score_fn(clips["clip"], split_data.images, batch_size), examples
-            )
+            result["clip"] = evaluate(clip_score_fn(clips["clip"], images, batch_size), examples)
     main = result["vlm" if vlm is not None else "clip"]
     metrics = {k: v for k, v in main.items()}
     metrics |= {"side_by_side": result, "chance": CHANCE}
-    return metrics | {"n_samples": len(split_data), "split": split or "all"}
+    return metrics | {"n_samples": n_samples, "split": split or "all"}
