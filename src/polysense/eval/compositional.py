@@ -173,17 +173,9 @@ def vlm_score_fn(model: Any, images: torch.Tensor, batch_size: int = 256) -> Cal
 
 def is_winoground_file(data: str | Path) -> bool:
     """A JSON/JSONL file whose first entry has Winoground's caption_0 and image_0 fields."""
-    from polysense.eval.formats import read_json
+    from polysense.eval.formats import first_entry_has
 
-    p = Path(data)
-    if not p.is_file() or p.suffix.lower() not in (".json", ".jsonl"):
-        return False
-    try:
-        rows = read_json(p, "a Winoground examples file")
-    except PolysenseError:
-        return False
-    first = rows[0] if isinstance(rows, list) and rows else rows
-    return isinstance(first, dict) and "caption_0" in first and "image_0" in first
+    return first_entry_has(data, "caption_0", "image_0")
 
 
 def read_winoground(

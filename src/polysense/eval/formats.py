@@ -35,6 +35,20 @@ def read_json(path: str | Path, what: str) -> Any:
     return rows
 
 
+def first_entry_has(data: str | Path, *names: str) -> bool:
+    """Whether `data` is a JSON/JSONL file whose first entry has all the fields `names` (how a
+    benchmark file of one format is told from the other sources)."""
+    p = Path(data)
+    if not p.is_file() or p.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    try:
+        rows = read_json(p, "a JSON or JSONL file")
+    except PolysenseError:
+        return False
+    first = rows[0] if isinstance(rows, list) and rows else rows
+    return isinstance(first, dict) and all(n in first for n in names)
+
+
 def field(row: Any, name: str, where: str, fix: str) -> Any:
     """row[name], or a one-line error naming the file, the entry, the field and the fix."""
     if not isinstance(row, dict) or name not in row:
@@ -54,6 +68,15 @@ def open_image(root: Path | None, name: str, where: str) -> Image.Image:
             return im.convert("RGB")
     except OSError as exc:
         raise PolysenseError(f"{where}: image {path} is not readable ({exc})") from None
+
+
+def open_images(root: Path | None, named: list[tuple[str, str]]) -> list[Image.Image]:
+    """The image of each (file name, where it is named), each file opened once."""
+    opened: dict[str, Image.Image] = {}
+    for name, where in named:
+        if name not in opened:
+            opened[name] = open_image(root, name, where)
+    return [opened[name] for name, _ in named]
 
 
 def no_split(split: str | None, data: str | Path, kind: str) -> None:

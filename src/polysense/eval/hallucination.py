@@ -267,17 +267,9 @@ def read_pope(path: str | Path, *, limit: int | None = None) -> list[dict[str, A
 
 def is_pope_file(data: str | Path) -> bool:
     """A JSON/JSONL file whose first entry has POPE's `text` and `label` fields."""
-    from polysense.eval.formats import read_json
+    from polysense.eval.formats import first_entry_has
 
-    p = Path(data)
-    if not p.is_file() or p.suffix.lower() not in (".json", ".jsonl"):
-        return False
-    try:
-        rows = read_json(p, "a POPE question file")
-    except PolysenseError:
-        return False
-    first = rows[0] if isinstance(rows, list) and rows else rows
-    return isinstance(first, dict) and "label" in first and "text" in first
+    return first_entry_has(data, "text", "label")
 
 
 def evaluate_pope_file(
@@ -285,15 +277,12 @@ def evaluate_pope_file(
 ) -> dict[str, Any]:
     """`read_pope`'s questions asked of the model (its image, the question as written): accuracy,
     precision, recall, F1 and yes-ratio, a reply counting as yes when its first word is."""
-    from polysense.eval.formats import open_image
+    from polysense.eval.formats import open_images
     from polysense.eval.vqa import answer_questions
 
-    opened: dict[str, Any] = {}
-    for q in items:
-        if q["image"] not in opened:
-            opened[q["image"]] = open_image(image_root, q["image"], f"question {q['question_id']}")
+    named = [(q["image"], f"question {q['question_id']}") for q in items]
     replies = answer_questions(
-        model, [opened[q["image"]] for q in items], [q["text"] for q in items],
+        model, open_images(image_root, named), [q["text"] for q in items],
         batch_size=batch_size, max_new_tokens=2,
     )  # fmt: skip
     scores = pope_scores([is_yes(r) for r in replies], [q["label"] for q in items])

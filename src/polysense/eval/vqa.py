@@ -193,14 +193,11 @@ def evaluate_vqav2(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Soft VQA accuracy over `read_vqav2`'s questions, overall and per answer type, and the
     answers in the VQA results format ([{question_id, answer}])."""
-    from polysense.eval.formats import open_image
+    from polysense.eval.formats import open_images
 
-    opened: dict[str, Any] = {}
-    for q in items:
-        if q["image"] not in opened:
-            opened[q["image"]] = open_image(image_root, q["image"], f"question {q['question_id']}")
+    named = [(q["image"], f"question {q['question_id']}") for q in items]
     preds = answer_questions(
-        model, [opened[q["image"]] for q in items], [q["question"] for q in items],
+        model, open_images(image_root, named), [q["question"] for q in items],
         batch_size=batch_size,
     )  # fmt: skip
     by_type: dict[str, list[float]] = defaultdict(list)
