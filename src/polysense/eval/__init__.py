@@ -3,7 +3,9 @@
 `polysense eval TASK` runs zeroshot/retrieval/linear-probe itself (`eval.suite`); every other
 task is a function named here as "module:function", called as
 `fn(ckpt=Path, data=str, split=str | None, batch_size=int, limit=int | None, clip=Path | None)
--> dict` (metrics with the DESIGN.md keys; the caller prints or writes them).
+-> dict` (metrics with the DESIGN.md keys; the caller prints or writes them). A task that reads
+benchmark files also takes the keyword arguments it declares among `annotations`, `image_root`
+and `results`; the CLI passes those only to a task whose signature has them.
 """
 
 from __future__ import annotations
