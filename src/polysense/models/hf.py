@@ -180,14 +180,11 @@ def _image_processing(src: Path, family: str, image_size: int) -> dict[str, Any]
     }
 
 
-def _config_from_hf(hf: Any, src: Path) -> ModelConfig:
-    """The polysense `ModelConfig` of an HF `CLIPModel` / `SiglipModel`."""
-    c, vc, tc = hf.config, hf.config.vision_config, hf.config.text_config
-    family = "clip" if c.model_type == "clip" else "siglip"
+def vision_config_from_hf(vc: Any, src: Path, family: str, *, pool: str) -> VisionConfig:
+    """The polysense `VisionConfig` of an HF CLIP/SigLIP `vision_config` in directory `src`
+    (its preprocessor_config.json gives the resize and normalisation), pooled by `pool`."""
     clip = family == "clip"
-    if not clip and not vc.vision_use_head:
-        raise PolysenseError(f"{src}/config.json: vision_use_head=false is not supported")
-    vision = VisionConfig(
+    return VisionConfig(
         image_size=vc.image_size,
         patch_size=vc.patch_size,
         in_channels=vc.num_channels,
@@ -195,13 +192,23 @@ def _config_from_hf(hf: Any, src: Path) -> ModelConfig:
         layers=vc.num_hidden_layers,
         heads=vc.num_attention_heads,
         mlp_ratio=vc.intermediate_size / vc.hidden_size,
-        pool="cls" if clip else "map",
+        pool=pool,
         ln_eps=vc.layer_norm_eps,
         act=_act(vc.hidden_act, f"{src}/config.json vision_config"),
         ln_pre=clip,
         patch_bias=not clip,
         **_image_processing(src, family, vc.image_size),
     )
+
+
+def _config_from_hf(hf: Any, src: Path) -> ModelConfig:
+    """The polysense `ModelConfig` of an HF `CLIPModel` / `SiglipModel`."""
+    c, vc, tc = hf.config, hf.config.vision_config, hf.config.text_config
+    family = "clip" if c.model_type == "clip" else "siglip"
+    clip = family == "clip"
+    if not clip and not vc.vision_use_head:
+        raise PolysenseError(f"{src}/config.json: vision_use_head=false is not supported")
+    vision = vision_config_from_hf(vc, src, family, pool="cls" if clip else "map")
     # HF CLIP pools at the first eos token, or at the highest id when eos_token_id == 2 (configs
     # from before transformers PR #24773): polysense's eot_id=-1. SigLIP pools the last position.
     eos = tc.eos_token_id if tc.eos_token_id is not None else -1

@@ -443,7 +443,7 @@ def import_llava(src_dir: str | Path) -> Any:
     projector) -> a polysense VLM (eval mode) with the directory's tokenizer and chat template."""
     import transformers
 
-    from polysense.models.hf import _act, _image_processing, _load_hf, convert
+    from polysense.models.hf import _load_hf, convert, vision_config_from_hf
     from polysense.models.vlm import VLM, LMConfig, VLMConfig, VLMRunConfig
 
     src = Path(src_dir)
@@ -464,21 +464,8 @@ def import_llava(src_dir: str | Path) -> Any:
         problems.append("vision_feature_layer=-1 (polysense's -1 includes post_layernorm)")
     if problems:
         raise PolysenseError(f"{where}: " + "; ".join(problems))
-    vision = VisionConfig(
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        in_channels=vc.num_channels,
-        width=vc.hidden_size,
-        layers=vc.num_hidden_layers,
-        heads=vc.num_attention_heads,
-        mlp_ratio=vc.intermediate_size / vc.hidden_size,
-        pool="cls" if family == "clip" else "mean",  # SigLIP's head is not read: none kept
-        ln_eps=vc.layer_norm_eps,
-        act=_act(vc.hidden_act, f"{where} vision_config"),
-        ln_pre=family == "clip",
-        patch_bias=family == "siglip",
-        **_image_processing(src, family, vc.image_size),
-    )
+    # SigLIP's attention-pooling head is not read: the VLM takes the patch tokens
+    vision = vision_config_from_hf(vc, src, family, pool="cls" if family == "clip" else "mean")
     tc = c.text_config
     with quiet_transformers():
         lm_model = causal_lm_class(tc, src)(tc)
