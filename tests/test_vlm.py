@@ -230,12 +230,13 @@ def test_stage2_trains_the_lm_and_only_the_top_vision_block(world, clip_ckpt, tm
     assert 0 < summary["trainable_params"] < summary["total_params"]
 
 
-def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -> None:
-    run = _run(clip_ckpt, steps=3, mix_qa=1.0)  # checkpoint every 2 steps
+def run_whole_and_killed_at_2(run, world, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Train `run` twice: whole into tmp_path/full, and killed at step 2 (after its checkpoint)
+    then resumed into tmp_path/killed. Returns the two output directories."""
     train_stage(run, data=world, out=tmp_path / "full", progress=False)
     original = train_vlm.sample_examples
 
-    def killed_at_2(data, tc, step):  # killed after the checkpoint of step 2
+    def killed_at_2(data, tc, step):
         if step == 2:
             raise KeyboardInterrupt
         return original(data, tc, step)
@@ -245,7 +246,13 @@ def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -
         train_stage(run, data=world, out=tmp_path / "killed", progress=False)
     monkeypatch.setattr(train_vlm, "sample_examples", original)
     train_stage(run, data=world, out=tmp_path / "killed", resume=True, progress=False)
-    a, b = load_vlm(tmp_path / "full"), load_vlm(tmp_path / "killed")
+    return tmp_path / "full", tmp_path / "killed"
+
+
+def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -> None:
+    run = _run(clip_ckpt, steps=3, mix_qa=1.0)  # checkpoint every 2 steps
+    full, killed = run_whole_and_killed_at_2(run, world, tmp_path, monkeypatch)
+    a, b = load_vlm(full), load_vlm(killed)
     assert _equal(_state(a), _state(b))
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").open()]
     assert steps == [1, 2, 3]

@@ -561,24 +561,11 @@ def test_merged_lora_weights_give_the_lora_models_logits(llama_dir, clip_dir):
 
 
 def test_a_lora_run_resumes_exactly(world, llama_dir, clip_dir, tmp_path, monkeypatch):
-    from polysense.train import vlm as train_vlm
+    from test_vlm import run_whole_and_killed_at_2
 
     run = _train(llama_dir, clip_dir, lora_rank=4, mix_qa=1.0)
-    train_stage(run, data=world, out=tmp_path / "full", progress=False)
-    original = train_vlm.sample_examples
-
-    def killed_at_2(data, tc, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(data, tc, step)
-
-    monkeypatch.setattr(train_vlm, "sample_examples", killed_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage(run, data=world, out=tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_vlm, "sample_examples", original)
-    train_stage(run, data=world, out=tmp_path / "killed", resume=True, progress=False)
-    a = load_file(tmp_path / "full" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "model.safetensors")
+    full, killed = run_whole_and_killed_at_2(run, world, tmp_path, monkeypatch)
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
