@@ -626,10 +626,10 @@ def test_polysense_train_preset_and_bench_help(tmp_path, world):
     for name in ("fusion-xattn-clip", "fusion-late-clip"):  # documented runs of <= 20 min
         clip_cfg = get_preset(name)
         assert clip_cfg.model.freeze_image and clip_cfg.model.text_init
-        assert 0 < clip_cfg.train.max_seconds <= 20 * 60
+        assert 0 < clip_cfg.train.max_minutes <= 20
     ft = get_preset("fusion-late-clip-ft")  # the same recipe with a trainable image tower
     assert not ft.model.freeze_image and ft.model.combine == "product"
-    assert ft.model.image_init and 0 < ft.train.max_seconds <= 13 * 60
+    assert ft.model.image_init and 0 < ft.train.max_minutes <= 13
     run = get_runner("fusion-early-tiny")
     cfg = dataclasses.replace(_run_cfg("early", steps=3), name="fusion-early-tiny")
     metrics = run(cfg, data=world, out=tmp_path / "ck", resume=False, eval_splits=("test",))

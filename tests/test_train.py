@@ -359,10 +359,10 @@ def test_progress_bar_follows_a_binding_time_budget(pairs_jsonl, tmp_path, monke
     """Under `train.max_minutes` on a machine too slow for `steps` (the fake 5 s clock), the bar
     ends full (its position is the budget's share of the steps) although fewer steps ran; with
     no budget the bar's position is the step count."""
-    from polysense.train import loop
+    from polysense.train import log, loop
 
     positions: list[int] = []
-    monkeypatch.setattr(loop.TrainProgress, "update", lambda self, n, **f: positions.append(n))
+    monkeypatch.setattr(log.TrainProgress, "update", lambda self, n, **f: positions.append(n))
     clock = iter(range(0, 10**6, 5))
     monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
     steps = 40

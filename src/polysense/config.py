@@ -260,7 +260,10 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class LoopConfig:
+    """The fields every family's train config shares, one name each; the one training loop
+    (`polysense.train.fit`) reads them. Families subclass it, with their own defaults."""
+
     seed: int = 0
     batch_size: int = 256
     steps: int = 1000
@@ -268,7 +271,7 @@ class TrainConfig:
     # schedule advances by max(step, elapsed / budget * steps) so it still anneals in time.
     max_minutes: float = 0.0
     # Safety net (0 = none): stop at this wall time *without* touching the step schedule, and
-    # mark the run incomplete (TrainResult.stopped_early). Unlike max_minutes, which makes the
+    # mark the run incomplete (FitResult.stopped_early). Unlike max_minutes, which makes the
     # clock part of the recipe, a limit set far above a normal run leaves the result a function
     # of the seed alone, on every machine (the quickstart's 30 minutes).
     time_limit_minutes: float = 0.0
@@ -279,10 +282,29 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    grad_accum: int = 1
     # "auto": bf16 autocast where the hardware has bf16 matrix units (AMX / AVX512-BF16 CPUs,
     # CUDA GPUs with bf16), fp32 elsewhere (polysense.precision); "fp32" or "bf16" to force one.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    log_every: int = 10
+    ckpt_every: int = 200
+    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            positive="batch_size steps lr eps log_every max_bad_steps",
+            non_negative="seed max_minutes time_limit_minutes weight_decay warmup_steps "
+            "grad_clip ckpt_every",
+            fraction="min_lr_ratio",
+            below_one="betas",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """The contrastive families' train config (CLIP, SigLIP, LiT, audio/video towers)."""
+
+    grad_accum: int = 1
     grad_checkpointing: bool = False
     # Start from these weights: a polysense checkpoint or a Hugging Face CLIP/SigLIP directory
     # (`polysense train PRESET --init DIR`). Its architecture and tokenizer replace the
@@ -290,9 +312,8 @@ class TrainConfig:
     init: str = ""
     lock_image: bool = False
     lock_text: bool = False
-    unlock_text_at: int = (
-        -1
-    )  # staged unfreezing: step at which a locked text tower trains (-1 never)
+    # staged unfreezing: step at which a locked text tower trains (-1 never)
+    unlock_text_at: int = -1
     unlock_image_at: int = -1
     lr_image: float = 0.0  # per-tower learning rates; 0 = use `lr`
     lr_text: float = 0.0
@@ -301,19 +322,14 @@ class TrainConfig:
     # direction ("... moving left") replaced by each other direction, which the clip must score
     # below its own (world motion captions); "none" = in-batch negatives only.
     hard_negatives: Literal["none", "motion"] = "none"
-    log_every: int = 10
-    ckpt_every: int = 200
     eval_every: int = 0  # evaluate on a world's val split every N steps (0 = only at the end)
-    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(
             self,
-            positive="batch_size steps lr eps grad_accum log_every max_bad_steps",
-            non_negative="seed max_minutes time_limit_minutes weight_decay warmup_steps grad_clip "
-            "lr_image lr_text loss_chunk ckpt_every eval_every",
-            fraction="min_lr_ratio",
-            below_one="betas",
+            positive="grad_accum",
+            non_negative="lr_image lr_text loss_chunk eval_every",
             minus_one_or_more="unlock_text_at unlock_image_at",  # -1: never
         )
 

@@ -231,7 +231,7 @@ def bench_style(
             train=FusionTrainConfig(
                 batch_size=batch_size,
                 steps=100_000,
-                max_seconds=seconds,
+                max_minutes=seconds / 60,
                 modality_dropout=rate,
                 warmup_steps=50,
             ),

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from polysense.config import TextConfig, VisionConfig, check_fields
+from polysense.config import LoopConfig, TextConfig, VisionConfig, check_fields
 from polysense.errors import PolysenseError
 from polysense.models.text import TextTransformer, masked_mean
 from polysense.models.vit import (
@@ -109,30 +109,24 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
-class FusionTrainConfig:
-    seed: int = 0
+class FusionTrainConfig(LoopConfig):
     batch_size: int = 96
     steps: int = 3000
-    max_seconds: float = 0.0  # wall-clock budget (0 = none); the lr schedule follows time too
-    lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    log_every: int = 20
     # xattn: the tanh gates learn at lr * gate_lr_scale. Zero-initialised, under Adam they move
     # about lr per step, so at lr 5e-4 a few hundred steps open them only to ~0.1.
     gate_lr_scale: float = 1.0
-    grad_clip: float = 1.0
     modality_dropout: float = 0.0  # per sample and modality; one modality is always kept
     task_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)  # vqa, itm, sound share of a batch
-    log_every: int = 20
-    ckpt_every: int = 200
     eval_limit: int = 0  # evaluate on at most this many items per task (0 = all)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(
             self,
-            positive="batch_size steps lr log_every",
-            non_negative="seed max_seconds weight_decay warmup_steps gate_lr_scale grad_clip "
-            "task_mix ckpt_every eval_limit",
+            non_negative="gate_lr_scale task_mix eval_limit",
             below_one="modality_dropout",
         )
 

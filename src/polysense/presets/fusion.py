@@ -62,7 +62,7 @@ def _clip(style: str, minutes: float, *, freeze_image: bool = True, **model) -> 
         train=dataclasses.replace(
             run.train,
             steps=100_000,
-            max_seconds=minutes * 60,
+            max_minutes=minutes,
             lr=5e-4,
             task_mix=(0.6, 0.2, 0.2),
         ),

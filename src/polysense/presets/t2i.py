@@ -7,37 +7,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from polysense.config import check_fields
+from polysense.config import LoopConfig, check_fields
 from polysense.models.diffusion import DiffusionConfig
 from polysense.presets import register
 
 
 @dataclass(frozen=True)
-class T2ITrainConfig:
+class T2ITrainConfig(LoopConfig):
     batch_size: int = 64
     steps: int = 3000
-    lr: float = 1e-3
-    warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     ema_decay: float = 0.995
-    seed: int = 0
     single_weight: float = 3.0  # draw single-object scenes this many times as often
-    max_minutes: float = 0.0  # stop (and save) when the wall clock reaches this; 0 = no budget
-    ckpt_every: int = 200
-    log_every: int = 10
     threads: int = 0  # torch threads; 0 = torch's default
 
     def __post_init__(self) -> None:
-        check_fields(
-            self,
-            positive="batch_size steps lr single_weight log_every",
-            non_negative="warmup_steps weight_decay grad_clip seed max_minutes ckpt_every threads",
-            fraction="min_lr_ratio",
-            below_one="ema_decay",
-        )
+        super().__post_init__()
+        check_fields(self, positive="single_weight", non_negative="threads", below_one="ema_decay")
 
 
 @dataclass(frozen=True)

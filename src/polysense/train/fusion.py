@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +51,10 @@ from polysense.models.fusion import (
     count_params,
     with_text_init,
 )
-from polysense.train.checkpoint import load_state, save_state, trim_metrics
-from polysense.train.optim import NO_DECAY_NAMES, adamw, lr_factor
+from polysense.train.checkpoint import load_state
+from polysense.train.fit import fit
+from polysense.train.optim import NO_DECAY_NAMES, adamw
+from polysense.train.task import Task
 
 CONDITIONS: tuple[str, ...] = (
     "all",
@@ -83,6 +83,15 @@ class TaskBatch:
     label: torch.Tensor  # (B,) float
     index: torch.Tensor  # (B,) long: item index within its task
     scene: torch.Tensor  # (B,) long: scene index within the split
+
+    def to(self, device: torch.device) -> TaskBatch:
+        """The same batch with every tensor on `device`."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def modality_dropout(
@@ -141,10 +150,12 @@ class TaskData:
     @torch.no_grad()
     def image_features(self, model: FusionModel, batch_size: int = 512) -> torch.Tensor:
         """`model.image_features` of every scene of the split (N, ...), in batches."""
-        images = self.tasks.images
+        images, device = self.tasks.images, next(model.parameters()).device
         return torch.cat(
             [
-                model.image_features(normalize(images[s : s + batch_size], self.mean, self.std))
+                model.image_features(
+                    normalize(images[s : s + batch_size], self.mean, self.std).to(device)
+                )
                 for s in range(0, len(images), batch_size)
             ]
         )
@@ -329,11 +340,9 @@ def evaluate(
 # training
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, gate_lr_scale: float = 1.0
-) -> torch.optim.AdamW:
-    """AdamW (fused where possible) without decay on 0/1-D tensors, embeddings, position and
-    missing tokens; the cross-attention gates (if any) in a third group at lr * gate_lr_scale."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr_scale: float = 1.0):
+    """AdamW groups of the trainable parameters: no decay on 0/1-D tensors, embeddings, position
+    and missing tokens; the cross-attention gates (if any) in a third group at lr * gate_lr_scale."""
     decay, other, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -352,7 +361,17 @@ def build_optimizer(
         groups.append({"params": gates, "weight_decay": 0.0, "base_lr": lr * gate_lr_scale})
     for group in groups:  # the loop rescales "lr" from "base_lr" at every step
         group["lr"] = group["base_lr"]
-    return adamw(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, gate_lr_scale: float = 1.0
+) -> torch.optim.AdamW:
+    """AdamW (fused where possible) over `param_groups`, with the betas and eps the fusion
+    presets train with (`FusionTrainConfig` defaults)."""
+    return adamw(
+        param_groups(model, lr, weight_decay, gate_lr_scale), lr=lr, betas=(0.9, 0.98), eps=1e-6
+    )
 
 
 def build_tokenizer(tasks: WorldTasks, cfg: FusionRunConfig) -> Tokenizer:
@@ -378,6 +397,43 @@ class FusionTrainResult:
     final_loss: float
 
 
+class FusionTask(Task):
+    """The fusion heads' summed loss over one step's task sub-batches (VQA, ITM, sound), with
+    modality dropout; a frozen image encoder's features are computed once at the start."""
+
+    def __init__(
+        self, *, cfg: FusionRunConfig, model: FusionModel, data: TaskData, tokenizer: Tokenizer
+    ) -> None:
+        self.run_cfg, self.cfg = cfg, cfg.train
+        self.model, self.data, self.tokenizer = model, data, tokenizer
+        self.image_cache: torch.Tensor | None = None
+
+    def param_groups(self) -> list[dict]:
+        tc = self.cfg
+        return param_groups(self.model, tc.lr, tc.weight_decay, tc.gate_lr_scale)
+
+    def on_start(self) -> None:
+        # a frozen image encoder gives every scene the same features at every step: compute
+        # them once (inside the clock and the time budget)
+        if self.run_cfg.model.freeze_image:
+            cache = self.data.image_features(self.model)  # None where a style has no features
+            self.image_cache = None if cache is None else cache.to(self.rt.device)
+
+    def loss(self, batch: list[TaskBatch], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros((), device=self.rt.device)
+        for sub in batch:
+            present = modality_dropout(sub.present, self.cfg.modality_dropout)
+            sub = sub.to(self.rt.device)
+            with self.rt.autocast():
+                out = _forward(self.net, sub, present.to(self.rt.device), self.image_cache)
+            out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
+            total = total + task_loss(out, sub)
+        return total / self.cfg.batch_size, {}
+
+    def export(self, out: Path) -> None:
+        save_fusion(self.model, self.run_cfg, self.tokenizer, out)
+
+
 def train_fusion(
     cfg: FusionRunConfig,
     train_tasks: WorldTasks,
@@ -388,15 +444,14 @@ def train_fusion(
     tokenizer: Tokenizer | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> FusionTrainResult:
-    """Train `cfg` on `train_tasks` for `train.steps` steps or `train.max_seconds`, whichever
+    """Train `cfg` on `train_tasks` for `train.steps` steps or `train.max_minutes`, whichever
     ends first. With `out`, checkpoint there every `train.ckpt_every` steps and at the end
     (state.pt, model.safetensors, config.json, tokenizer.json, metrics.jsonl)."""
     tc = cfg.train
-    state = None
     if resume:
         if out is None:
             raise PolysenseError("resume needs an output directory")
-        state = load_state(out)
+        load_state(out)  # a missing or foreign state.pt fails here, before any work
         tokenizer = Tokenizer.from_file(
             out / "tokenizer.json", context_length=cfg.model.context_length
         )
@@ -412,96 +467,23 @@ def train_fusion(
     cfg = dataclasses.replace(cfg, model=model_cfg)
     torch.manual_seed(tc.seed)
     model = build_fusion(model_cfg)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.gate_lr_scale)
     data = TaskData(
         tasks=train_tasks, tokenizer=tokenizer, mean=model_cfg.image_mean, std=model_cfg.image_std
     )
     batches = TaskBatches(data=data, batch_size=tc.batch_size, mix=tc.task_mix, seed=tc.seed)
-    start, elapsed_before = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, elapsed_before = state["step"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
-        trim_metrics(out, start)
-    elif out is not None:
+    if out is not None and not resume:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
         tokenizer.save(out / "tokenizer.json")
-
-    def save(step: int, seconds: float) -> None:
-        if out is None:
-            return
-        save_state(
-            out,
-            {
-                "step": step,
-                "elapsed": seconds,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-            },
-        )
-        save_fusion(model, cfg, tokenizer, out)
-
-    from polysense.train.loop import StepLog
-
-    t0 = time.perf_counter()
-    # a frozen image encoder gives every scene the same features at every step: compute them
-    # once (inside the clock and the time budget)
-    image_cache = data.image_features(model) if model_cfg.freeze_image else None
-    steplog = StepLog(
-        train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress
-    )
-    step, loss_value, seen = start, math.nan, 0
-    model.train()
-    with steplog:
-        for step in range(start, tc.steps):
-            schedule_step = step
-            if tc.max_seconds:
-                elapsed = elapsed_before + time.perf_counter() - t0
-                schedule_step = max(step, int(elapsed / tc.max_seconds * tc.steps))
-                if schedule_step >= tc.steps:
-                    break
-            factor = lr_factor(
-                step if step < tc.warmup_steps else schedule_step,
-                warmup=tc.warmup_steps,
-                total=tc.steps,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            total = torch.zeros(())
-            for batch in batches.batch(step):
-                present = modality_dropout(batch.present, tc.modality_dropout)
-                total = total + task_loss(_forward(model, batch, present, image_cache), batch)
-            loss = total / tc.batch_size
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            loss_value = float(loss.detach())
-            seen += tc.batch_size
-            done = step + 1
-            if steplog.due(done):
-                record = steplog.write(done, loss=loss_value, lr=optimizer.param_groups[0]["lr"])
-                if log is not None:
-                    log(record)
-            if out is not None and tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
-                save(done, elapsed_before + time.perf_counter() - t0)
-        else:
-            step = tc.steps
-    seconds = time.perf_counter() - t0
-    save(step, elapsed_before + seconds)
-    model.eval()
+    task = FusionTask(cfg=cfg, model=model, data=data, tokenizer=tokenizer)
+    result = fit(task, tc, data=batches, out=out, resume=resume, progress=progress, on_log=log)
     return FusionTrainResult(
         model=model,
         tokenizer=tokenizer,
         cfg=cfg,
-        steps=step,
-        seconds=elapsed_before + seconds,
-        train_samples_per_s=seen / max(seconds, 1e-9),
-        final_loss=loss_value,
+        steps=result.steps,
+        seconds=result.seconds,
+        train_samples_per_s=result.train_samples_per_s,
+        final_loss=result.final_loss,
     )
 
 
@@ -528,6 +510,9 @@ def load_fusion(ckpt: str | Path) -> tuple[FusionModel, Tokenizer, FusionRunConf
     data = json.loads(path.read_text())
     if data.pop("family", None) != "fusion":
         raise PolysenseError(f"{path}: field 'family' is not 'fusion'; not a fusion checkpoint")
+    train = data.get("train", {})
+    if "max_seconds" in train:  # checkpoints before the one training loop named the budget so
+        train["max_minutes"] = train.pop("max_seconds") / 60
     cfg = from_dict(FusionRunConfig, data)
     tokenizer = Tokenizer.from_file(
         ckpt / "tokenizer.json", context_length=cfg.model.context_length

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,6 +37,8 @@ from polysense.fileio import atomic_write_json
 from polysense.losses import ContrastiveLoss
 from polysense.precision import resolve_precision
 from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
+from polysense.train.fit import device_for, distributed
+from polysense.train.log import StepLog
 from polysense.train.optim import build_optimizer, lr_factor, set_lr
 
 
@@ -51,23 +51,6 @@ class TrainResult:
     seconds: float
     skipped_steps: int
     stopped_early: bool  # a time budget (max_minutes) or limit (time_limit_minutes) ended it
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the default process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _device(rank: int) -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("POLYSENSE_DEVICE", "auto") != "cpu":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def load_init(path: str) -> nn.Module:
@@ -181,8 +164,8 @@ def train(
     from polysense.models.clip import CLIP, save_checkpoint
 
     tc = cfg.train
-    rank, world = _distributed()
-    device = _device(rank)
+    rank, world = distributed()
+    device = device_for(rank)
     out = Path(out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -495,116 +478,3 @@ def _accumulated_step(
         loss.backward()
         total = loss.detach() if total is None else total
     return total, True
-
-
-class TrainProgress:
-    """A rich progress bar showing loss, learning rate and samples/s (no-op when disabled)."""
-
-    def __init__(self, *, enabled: bool, total: int, start: int) -> None:
-        self.enabled = enabled
-        self.progress: Any = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn(
-                    "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.0f} samples/s"
-                ),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.task = self.progress.add_task(
-                "train", total=total, completed=start, loss=math.nan, lr=0.0, rate=0.0
-            )
-
-    def __enter__(self) -> TrainProgress:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, completed: int, **fields: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=completed, **fields)
-
-
-class LogSchedule(Protocol):
-    """The fields of a loop's train config that `StepLog` reads (every loop's config has them)."""
-
-    steps: int
-    batch_size: int
-    log_every: int
-
-
-class StepLog:
-    """The log and progress bar every training loop keeps (a context manager, like the bar): at
-    each `train.log_every`-th step and the last (`train.steps`), one record {step, loss, lr,
-    **extra, samples_per_s, elapsed_s} is appended to OUT/metrics.jsonl (when `out` is set) and
-    shown on the bar. samples/s covers the steps since the previous record; elapsed_s counts from
-    the run's first start (`elapsed_before` = seconds of earlier runs)."""
-
-    def __init__(
-        self,
-        *,
-        train: LogSchedule,
-        out: Path | None,
-        start: int,
-        elapsed_before: float = 0.0,
-        progress: bool = True,
-    ) -> None:
-        self.bar = TrainProgress(enabled=progress, total=train.steps, start=start)
-        self.out, self.every, self.total = out, train.log_every, train.steps
-        self.batch_size, self.elapsed_before = train.batch_size, elapsed_before
-        self.t0 = self.window_t = time.perf_counter()
-        self.window_step = start
-        # A time budget (max_minutes, or max_seconds in the fusion loop) that binds ends the run
-        # before `steps`: the bar then follows the schedule's position, the larger of the step
-        # and the budget's elapsed fraction, so it fills and its ETA counts down with the clock.
-        minutes = float(getattr(train, "max_minutes", 0.0) or 0.0)
-        self.budget_s = minutes * 60 or float(getattr(train, "max_seconds", 0.0) or 0.0)
-
-    def __enter__(self) -> StepLog:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def due(self, done: int) -> bool:
-        """Whether `done` completed steps call for a record."""
-        return done % self.every == 0 or done == self.total
-
-    def write(self, done: int, *, loss: float, lr: float, **extra: float) -> dict[str, float]:
-        now = time.perf_counter()
-        rate = (done - self.window_step) * self.batch_size / max(now - self.window_t, 1e-9)
-        self.window_t, self.window_step = now, done
-        record = {
-            "step": done,
-            "loss": loss,
-            "lr": lr,
-            **extra,
-            "samples_per_s": rate,
-            "elapsed_s": self.elapsed_before + now - self.t0,
-        }
-        if self.out is not None:
-            append_metrics(self.out, record)
-        self.bar.update(self.position(done, record["elapsed_s"]), loss=loss, lr=lr, rate=rate)
-        return record
-
-    def position(self, done: int, elapsed_s: float) -> int:
-        """The bar's position: `done` steps, or the time budget's share of `steps` if ahead."""
-        if not self.budget_s:
-            return done
-        return min(self.total, max(done, int(elapsed_s / self.budget_s * self.total)))

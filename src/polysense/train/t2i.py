@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,9 @@ import torch
 from torch import nn
 
 from polysense.errors import DataError, PolysenseError
+from polysense.train.checkpoint import load_state
+from polysense.train.fit import fit
+from polysense.train.task import Runtime, Task
 
 
 @dataclass
@@ -63,18 +64,73 @@ def load_data(data: str | Path, *, split: str | None, image_size: int, tokenizer
     )
 
 
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to `min_ratio * lr` at `total`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1 - decay)
+
+
+class T2IBatches:
+    """The batch of step `s` (images in [-1, 1], caption ids, the generator that then draws
+    the step's timesteps and noise), all from a generator seeded by (seed, s); single-object
+    scenes are drawn `single_weight` times as often."""
+
+    def __init__(self, *, data: T2IData, batch_size: int, seed: int, single_weight: float) -> None:
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.weights = torch.where(data.n_objects == 1, single_weight, 1.0).double()  # (N,)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        from polysense.models.diffusion import from_uint8
+
+        d = self.data
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=gen)
+        pick = (torch.rand(self.batch_size, generator=gen) * d.n_caps[idx]).long()
+        x0 = from_uint8(d.images[idx])  # (B, 3, S, S) in [-1, 1]
+        return x0, d.ids[d.offsets[idx] + pick], gen  # ids (B, L)
+
+
+class T2ITask(Task):
+    """Denoising loss of the U-Net under a frozen text condition; an EMA copy follows the
+    weights after every step and is what the checkpoint exports."""
+
+    def __init__(self, *, cfg: Any, unet: nn.Module, text: nn.Module) -> None:
+        self.run_cfg, self.cfg = cfg, cfg.train
+        self.model, self.text = unet, text
+        self.ema = copy.deepcopy(unet).requires_grad_(False)
+
+    def attach(self, rt: Runtime) -> None:
+        super().attach(rt)
+        self.text.to(rt.device)
+        self.ema.to(rt.device)
+
+    def param_groups(self) -> list[dict]:
+        tc = self.cfg
+        params = list(self.model.parameters())
+        return [{"params": params, "weight_decay": tc.weight_decay, "base_lr": tc.lr}]
+
+    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        from polysense.models.diffusion import diffusion_loss
+
+        x0, ids, gen = batch
+        cond = self.text(ids.to(self.rt.device))
+        with self.rt.autocast():
+            loss = diffusion_loss(self.net, x0.to(self.rt.device), *cond, generator=gen)
+        return loss.float(), {}
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.ema, self.model, min(self.cfg.ema_decay, (1 + step) / (10 + step)))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+
+    def export(self, out: Path) -> None:
+        from polysense.models.diffusion import TextToImage, save_generator
+
+        save_generator(TextToImage(unet=self.ema, text=self.text), self.run_cfg, out)
 
 
 def train_t2i(
@@ -90,117 +146,40 @@ def train_t2i(
     `metrics.jsonl` and the inference checkpoint (`config.json`, `model.safetensors`, `text/`)
     to `out`. Returns a summary (steps, seconds, final loss, samples/s, stopped_early)."""
     from polysense.models.clip import load_model
-    from polysense.models.diffusion import (
-        TextCondition,
-        TextToImage,
-        UNet,
-        diffusion_loss,
-        from_uint8,
-        save_generator,
-    )
-    from polysense.train.checkpoint import load_state, save_state, trim_metrics
-    from polysense.train.loop import StepLog
+    from polysense.models.diffusion import TextCondition, UNet
 
     tc = cfg.train
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    state = load_state(out) if resume else None
+    if resume:
+        load_state(out)  # a missing or foreign state.pt fails here, before any work
     # On resume the tower comes from the run's own copy, so a moved text_ckpt does not matter.
-    text_src = out / "text" if state is not None and (out / "text").is_dir() else cfg.text_ckpt
+    text_src = out / "text" if resume and (out / "text").is_dir() else cfg.text_ckpt
     clip = load_model(text_src)
     if not hasattr(clip, "text"):
         raise PolysenseError(f"text_ckpt={cfg.text_ckpt}: not a polysense CLIP checkpoint")
     text = TextCondition(clip=clip)
-    model_cfg = dataclasses.replace(cfg.model, text_width=text.width)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_width=text.width))
     if pairs is None:
         pairs = load_data(
-            data, split="train", image_size=model_cfg.image_size, tokenizer=clip.tokenizer
+            data, split="train", image_size=cfg.model.image_size, tokenizer=clip.tokenizer
         )
     if len(pairs.images) < 1:
         raise DataError(f"{data}: no training images")
-
     torch.manual_seed(tc.seed)
-    unet = UNet(cfg=model_cfg)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    start, elapsed_before = 0, 0.0
-    if state is not None:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, elapsed_before = state["step"], state["elapsed"]
-        trim_metrics(out, start)
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    weights = torch.where(pairs.n_objects == 1, tc.single_weight, 1.0).double()  # (N,)
-
-    def save(step: int, seconds: float) -> None:
-        save_state(
-            out,
-            {
-                "step": step,
-                "model": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "elapsed": seconds,
-            },
-        )
-        save_generator(TextToImage(unet=ema, text=text), cfg, out)
-
-    t0 = time.perf_counter()
-    log = StepLog(train=tc, out=out, start=start, elapsed_before=elapsed_before, progress=progress)
-    loss_value, step, stopped = math.nan, start, False
-    unet.train()
-    with log:
-        for step in range(start, tc.steps):
-            if tc.max_minutes and elapsed_before + time.perf_counter() - t0 >= tc.max_minutes * 60:
-                stopped = True
-                break
-            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-            idx = torch.multinomial(weights, tc.batch_size, replacement=True, generator=gen)
-            pick = (torch.rand(tc.batch_size, generator=gen) * pairs.n_caps[idx]).long()
-            x0 = from_uint8(pairs.images[idx])  # (B, 3, S, S) in [-1, 1]
-            cond = text(pairs.ids[pairs.offsets[idx] + pick])
-            # Under a time budget the decay follows whichever runs out first, steps or time,
-            # so a run cut short by the clock still ends annealed (as in train/loop.py).
-            sched = step
-            if tc.max_minutes and step >= tc.warmup_steps:
-                used = (elapsed_before + time.perf_counter() - t0) / (tc.max_minutes * 60)
-                sched = max(step, int(used * tc.steps))
-            lr = lr_at(
-                sched, lr=tc.lr, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = diffusion_loss(unet, x0, *cond, generator=gen)
-            if not torch.isfinite(loss):
-                raise PolysenseError(
-                    f"loss is {loss.item()} at step {step}; lower train.lr (now {tc.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(unet.parameters(), tc.grad_clip or math.inf)
-            optimizer.step()
-            ema_update(ema, unet, min(tc.ema_decay, (1 + step) / (10 + step)))
-            loss_value = loss.item()
-            done = step + 1
-            if log.due(done):
-                log.write(done, loss=loss_value, lr=lr)
-            if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
-                save(done, elapsed_before + time.perf_counter() - t0)
-        else:
-            step = tc.steps
-    seconds = elapsed_before + time.perf_counter() - t0
-    save(step, seconds)
+    task = T2ITask(cfg=cfg, unet=UNet(cfg=cfg.model), text=text)
+    batches = T2IBatches(
+        data=pairs, batch_size=tc.batch_size, seed=tc.seed, single_weight=tc.single_weight
+    )
+    result = fit(task, tc, data=batches, out=out, resume=resume, progress=progress)
     return {
-        "train_steps": step,
-        "train_seconds": seconds,
-        "final_loss": loss_value,
-        "train_samples_per_s": (step - start) * tc.batch_size / max(time.perf_counter() - t0, 1e-9),
-        "stopped_early": stopped,
+        "train_steps": result.steps,
+        "train_seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "train_samples_per_s": result.train_samples_per_s,
+        "stopped_early": result.stopped_early,
     }
 
 

@@ -56,7 +56,8 @@ from polysense.models.vlm import (
 )
 from polysense.models.vlm_hf import is_hf_dir
 from polysense.train.checkpoint import load_state, save_state, trim_metrics
-from polysense.train.loop import StepLog, _device
+from polysense.train.fit import device_for
+from polysense.train.log import StepLog
 from polysense.train.optim import lr_factor, set_lr
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ def train_stage(
     state = load_state(out) if resume else None
     model, tok, cfg, train = _prepare(cfg, data, out, resume and state is not None)
     prepare_lm(model, tc)
-    model.to(_device(0))  # CUDA when present (POLYSENSE_DEVICE=cpu keeps the CPU), as the loop does
+    model.to(device_for(0))  # CUDA when present (POLYSENSE_DEVICE=cpu keeps the CPU)
     set_trainable(model, tc)
     optimizer = build_optimizer(model, tc)
     start, elapsed_before = 0, 0.0
