@@ -324,10 +324,10 @@ def test_time_limit_is_a_safety_net_that_never_bends_the_schedule(
     """`train.time_limit_minutes` on a machine far too slow (a fake clock: every reading is 5 s
     later): the run stops at the limit and says so, and every logged lr is the step schedule's
     own, unlike `train.max_minutes`, whose decay follows the clock."""
-    from polysense.train import loop
+    from polysense.train import log
 
     clock = iter(range(0, 10**6, 5))
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(log.time, "perf_counter", lambda: float(next(clock)))
     steps = 40
     cfg = tiny_config(
         "clip-tiny",
@@ -359,12 +359,12 @@ def test_progress_bar_follows_a_binding_time_budget(pairs_jsonl, tmp_path, monke
     """Under `train.max_minutes` on a machine too slow for `steps` (the fake 5 s clock), the bar
     ends full (its position is the budget's share of the steps) although fewer steps ran; with
     no budget the bar's position is the step count."""
-    from polysense.train import log, loop
+    from polysense.train import log
 
     positions: list[int] = []
     monkeypatch.setattr(log.TrainProgress, "update", lambda self, n, **f: positions.append(n))
     clock = iter(range(0, 10**6, 5))
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(log.time, "perf_counter", lambda: float(next(clock)))
     steps = 40
     cfg = tiny_config("clip-tiny", f"train.steps={steps}", "train.max_minutes=1",
                       "train.ckpt_every=0", "train.log_every=1")  # fmt: skip

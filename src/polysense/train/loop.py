@@ -11,14 +11,11 @@ reproduces the uninterrupted run bit for bit: the batch at step s depends only o
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from polysense.config import RunConfig, to_dict
@@ -33,24 +30,14 @@ from polysense.data.loader import (
 from polysense.data.readers import detect_format
 from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.errors import PolysenseError
-from polysense.fileio import atomic_write_json
 from polysense.losses import ContrastiveLoss
 from polysense.precision import resolve_precision
-from polysense.train.checkpoint import append_metrics, load_state, save_state, trim_metrics
-from polysense.train.fit import device_for, distributed
-from polysense.train.log import StepLog
-from polysense.train.optim import build_optimizer, lr_factor, set_lr
+from polysense.train.checkpoint import load_state
+from polysense.train.fit import FitResult, device_for, distributed, fit
+from polysense.train.optim import param_groups
+from polysense.train.task import Runtime, Task
 
-
-@dataclass
-class TrainResult:
-    out: Path
-    steps: int
-    final_loss: float
-    train_samples_per_s: float
-    seconds: float
-    skipped_steps: int
-    stopped_early: bool  # a time budget (max_minutes) or limit (time_limit_minutes) ended it
+TrainResult = FitResult  # what `train` returns (the one loop's result)
 
 
 def load_init(path: str) -> nn.Module:
@@ -161,7 +148,7 @@ def train(
     A model with other towers than image + text (`model.towers`, e.g. audio,text or
     image,text,audio) trains the same way on `TowerData`: each step sums the contrastive loss of
     every aligned pair (`ModelConfig.loss_pairs`, image as the anchor beyond two towers)."""
-    from polysense.models.clip import CLIP, save_checkpoint
+    from polysense.models.clip import CLIP
 
     tc = cfg.train
     rank, world = distributed()
@@ -199,7 +186,8 @@ def train(
             "its trainable parameters at start; run it in one process or drop the unlock"
         )
 
-    state = load_state(out) if resume else None
+    # read once to fail early on a missing or foreign state.pt; fit reads it again to resume
+    resumed = resume and load_state(out) is not None
     if pairs is None and multi:
         pairs = load_towers(
             data,
@@ -225,7 +213,7 @@ def train(
     if init is not None:
         tokenizer = init.tokenizer  # kept: the weights know only its ids
     elif "text" in cfg.model.towers:
-        if state is not None and any((out / f).is_file() for f in HF_TOKENIZER_FILES):
+        if resumed and any((out / f).is_file() for f in HF_TOKENIZER_FILES):
             tokenizer = Tokenizer.from_file(out, context_length=cfg.model.text.context_length)
         else:
             tokenizer = build_tokenizer(cfg, pairs.captions)
@@ -237,23 +225,11 @@ def train(
     model = CLIP(cfg=cfg.model, tokenizer=tokenizer, inference_precision=tc.precision).to(device)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, tc)
-    start_step, skipped, bad_in_a_row, elapsed_before = 0, 0, 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, skipped = state["step"], state["skipped_steps"]
-        elapsed_before = state["elapsed"]
-        torch.set_rng_state(state["rng"])
-        if rank == 0:
-            trim_metrics(out, start_step)
-    else:
+    if not resumed:
         if init is not None:
             model.load_state_dict(init.state_dict())
         if "video" in cfg.model.towers and cfg.model.video.init_from_image:
             model.video.load_image_weights(cfg.model.video.init_from_image)
-        if rank == 0:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
 
     if multi != isinstance(pairs, TowerData):
         raise PolysenseError(
@@ -288,161 +264,85 @@ def train(
             world=world,
         )
 
-    def apply_locks(step: int) -> None:
+    task = ContrastiveTask(cfg=cfg, model=model, world=world)
+    return fit(
+        task,
+        tc,
+        data=batches,
+        out=out,
+        resume=resumed,
+        progress=progress,
+        rt=Runtime(
+            device=device, rank=rank, world=world, precision=resolve_precision(tc.precision, device)
+        ),
+        evaluate=evaluate,
+        eval_every=tc.eval_every,
+    )
+
+
+class ContrastiveTask(Task):
+    """The contrastive loss of the aligned tower pairs (image-text, or any towers), with staged
+    unfreezing, feature-cache gradient accumulation and the temperature clamp."""
+
+    distributed = True  # PairBatches / TowerBatches give each rank its slice
+
+    def __init__(self, *, cfg: RunConfig, model: nn.Module, world: int) -> None:
+        self.run_cfg, self.cfg, self.model = cfg, cfg.train, model
+        self.multi = tuple(cfg.model.towers) != ("image", "text")
+        self.loss_fn = ContrastiveLoss(
+            family=cfg.model.family, chunk=cfg.train.loss_chunk, distributed=world > 1
+        )
+        self.micro = cfg.train.batch_size // world // cfg.train.grad_accum
+
+    def param_groups(self) -> list[dict]:
+        groups = param_groups(self.model, self.cfg)
+        for group in groups:
+            group.pop("names")
+        return groups
+
+    def before_step(self, step: int) -> None:
+        tc = self.cfg
         for tower, locked, unlock_at in (
             ("image", tc.lock_image, tc.unlock_image_at),
             ("text", tc.lock_text, tc.unlock_text_at),
         ):
-            _set_locked(model, tower, locked and not (0 <= unlock_at <= step))
+            _set_locked(self.model, tower, locked and not (0 <= unlock_at <= step))
 
-    loss_fn = ContrastiveLoss(family=cfg.model.family, chunk=tc.loss_chunk, distributed=world > 1)
-    net: nn.Module = model
-    apply_locks(start_step)  # before DDP, which registers the trainable parameters once
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-
-    def save(step: int, seconds: float) -> None:
-        if rank != 0:
-            return
-        save_state(
-            out,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "skipped_steps": skipped,
-                "elapsed": seconds,
-                "rng": torch.get_rng_state(),
-                "config": to_dict(cfg),
-            },
-        )
-        save_checkpoint(model, cfg, out)
-
-    t_start = time.perf_counter()
-    log = StepLog(
-        train=tc,
-        out=out,
-        start=start_step,
-        elapsed_before=elapsed_before,
-        progress=progress and rank == 0,
-    )
-    loss_value, step, stopped_early = float("nan"), start_step, False
-    micro = tc.batch_size // world // tc.grad_accum
-    with log:
-        for step in range(start_step, tc.steps):
-            # With a time budget the schedule follows whichever runs out first, steps or time,
-            # so a run cut short by the clock still ends with an annealed learning rate.
-            # `time_limit_minutes` only stops the run (a safety net); the schedule stays by step.
-            schedule_step = step
-            if tc.max_minutes or tc.time_limit_minutes:
-                elapsed = torch.tensor([elapsed_before + time.perf_counter() - t_start])
-                if world > 1:  # every rank must stop at the same step
-                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if tc.max_minutes:
-                    schedule_step = max(
-                        step, int(elapsed.item() / (tc.max_minutes * 60) * tc.steps)
-                    )
-                if schedule_step >= tc.steps or (
-                    tc.time_limit_minutes and elapsed.item() >= tc.time_limit_minutes * 60
-                ):
-                    stopped_early = True
-                    if rank == 0:  # the bar shows where the schedule stopped (full on a budget)
-                        log.bar.update(log.position(step, elapsed.item()))
-                    break
-            apply_locks(step)
-            factor = lr_factor(  # warmup always counts real steps; the decay may follow time
-                step if step < tc.warmup_steps else schedule_step,
-                warmup=tc.warmup_steps,
-                total=tc.steps,
-                min_ratio=tc.min_lr_ratio,
+    def backward(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float], bool]:
+        device, precision = self.rt.device, self.rt.precision
+        if self.multi:  # any towers: the summed loss of the aligned pairs
+            inputs = {m: x.to(device) for m, x in batch.items()}
+            pairs = self.run_cfg.model.loss_pairs()
+            loss = _tower_loss(self.net, self.loss_fn, inputs, pairs, precision)
+        elif self.cfg.grad_accum > 1:
+            images, ids = batch[0].to(device), batch[1].to(device)
+            loss, finite = _accumulated_step(
+                self.net, self.loss_fn, images, ids, self.micro, precision
             )
-            set_lr(optimizer, factor)
-            optimizer.zero_grad(set_to_none=True)
-            finite = True
-            if multi:  # any towers: the summed loss of the aligned pairs
-                inputs = {m: x.to(device) for m, x in batches.batch(step).items()}
-                loss = _tower_loss(net, loss_fn, inputs, cfg.model.loss_pairs(), tc.precision)
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
-            elif tc.grad_accum == 1:
-                images, ids = batches.batch(step)
-                img, txt, o = _embed(net, images.to(device), ids.to(device), tc.precision)
-                loss = loss_fn(img, txt, o["logit_scale"].log(), o["logit_bias"])
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
-            else:
-                images, ids = batches.batch(step)
-                images, ids = images.to(device), ids.to(device)
-                loss, finite = _accumulated_step(net, loss_fn, images, ids, micro, tc.precision)
-            if world > 1:
-                flag = torch.tensor([0.0 if finite else 1.0], device=device)
-                dist.all_reduce(flag)
-                finite = flag.item() == 0
-            if not finite:
-                skipped += 1
-                bad_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                if bad_in_a_row >= tc.max_bad_steps:
-                    raise PolysenseError(
-                        f"loss was NaN/inf for {bad_in_a_row} steps in a row (at step {step}); "
-                        f"lower train.lr (now {tc.lr}) or set train.precision=fp32"
-                    )
-                continue
-            bad_in_a_row = 0
-            # total gradient norm before clipping (inf disables clipping but still measures it)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, cfg.model.max_logit_scale)
-            if world > 1:  # each rank's loss is its share; the batch loss is their mean
-                loss = loss.detach().clone()
-                dist.all_reduce(loss)
-                loss /= world
-            loss_value = loss.item()
-            done = step + 1
-            if rank == 0 and log.due(done):
-                log.write(
-                    done,
-                    loss=loss_value,
-                    lr=optimizer.param_groups[0]["lr"],
-                    logit_scale=float(model.logit_scale.detach().exp()),
-                    grad_norm=float(grad_norm),
-                )
-            if evaluate and tc.eval_every and done % tc.eval_every == 0 and rank == 0:
-                figures = evaluate(model)
-                append_metrics(
-                    out,
-                    {
-                        "step": done,
-                        **figures,
-                        "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                    },
-                )
-            if tc.ckpt_every and done % tc.ckpt_every == 0 and done < tc.steps:
-                save(done, elapsed_before + time.perf_counter() - t_start)
+            return loss, {}, finite
         else:
-            step = tc.steps
-    seconds = elapsed_before + time.perf_counter() - t_start
-    save(step, seconds)
-    trained = step - start_step
-    result = TrainResult(
-        out=out,
-        steps=step,
-        final_loss=loss_value,
-        train_samples_per_s=trained * tc.batch_size / max(time.perf_counter() - t_start, 1e-9),
-        seconds=seconds,
-        skipped_steps=skipped,
-        stopped_early=stopped_early,
-    )
-    if rank == 0:
-        atomic_write_json(
-            out / "train_summary.json", dataclasses.asdict(result) | {"out": str(out)}
-        )
-    if world > 1:
-        dist.barrier()
-    return result
+            images, ids = batch
+            img, txt, o = _embed(self.net, images.to(device), ids.to(device), precision)
+            loss = self.loss_fn(img, txt, o["logit_scale"].log(), o["logit_bias"])
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        return loss, {}, finite
+
+    def after_step(self, step: int) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.run_cfg.model.max_logit_scale)
+
+    def log_fields(self) -> dict[str, float]:
+        return {"logit_scale": float(self.model.logit_scale.detach().exp())}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"config": to_dict(self.run_cfg)}
+
+    def export(self, out: Path) -> None:
+        from polysense.models.clip import save_checkpoint
+
+        save_checkpoint(self.model, self.run_cfg, out)
 
 
 def _accumulated_step(
