@@ -13,11 +13,8 @@ from helpers import make_pairs
 
 
 def polysense(*args: str) -> subprocess.CompletedProcess:
-    # the `polysense` entry point (`python -m polysense.cli` runs cli.py as __main__, a second
-    # module object that the area command modules do not register on)
-    entry = "from polysense.cli import main; main()"
     return subprocess.run(
-        [sys.executable, "-c", entry, *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "polysense.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

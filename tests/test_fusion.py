@@ -41,9 +41,7 @@ from polysense.train.fusion import (
 )
 
 TINY = {"width": 32, "layers": 2, "heads": 2, "context_length": 24}
-# `python -m polysense.cli` runs cli.py as __main__, so area commands (registered on the
-# imported polysense.cli) are missing there; the installed `polysense` script calls main().
-CLI = [sys.executable, "-c", "from polysense.cli import main; main()"]
+CLI = [sys.executable, "-m", "polysense.cli"]
 
 
 @pytest.fixture(autouse=True, scope="module")

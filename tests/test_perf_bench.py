@@ -207,9 +207,7 @@ def test_bench_command_errors_name_the_option(tmp_path):
         (["loss-memory", "--chunk", "0"], "--chunk"),
         (["scaling", "--nproc", "1"], "--nproc"),
     ):
-        # not `python -m polysense.cli`: run as __main__, cli.py's area commands attach to a
-        # second copy of the module's apps (reported); the `polysense` entry point is main()
-        cmd = [sys.executable, "-c", "from polysense.cli import main; main()"]
+        cmd = [sys.executable, "-m", "polysense.cli"]
         cmd += ["bench", *args, "--out", str(tmp_path)]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -188,11 +188,13 @@ def run_t2i(
 ) -> dict[str, Any]:
     """The `polysense train t2i-*` runner: train, evaluate when `eval.clip` is set, write
     OUT/metrics.json."""
-    from polysense.cli import console
+    from rich.console import Console
+
     from polysense.config import to_dict
     from polysense.fileio import atomic_write_json
 
     summary = train_t2i(cfg, data=data, out=out, resume=resume)
+    console = Console(soft_wrap=True)
     console.print(
         f"trained {summary['train_steps']} steps in {summary['train_seconds']:.0f} s "
         f"({summary['train_samples_per_s']:.0f} samples/s); final loss {summary['final_loss']:.4f}"

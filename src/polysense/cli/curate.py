@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from polysense.cli import bench_app, console, data_app
+from polysense.cli.app import bench_app, console, data_app
 
 _SET = typer.Option("--set", help="Override a config field, e.g. --set filter.min_similarity=0.8")
 

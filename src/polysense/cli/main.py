@@ -11,39 +11,22 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from polysense.cli.app import (
+    app,
+    bench_app,
+    console,
+    data_app,
+    demo_app,
+    err_console,
+    index_app,
+    load_world,
+    tok_app,
+    world_app,
+)
 from polysense.errors import PolysenseError
 from polysense.fileio import writable_dir, write_failure
-
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-
-app = typer.Typer(
-    name="polysense",
-    help="Multimodal learning on a laptop CPU: world data, contrastive alignment, evaluation.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-)
-world_app = typer.Typer(help="The embedded procedural multimodal dataset.", no_args_is_help=True)
-data_app = typer.Typer(help="Read, inspect and curate datasets.", no_args_is_help=True)
-demo_app = typer.Typer(help="Small runnable examples from the tutorials.", no_args_is_help=True)
-tok_app = typer.Typer(help="Train and inspect text tokenizers.", no_args_is_help=True)
-bench_app = typer.Typer(
-    help="Benchmarks: each writes DIR/NAME.json, .md and .png.", no_args_is_help=True
-)
-index_app = typer.Typer(
-    help="Embedding indexes for retrieval (faiss + SQLite).", no_args_is_help=True
-)
-app.add_typer(world_app, name="world")
-app.add_typer(data_app, name="data")
-app.add_typer(demo_app, name="demo")
-app.add_typer(tok_app, name="tokenizer")
-app.add_typer(index_app, name="index")
-app.add_typer(bench_app, name="bench")
 
 SPLITS = ("train", "val", "test", "test_novel")
 WORLD_SIZES = (32, 64)  # the canvas sizes the world's objects, motion and sounds are tuned for
@@ -219,16 +202,6 @@ def presets(
         return
     for preset in available_presets():
         console.print(preset)
-
-
-def _load_world(world: Path, n: int, seed: int = 0) -> dict:
-    from polysense.data.world import generate_world, load_manifest
-
-    if (world / "manifest.json").exists():
-        console.print(f"using the world at {world}")
-        return load_manifest(world)
-    console.print(f"generating the world at {world} ({n} scenes)")
-    return generate_world(world, n=n, seed=seed, modalities=("image", "text"))
 
 
 def _metrics_table(metrics: dict, title: str) -> Table:
@@ -664,7 +637,7 @@ def quickstart(
     from polysense.presets import get_preset
 
     start = time.perf_counter()
-    manifest = _load_world(world, n)
+    manifest = load_world(world, n)
     _print_world_summary(manifest, world)
     cfg = apply_overrides(
         get_preset("clip-tiny"),
@@ -966,21 +939,9 @@ def _plot_loss(metrics_jsonl: Path, png: Path) -> None:
 
 
 # The commands of the other areas (fusion, multimodal LM, curation, audio/video, text-to-image,
-# performance) live in polysense/commands/, one module each, and attach themselves to the apps.
-_AREA_COMMANDS: tuple[str, ...] = ("fusion", "vlm", "curate", "av", "t2i", "perf")
-
-
-def _load_area_commands() -> None:
-    import importlib
-    import importlib.util
-
-    for area in _AREA_COMMANDS:
-        module = f"polysense.commands.{area}"
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-_load_area_commands()
+# performance) live in polysense/cli/<area>.py, one module each; importing them attaches their
+# commands to the apps of polysense.cli.app (they import only that module, so no circle).
+from polysense.cli import av, curate, fusion, perf, t2i, vlm  # noqa: E402, F401
 
 
 def _print_error(message: str) -> None:
@@ -1001,10 +962,3 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    # `python -m polysense.cli`: run the imported module, the one the area commands attach to
-    from polysense import cli
-
-    cli.main()

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from polysense.cli import app, bench_app, console
+from polysense.cli.app import app, bench_app, console
 from polysense.errors import PolysenseError
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from polysense.cli import _load_world, bench_app, console
+from polysense.cli.app import bench_app, console, load_world
 from polysense.errors import PolysenseError
 
 
@@ -184,7 +184,7 @@ def bench_quickstart(
         raise PolysenseError(f"--target must be in (0, 1], got {target}")
     if eval_every < 1:
         raise PolysenseError(f"--eval-every must be >= 1, got {eval_every}")
-    _load_world(world, 20000)  # the quickstart's world, generated where absent
+    load_world(world, 20000)  # the quickstart's world, generated where absent
     run_quickstart_bench(
         out,
         world=world,
