@@ -37,7 +37,14 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from polysense.config import ConfigError, VisionConfig, check_fields, dumps, from_dict
+from polysense.config import (
+    ConfigError,
+    LoopConfig,
+    VisionConfig,
+    check_fields,
+    dumps,
+    from_dict,
+)
 from polysense.data.transforms import images_to_tensor
 from polysense.decoding import ban
 from polysense.errors import PolysenseError
@@ -147,18 +154,16 @@ class SCSTConfig:
 
 
 @dataclass(frozen=True)
-class VLMTrainConfig:
-    seed: int = 0
+class VLMTrainConfig(LoopConfig):
+    """The LM and VLM stages' train config: the shared loop fields (`LoopConfig`; the schedule
+    anneals within `max_minutes`), what trains, the task mixture, LoRA and SCST."""
+
     batch_size: int = 64
-    steps: int = 1000
-    max_minutes: float = 0.0  # wall-clock budget (0 = none); the schedule anneals within it
-    lr: float = 1e-3
     lr_vision: float = 1e-4  # for the top ViT blocks when train_vision_top > 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8  # torch's AdamW default, which the VLM stages have always trained with
     warmup_steps: int = 50
-    grad_clip: float = 1.0
     # What trains (everything else is frozen: requires_grad False, never in the optimiser).
     train_lm: bool = True
     train_projector: bool = True
@@ -170,7 +175,7 @@ class VLMTrainConfig:
     # QA rows hold up to this many questions about their image as one conversation (LLaVA's
     # multi-turn packing: one image prefix serves several answers).
     qa_turns: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (fast on CPUs with AMX)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16: autocast (fast on CPUs with AMX)
     # LoRA on the LM through peft (0 = off): with train_lm, only the adapters of the LM train;
     # checkpoints hold the merged weights (state.pt keeps the adapters, so resume is exact)
     lora_rank: int = 0
@@ -178,18 +183,16 @@ class VLMTrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated module names; "" = peft's default for the LM type
     grad_checkpointing: bool = False  # recompute LM and ViT activations in backward
-    log_every: int = 10
-    ckpt_every: int = 200
     scst: SCSTConfig = field(default_factory=SCSTConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(
             self,
-            positive="batch_size steps lr qa_turns log_every",
-            non_negative="seed max_minutes lr_vision weight_decay warmup_steps grad_clip "
-            "train_vision_top mix_caption mix_qa mix_ocr ckpt_every lora_rank lora_alpha",
-            fraction="min_lr_ratio",
-            below_one="betas lora_dropout",
+            positive="qa_turns",
+            non_negative="lr_vision train_vision_top mix_caption mix_qa mix_ocr lora_rank "
+            "lora_alpha",
+            below_one="lora_dropout",
         )
 
 
