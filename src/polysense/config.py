@@ -243,20 +243,45 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Path to a world directory, a webdataset tar set, CSV/TSV/JSONL, COCO json or image folder.
-    # Empty: the embedded world, generated under `world_dir` when absent.
-    path: str = ""
-    world_dir: str = "runs/world"
-    world_n: int = 20000
-    world_seed: int = 0
+    """How training data is read (the data path itself is the command's --data)."""
+
+    # fields of earlier versions that nothing read; a checkpoint's config.json may still hold them
+    RETIRED: typing.ClassVar[frozenset[str]] = frozenset(
+        {"path", "world_dir", "world_n", "world_seed"}
+    )
     image_key: str = "image"
     caption_key: str = "caption"
-    num_workers: int = 0
     limit: int = 0  # train on the first N samples only (0 = all): quick runs and smoke tests
-    # Fraction of a batch taken from single-object scenes is left to the data; nothing here.
+    # DataLoader worker processes that decode, resize and augment streamed batches (0 = in the
+    # training process). The decoded in-memory cache needs none.
+    num_workers: int = 2
+    # "on": decode every image once into memory (the fast path for small sets such as the
+    # world); "off": stream webdataset shards, decoding each batch in the workers, memory
+    # bounded whatever the set's size; "auto": "on" when the decoded images (N x H x W x 3
+    # bytes) fit cache_max_gb and no augmentation is on, else "off".
+    cache: Literal["auto", "on", "off"] = "auto"
+    cache_max_gb: float = 4.0
+    # Streaming order: "epoch" visits every sample once per epoch, the batch of step s a pure
+    # function of (seed, s) (exact resume); "resampled" draws shards with replacement through
+    # webdataset with a shuffle buffer (web-scale or remote shards; resume reseeds, not exact).
+    sampling: Literal["epoch", "resampled"] = "epoch"
+    shuffle_buffer: int = 1000  # samples per worker in the resampled mode's shuffle buffer
+    # Augmentations (streaming only; all off by default): a random resized crop covering
+    # [crop_scale_min, 1] of the image's square (1 = the model's resize), colour jitter of
+    # brightness/contrast/saturation by [1 - jitter, 1 + jitter], and a horizontal flip for
+    # samples whose captions name no side (left/right).
+    crop_scale_min: float = 1.0
+    jitter: float = 0.0
+    flip: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self, positive="world_n", non_negative="world_seed num_workers limit")
+        check_fields(
+            self,
+            positive="cache_max_gb shuffle_buffer crop_scale_min",
+            non_negative="num_workers limit",
+            fraction="crop_scale_min",
+            below_one="jitter",
+        )
 
 
 @dataclass(frozen=True)
@@ -350,6 +375,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested) frozen dataclass from `to_dict` output, rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in getattr(cls, "RETIRED", ())}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(

@@ -53,7 +53,7 @@ def _preset(towers: tuple[str, ...], *, caption_key: str = "caption", **train: A
     train_cfg = dataclasses.replace(base.train, **train)
     return RunConfig(
         model=model,
-        data=DataConfig(world_dir="runs/world-all", caption_key=caption_key),
+        data=DataConfig(caption_key=caption_key),
         train=train_cfg,
     )
 
