@@ -1,9 +1,12 @@
-"""Image-caption pairs in memory and the deterministic batch order the trainer draws from.
+"""Image-caption pairs in memory (the decoded cache) and the deterministic batch order every
+epoch-mode loader draws from.
 
 Images are decoded once into a uint8 tensor at the model's resolution (a 20k-scene world at
-32 px is 60 MB) and all captions are tokenised up front, so a training step costs no I/O.
-The batch for step `s` is a pure function of (seed, s): a resumed run sees exactly the batches
-an uninterrupted one would, and under torchrun each rank takes its slice of the global batch.
+32 px is 60 MB) and all captions are tokenised up front, so a training step costs no I/O: the
+fast path `polysense.data.pipeline` takes when the decoded set fits `data.cache_max_gb`. The
+batch for step `s` is a pure function of (seed, s) (`EpochOrder`): a resumed run sees exactly
+the batches an uninterrupted one would, and under torchrun each rank takes its slice of the
+global batch.
 """
 
 from __future__ import annotations
@@ -35,16 +38,29 @@ class PairData:
 
 
 def collect_pairs(
-    samples: Iterable[dict], *, image_size: int, resize: str = "shortest_edge", source: str = "data"
+    samples: Iterable[dict],
+    *,
+    image_size: int,
+    resize: str = "shortest_edge",
+    source: str = "data",
+    max_samples: int | None = None,
 ) -> PairData:
     """Keep the samples that have an image and at least one caption, each image resized as the
-    model's `vision.resize` says (shorter side + centre crop, or square)."""
+    model's `vision.resize` says (shorter side + centre crop, or square). More than
+    `max_samples` (what fits `data.cache_max_gb`) is a DataError naming the fix."""
     resizer = RESIZERS[resize]
     keys, arrays, captions = [], [], []
     for sample in samples:
         texts = [t for t in sample.get("text") or [] if t and t.strip()]
         if sample.get("image") is None or not texts:
             continue
+        if max_samples is not None and len(keys) >= max_samples:
+            raise DataError(
+                f"{source}: more than {max_samples} samples, whose decoded images exceed "
+                "data.cache_max_gb; convert the source to webdataset shards (`polysense data "
+                "shard SOURCE --out DIR`) and train on DIR, which streams, or raise "
+                "data.cache_max_gb"
+            )
         keys.append(sample["key"])
         arrays.append(np.asarray(resizer(sample["image"], image_size), dtype=np.uint8))
         captions.append(texts)
@@ -63,6 +79,7 @@ def load_pairs(
     caption_key: str = "caption",
     rejects_path: Path | None = None,
     limit: int | None = None,
+    max_samples: int | None = None,
 ) -> PairData:
     """Read any supported source (world, webdataset, CSV/JSONL, COCO, image folder) into memory;
     a wrong column is named with its config override (`train` has no --image-key)."""
@@ -79,7 +96,9 @@ def load_pairs(
             limit=limit,
             key_fix=CONFIG_FIX,
         )
-        return collect_pairs(samples, image_size=image_size, resize=resize, source=where)
+        return collect_pairs(
+            samples, image_size=image_size, resize=resize, source=where, max_samples=max_samples
+        )
 
 
 def normalize(
@@ -92,13 +111,48 @@ def normalize(
     return x.sub_(m).div_(s).contiguous()
 
 
-class PairBatches:
-    """Deterministic batches of (images, caption ids) indexed by step.
+class EpochOrder:
+    """The deterministic sample order of the epoch mode, shared by the in-memory and the
+    streaming loaders: the batch of step s is a pure function of (seed, s).
 
-    Each epoch is a fresh permutation seeded by (seed, epoch); each sample contributes one of
-    its captions, drawn with a generator seeded by (seed, step). Under `world` processes the
-    global batch of `batch_size` is split in contiguous rank slices.
-    """
+    Each epoch is a fresh permutation of the N samples seeded by (seed, epoch) (the last
+    N % batch_size of it are left out); each sample of a batch draws one of its captions with
+    the uniforms `u`, seeded by (seed, step). Under `world` processes each rank takes the
+    contiguous slice `part` of the global batch."""
+
+    def __init__(self, *, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise DataError(f"batch_size={batch_size} must be divisible by {world} processes")
+        if n < batch_size:
+            raise DataError(
+                f"{n} training samples is fewer than batch_size={batch_size}; "
+                "lower train.batch_size or add data"
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        per_rank = batch_size // world
+        self.part = slice(rank * per_rank, (rank + 1) * per_rank)
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=gen)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample indices (B,), caption uniforms (B,) in [0, 1)) of the global batch at `step`;
+        sample j's caption is number floor(u[j] * its caption count)."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        batch = self._permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        gen = torch.Generator().manual_seed(self.seed * 7_919 + step)
+        return batch, torch.rand(len(batch), generator=gen)
+
+
+class PairBatches:
+    """Deterministic in-memory batches of (images, caption ids) indexed by step, in the
+    `EpochOrder` (the decoded cache: every image decoded once, every caption tokenised once)."""
 
     def __init__(
         self,
@@ -112,39 +166,24 @@ class PairBatches:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        if batch_size % world:
-            raise DataError(f"batch_size={batch_size} must be divisible by {world} processes")
-        if len(data) < batch_size:
-            raise DataError(
-                f"{len(data)} training samples is fewer than batch_size={batch_size}; "
-                "lower train.batch_size or add data"
-            )
+        self.order = EpochOrder(
+            n=len(data), batch_size=batch_size, seed=seed, rank=rank, world=world
+        )
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.mean, self.std = mean, std
         self.rank, self.world = rank, world
-        self.steps_per_epoch = len(data) // batch_size
+        self.steps_per_epoch = self.order.steps_per_epoch
         flat = [c for caps in data.captions for c in caps]
         ids, self.n_truncated = tokenizer.encode(flat)
         self.n_caps = torch.tensor([len(c) for c in data.captions])  # (N,)
         self.offsets = torch.cumsum(self.n_caps, 0) - self.n_caps  # (N,) first caption index
         self.ids = ids  # (total_captions, L)
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(len(self.data), generator=gen)
-            self._perm_epoch = epoch
-        return self._perm
 
     def indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample indices, caption indices) of this rank's part of the global batch at `step`."""
-        epoch, j = divmod(step, self.steps_per_epoch)
-        batch = self._permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
-        gen = torch.Generator().manual_seed(self.seed * 7_919 + step)
-        pick = (torch.rand(len(batch), generator=gen) * self.n_caps[batch]).long()  # (B,)
-        per_rank = self.batch_size // self.world
-        part = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        batch, u = self.order.global_batch(step)
+        pick = (u * self.n_caps[batch]).long()  # (B,)
+        part = self.order.part
         return batch[part], self.offsets[batch[part]] + pick[part]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

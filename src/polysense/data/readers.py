@@ -1106,3 +1106,49 @@ def read_samples(
     }
     samples = readers[fmt]()
     return islice(samples, limit) if limit is not None else samples
+
+
+# ---------------------------------------------------------------------------------------------
+# random access for the streaming pipeline (polysense.data.pipeline)
+
+
+def shard_files(path: str | Path, *, split: str | None) -> list[str] | None:
+    """The local .tar shards of a world split (default train) or a webdataset source, in the
+    order the tar reader reads them; None for the other formats (tables, COCO, image folders)."""
+    fmt = detect_format(path)
+    if fmt == "world":
+        manifest = _world_manifest(Path(path))
+        assert manifest is not None
+        return [str(s) for s in _world_shards(Path(path), manifest, split or "train")]
+    if fmt == "wds":
+        return _tar_urls(path, split)
+    return None
+
+
+def decode_tar_sample(
+    members: Iterable[tuple[str, bytes]],
+    *,
+    key: str,
+    source: str,
+    image_key: str = "image",
+    caption_key: str = "caption",
+) -> dict[str, Any]:
+    """One tar sample from its (suffix, bytes) members, decoded member by member as the tar
+    reader decodes it (same caps); a bad member raises DataError naming the reason."""
+    opts = _Options(
+        split=None,
+        image_key=image_key,
+        caption_key=caption_key,
+        decode=True,
+        image_root=None,
+        caption_template="",
+        rejects=Rejects(),
+        key_fix=CONFIG_FIX,
+    )
+    sample: dict[str, Any] = {"key": key, "source": source}
+    try:
+        for suffix, data in members:
+            _decode_member(suffix, data, sample, opts)
+    except _Skip as skip:
+        raise DataError(f"{source}: sample {key}: {skip.reason} ({skip.detail})") from None
+    return sample

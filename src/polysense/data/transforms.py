@@ -5,17 +5,23 @@ centre-crop to a square, scale to [0, 1] and normalise per channel; or SigLIP's,
 `size` x `size` without cropping (`resize="square"`). Both equal transformers' PIL image
 processors (CLIPImageProcessor, SiglipImageProcessor) step for step: transparency composited
 onto white, Pillow's bicubic `resize` with no reducing gap, the same integer crop offsets. Images that already
-have the model's size are not resampled (Pillow returns a copy). `random_resized_crop` is a cheap training augmentation; there is
-deliberately no horizontal flip, because captions such as "left of" would stop being true.
+have the model's size are not resampled (Pillow returns a copy).
+
+Training augmentations (`Augment`, all off by default, the `data.*` config fields): a random
+resized crop, colour jitter, and a horizontal flip that skips every sample whose captions name a
+side ("left of" would stop being true). Each draws from the generator it is given, so a batch
+stays a pure function of (seed, step).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from polysense.errors import DataError
 
@@ -77,6 +83,56 @@ def random_resized_crop(
     if crop.size == (size, size):
         return crop
     return crop.resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
+SIDES = re.compile(r"\b(left|right)(most|wards?)?\b", re.IGNORECASE)
+
+
+def names_a_side(captions: Sequence[str]) -> bool:
+    """Whether any caption says left or right (a flip would make it false)."""
+    return any(SIDES.search(c) for c in captions)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Augment:
+    """Training augmentations; the defaults turn every one off.
+
+    `crop_scale_min` < 1: a random square crop covering [crop_scale_min, 1] of the shorter
+    side's square (replacing the model's resize); `jitter` > 0: brightness, contrast and
+    saturation each scaled by a factor in [1 - jitter, 1 + jitter]; `flip`: mirror with
+    probability 1/2 unless a caption names a side."""
+
+    crop_scale_min: float = 1.0
+    jitter: float = 0.0
+    flip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.crop_scale_min < 1.0 or self.jitter > 0 or self.flip
+
+
+def train_image(
+    image: Image.Image,
+    *,
+    size: int,
+    resize: str,
+    augment: Augment,
+    rng: np.random.Generator,
+    captions: Sequence[str],
+) -> np.ndarray:
+    """One training image as uint8 (size, size, 3): the model's resize, or the augmentations of
+    `augment` drawn from `rng` (with everything off, exactly the resize `collect_pairs` does)."""
+    if augment.crop_scale_min < 1.0:
+        image = random_resized_crop(image, size=size, rng=rng, scale=(augment.crop_scale_min, 1.0))
+    else:
+        image = RESIZERS[resize](image, size)
+    if augment.jitter > 0:
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            factor = float(rng.uniform(1 - augment.jitter, 1 + augment.jitter))
+            image = enhancer(image).enhance(factor)
+    if augment.flip and not names_a_side(captions) and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def images_to_tensor(

@@ -19,14 +19,8 @@ import torch
 from torch import nn
 
 from polysense.config import RunConfig, to_dict
-from polysense.data.loader import (
-    PairBatches,
-    PairData,
-    TowerBatches,
-    TowerData,
-    load_pairs,
-    load_towers,
-)
+from polysense.data.loader import PairData, TowerData
+from polysense.data.pipeline import ShardPairs, caption_lists, open_pairs, step_batches
 from polysense.data.readers import detect_format
 from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.errors import PolysenseError
@@ -43,7 +37,7 @@ TrainResult = FitResult  # what `train` returns (the one loop's result)
 def load_init(path: str) -> nn.Module:
     """The model `train.init` names (a polysense checkpoint or a Hugging Face CLIP/SigLIP
     directory), on the CPU, with its tokenizer; a clear error when it cannot start a run."""
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
 
     try:
         model = load_model(path)
@@ -136,7 +130,7 @@ def train(
     out: Path,
     resume: bool = False,
     progress: bool = True,
-    pairs: PairData | TowerData | None = None,
+    pairs: PairData | TowerData | ShardPairs | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `cfg` on the image-caption pairs at `data` (any supported source; a world's train
@@ -188,26 +182,13 @@ def train(
 
     # read once to fail early on a missing or foreign state.pt; fit reads it again to resume
     resumed = resume and load_state(out) is not None
-    if pairs is None and multi:
-        pairs = load_towers(
+    if pairs is None:  # cached or streamed, as cfg.data says (polysense.data.pipeline)
+        pairs = open_pairs(
             data,
-            split="train" if detect_format(data) == "world" else None,
+            data=cfg.data,
             model=cfg.model,
-            image_key=cfg.data.image_key,
-            caption_key=cfg.data.caption_key,
-            rejects_path=out / "rejects.jsonl" if rank == 0 else None,
-            limit=cfg.data.limit or None,
-        )
-    elif pairs is None:
-        pairs = load_pairs(
-            data,
             split="train" if detect_format(data) == "world" else None,
-            image_size=cfg.model.vision.image_size,
-            resize=cfg.model.vision.resize,
-            image_key=cfg.data.image_key,
-            caption_key=cfg.data.caption_key,
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
-            limit=cfg.data.limit or None,
         )
     tokenizer: Tokenizer | None = None  # a model without a text tower has none
     if init is not None:
@@ -216,7 +197,7 @@ def train(
         if resumed and any((out / f).is_file() for f in HF_TOKENIZER_FILES):
             tokenizer = Tokenizer.from_file(out, context_length=cfg.model.text.context_length)
         else:
-            tokenizer = build_tokenizer(cfg, pairs.captions)
+            tokenizer = build_tokenizer(cfg, caption_lists(pairs))
         # The model's vocabulary is the tokenizer's (a BPE on little text may stop short).
         text_cfg = dataclasses.replace(cfg.model.text, vocab_size=tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text_cfg))
@@ -234,50 +215,43 @@ def train(
     if multi != isinstance(pairs, TowerData):
         raise PolysenseError(
             f"towers {','.join(cfg.model.towers)} train on "
-            f"{'TowerData (load_towers)' if multi else 'PairData (load_pairs)'}, "
+            f"{'TowerData (load_towers)' if multi else 'PairData or ShardPairs (open_pairs)'}, "
             f"got {type(pairs).__name__}"
         )
-    batches: PairBatches
-    if multi:
-        batches = TowerBatches(
-            data=pairs,
-            tokenizer=tokenizer,
-            batch_size=tc.batch_size,
-            seed=tc.seed,
-            image_mean=cfg.model.vision.image_mean,
-            image_std=cfg.model.vision.image_std,
-            video_mean=cfg.model.video.image_mean,
-            video_std=cfg.model.video.image_std,
-            hard_negatives=tc.hard_negatives,
-            rank=rank,
-            world=world,
-        )
-    else:
-        batches = PairBatches(
-            data=pairs,
-            tokenizer=tokenizer,
-            batch_size=tc.batch_size,
-            seed=tc.seed,
-            mean=cfg.model.vision.image_mean,
-            std=cfg.model.vision.image_std,
-            rank=rank,
-            world=world,
-        )
+    batches = step_batches(
+        pairs,
+        data=cfg.data,
+        model=cfg.model,
+        tokenizer=tokenizer,
+        batch_size=tc.batch_size,
+        seed=tc.seed,
+        hard_negatives=tc.hard_negatives,
+        rank=rank,
+        world=world,
+    )
 
     task = ContrastiveTask(cfg=cfg, model=model, world=world)
-    return fit(
-        task,
-        tc,
-        data=batches,
-        out=out,
-        resume=resumed,
-        progress=progress,
-        rt=Runtime(
-            device=device, rank=rank, world=world, precision=resolve_precision(tc.precision, device)
-        ),
-        evaluate=evaluate,
-        eval_every=tc.eval_every,
-    )
+    try:
+        return fit(
+            task,
+            tc,
+            data=batches,
+            out=out,
+            resume=resumed,
+            progress=progress,
+            rt=Runtime(
+                device=device,
+                rank=rank,
+                world=world,
+                precision=resolve_precision(tc.precision, device),
+            ),
+            evaluate=evaluate,
+            eval_every=tc.eval_every,
+        )
+    finally:
+        close = getattr(batches, "close", None)  # a streamed loader's workers
+        if close is not None:
+            close()
 
 
 class ContrastiveTask(Task):
@@ -340,7 +314,7 @@ class ContrastiveTask(Task):
         return {"config": to_dict(self.run_cfg)}
 
     def export(self, out: Path) -> None:
-        from polysense.models.clip import save_checkpoint
+        from polysense.models.checkpoint import save_checkpoint
 
         save_checkpoint(self.model, self.run_cfg, out)
 
