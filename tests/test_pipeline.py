@@ -415,3 +415,51 @@ def test_kill_minus_9_during_a_streamed_run_then_resume_is_bitwise_equal(shards,
         assert torch.equal(a[key], b[key]), key
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(10, 121, 10))
+
+
+def test_bench_dataloader_mechanics(tmp_path):
+    """Both loaders of `bench dataloader` pass over the same samples in batches of the same
+    shape, and the report's figures are its own runs' medians and their ratio (no speed asserted)."""
+    import statistics
+
+    from polysense.bench.dataloader import run_dataloader_bench
+
+    res = run_dataloader_bench(tmp_path, samples=64, size=32, batch=8, workers=1, rounds=2)
+    for name in ("polysense", "webdataset"):
+        runs = res["runs"][name]
+        assert len(runs) == 2
+        assert all(r["samples"] == 64 and r["shape"] == [8, 32, 32, 3] for r in runs)
+        rate = statistics.median(r["samples"] / r["seconds"] for r in runs)
+        assert res[f"{name}_samples_per_s"] == pytest.approx(rate, rel=1e-12)
+    want = res["polysense_samples_per_s"] / res["webdataset_samples_per_s"]
+    assert res["ratio"] == pytest.approx(want, rel=1e-12)
+    saved = json.loads((tmp_path / "dataloader.json").read_text())
+    assert saved["ratio"] == pytest.approx(res["ratio"], rel=1e-12)
+    assert (tmp_path / "dataloader.md").is_file() and (tmp_path / "dataloader.png").is_file()
+    assert not list(tmp_path.glob(".dataloader-shards-*"))  # its own shards are deleted
+
+
+def test_synthetic_shards_caption_what_they_draw(tmp_path):
+    """The bench's synthetic samples: 320x256 JPEGs whose caption names two shapes left to right,
+    and whose left half holds the first shape's colour."""
+    from polysense.bench.dataloader import COLOURS, write_synthetic_shards
+
+    (path,) = write_synthetic_shards(tmp_path, n=6, per_shard=6)
+    for image, caps in naive_samples_jpg(path):
+        assert image.size == (320, 256)
+        first, _, second = caps[0].partition(" left of ")
+        colour = first.split()[1]
+        assert second.startswith("a ") and colour in COLOURS
+        left = np.asarray(image)[:, :160].reshape(-1, 3).astype(int)
+        near = np.abs(left - np.array(COLOURS[colour])).sum(axis=1) < 40  # JPEG noise
+        assert near.sum() > 100
+
+
+def naive_samples_jpg(path: Path) -> list[tuple[Image.Image, list[str]]]:
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return [
+        (Image.open(io.BytesIO(members[n])).convert("RGB"), [members[n[:-4] + ".txt"].decode()])
+        for n in sorted(members)
+        if n.endswith(".jpg")
+    ]

@@ -1,4 +1,5 @@
-"""Performance benchmarks: `polysense bench throughput`, `bench loss-memory`, `bench scaling`.
+"""Performance benchmarks: `polysense bench throughput`, `bench loss-memory`, `bench scaling`,
+`bench dataloader`.
 
 Each writes DIR/NAME.json, DIR/NAME.md and DIR/NAME.png (docs/performance.md explains them).
 Run the default sizes alone on the machine (`flock /tmp/polysense-heavy.lock polysense bench ...`
@@ -195,3 +196,40 @@ def bench_quickstart(
         overrides=tuple(set_ or ()),
     )
     _show(out, "quickstart")
+
+
+@bench_app.command("dataloader")
+def bench_dataloader(
+    out: Annotated[Path, typer.Option(help="Output directory for dataloader.json/.md/.png.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Webdataset shards of .jpg + .txt (default: synthetic JPEGs, deleted)."),
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Synthetic samples to write without --data.")] = 4096,
+    size: Annotated[int, typer.Option(help="Crop size in pixels.")] = 224,
+    batch: Annotated[int, typer.Option(help="Batch size of both loaders.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader workers of both loaders.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Interleaved passes per loader (median).")] = 3,
+    quick: Annotated[bool, typer.Option(help="256 samples, batch 32, one round.")] = False,
+) -> None:
+    """Samples/s of polysense's streaming loader vs a plain webdataset + Pillow loop, both
+    decoding JPEGs and taking a random resized crop at --size through a DataLoader with the same
+    workers and batch; interleaved in one run, with the ratio.
+
+    Example: `flock /tmp/polysense-heavy.lock polysense bench dataloader --out runs/bench`
+    """
+    from polysense.bench.dataloader import run_dataloader_bench
+
+    if quick:
+        samples, batch, rounds = 256, 32, 1
+    for name, value in (("--samples", samples), ("--size", size), ("--batch", batch)):
+        if value < 1:
+            raise PolysenseError(f"{name} must be >= 1, got {value}")
+    if workers < 0 or rounds < 1:
+        raise PolysenseError(f"--workers must be >= 0 and --rounds >= 1 (got {workers}, {rounds})")
+    if data is not None and not data.exists():
+        raise PolysenseError(f"--data {data} does not exist; pass a folder of .tar shards")
+    run_dataloader_bench(
+        out, data=data, samples=samples, size=size, batch=batch, workers=workers, rounds=rounds
+    )
+    _show(out, "dataloader")
