@@ -274,7 +274,7 @@ def test_streamed_source_holds_no_pixels_and_auto_streams_over_budget(shards):
     small = open_source(shards, "data.cache=off")
     large = open_source(shards, "data.cache=off", "model.vision.image_size=224")
     assert isinstance(small, ShardPairs) and isinstance(large, ShardPairs)
-    held = [s.index.nbytes + s.n_caps.nbytes for s in (small, large)]
+    held = [s.index.nbytes for s in (small, large)]
     assert held[0] == held[1] < 200 * len(small.index)
     arrays = [v for v in vars(small.index).values() if isinstance(v, np.ndarray)]
     assert all(a.dtype.kind in "iU" and a.ndim == 1 for a in arrays)  # no image-shaped array
@@ -300,6 +300,12 @@ def test_resampled_mode_draws_shard_samples_reproducibly(shards, tok):
     cfg = config("data.sampling=resampled", "data.shuffle_buffer=8")
     source = open_pairs(shards, data=cfg.data, model=cfg.model, split=None)
     assert source.index is None and len(source.urls) == N_SHARDS
+    url = f"pipe:cat {shards}/shard-00000{{0..2}}.tar"  # a remote-style URL: resampled only
+    assert open_pairs(url, data=cfg.data, model=cfg.model, split=None).urls == tuple(
+        f"pipe:cat {shards}/shard-00000{k}.tar" for k in range(3)
+    )
+    with pytest.raises(DataError, match=r"data\.sampling=resampled"):
+        open_source(url, "data.cache=off")
     captions = {c for caps in caption_lists(open_source(shards, "data.cache=on")) for c in caps}
     allowed = {tuple(row) for row in tok.encode(sorted(captions))[0].tolist()}
     recipe = ImageRecipe(tokenizer=tok, image_size=16, resize="shortest_edge", augment=Augment())

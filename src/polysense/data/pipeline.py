@@ -13,7 +13,7 @@ Three ways to batches, chosen by `data.cache` and `data.sampling` (docs/data.md)
   offsets from the tar headers, one `os.pread` per member) and decoded, resized and augmented
   in the DataLoader's workers. With augmentation off its batches equal the cache's bit for bit,
   and a resumed run sees exactly the batches an uninterrupted one would. Memory: the index
-  (~50 bytes a sample) plus the batches in flight, whatever the set's size;
+  (~100 bytes a sample) plus the batches in flight, whatever the set's size;
 - the resampled mode (`ResampledStepData`): webdataset draws shards with replacement per
   worker (local or remote URLs), a shuffle buffer mixes samples. Its batches are seeded by
   (seed, rank, worker, start step): a resumed run continues with fresh draws, not at the sample
@@ -63,11 +63,10 @@ TOKENIZER_SAMPLES = 200_000  # the resampled mode trains a BPE on this many samp
 @dataclass(frozen=True)
 class ShardPairs:
     """Streamed image-caption pairs: the local shards' index (epoch mode) or shard URLs
-    (resampled mode), never decoded pixels. `n_caps` (N,) counts each indexed sample's captions."""
+    (resampled mode), never decoded pixels."""
 
     urls: tuple[str, ...]
     index: ShardIndex | None = None
-    n_caps: torch.Tensor | None = None  # (N,) int64
     caption_key: str = "caption"
 
     def captions(self) -> Iterator[list[str]]:
@@ -181,7 +180,7 @@ def open_pairs(
             limit=limit,
             max_samples=budget if data.cache == "auto" else None,
         )
-    return _count_captions(index, limit=limit, rejects_path=rejects_path, source=text)
+    return _with_captions(index, limit=limit, rejects_path=rejects_path, source=text)
 
 
 def _shard_it(path: str | Path) -> str:
@@ -198,13 +197,12 @@ def _expand(pattern: str) -> list[str]:
     return expand_urls(pattern)
 
 
-def _count_captions(
+def _with_captions(
     index: ShardIndex, *, limit: int | None, rejects_path: Path | None, source: str
 ) -> ShardPairs:
-    """Read each sample's caption members once (not its image): the caption counts the epoch
-    order draws from; samples without a usable caption are rejects, as the reader makes them."""
+    """The indexed samples with a usable caption (their caption members read once, not their
+    images): a bad caption member is a reject, as the tar reader makes it; the first `limit`."""
     keep = np.zeros(len(index), dtype=bool)
-    counts = np.zeros(len(index), dtype=np.int64)
     kept = 0
     with Rejects(path=rejects_path) as rejects:
         for i in range(len(index)):
@@ -216,12 +214,12 @@ def _count_captions(
                 reason = str(exc).rsplit(": ", 1)[-1].split(" (", 1)[0]
                 rejects.add(key=str(index.keys[i]), reason=reason, source=source, detail=str(exc))
                 continue
-            keep[i], counts[i] = bool(texts), len(texts)
-            kept += bool(texts)
+            keep[i] = bool(texts)
+            kept += keep[i]
     if not keep.any():
         raise DataError(f"{source}: no samples with both an image and a caption")
     index = index.subset(keep)
-    return ShardPairs(urls=index.shards, index=index, n_caps=torch.from_numpy(counts[keep]))
+    return ShardPairs(urls=index.shards, index=index, caption_key=index.caption_key)
 
 
 def caption_lists(source: Source) -> Iterable[list[str]]:
@@ -262,13 +260,8 @@ class EpochStepData(Dataset):
     of the index that decodes (a warning says which)."""
 
     def __init__(self, *, source: ShardPairs, order: EpochOrder, recipe: ImageRecipe) -> None:
-        assert source.index is not None and source.n_caps is not None
-        self.index, self.n_caps, self.order, self.recipe = (
-            source.index,
-            source.n_caps,
-            order,
-            recipe,
-        )
+        assert source.index is not None
+        self.index, self.order, self.recipe = source.index, order, recipe
 
     def __len__(self) -> int:
         return sys.maxsize  # any step; the sampler says which

@@ -4,7 +4,8 @@ A tar stores every member's bytes contiguously after a 512-byte header, so readi
 once (`tarfile`, seeking over the data) gives each member's (offset, size), and a sample's bytes
 can later be read with one `os.pread` per member, in any order, by any process. The index keeps
 only the members a sample decodes from (its image and caption members) in flat numpy arrays:
-about 50 bytes per sample, so 150,000 samples cost ~8 MB however large the images are.
+about 100 bytes per sample (half of it the key), so 150,000 samples cost ~15 MB, whatever the
+images' size.
 
 Samples are grouped as webdataset groups them (consecutive members sharing `base_plus_ext`'s
 key, suffixes lower-cased, `__meta__` and non-regular members skipped), in shard order, so the

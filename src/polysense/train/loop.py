@@ -21,7 +21,6 @@ from torch import nn
 from polysense.config import RunConfig, to_dict
 from polysense.data.loader import PairData, TowerData
 from polysense.data.pipeline import ShardPairs, caption_lists, open_pairs, step_batches
-from polysense.data.readers import detect_format
 from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.errors import PolysenseError
 from polysense.losses import ContrastiveLoss
@@ -187,7 +186,7 @@ def train(
             data,
             data=cfg.data,
             model=cfg.model,
-            split="train" if detect_format(data) == "world" else None,
+            split=None,  # a world's train split; a URL is no local path to look at
             rejects_path=out / "rejects.jsonl" if rank == 0 else None,
         )
     tokenizer: Tokenizer | None = None  # a model without a text tower has none
