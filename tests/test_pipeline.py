@@ -469,3 +469,20 @@ def naive_samples_jpg(path: Path) -> list[tuple[Image.Image, list[str]]]:
         for n in sorted(members)
         if n.endswith(".jpg")
     ]
+
+
+def test_auto_takes_a_manifest_count_without_indexing(tmp_path, monkeypatch):
+    """A world's manifest lists its split sizes: data.cache=auto decides from that count (the
+    quickstart's start-up stays as it was) and indexes only when the count is over budget."""
+    import polysense.data.pipeline as pipeline
+    from polysense.data.world import generate_world
+
+    generate_world(tmp_path / "w", n=60, modalities=("image", "text"), progress=False)
+    real = pipeline.build_index
+    monkeypatch.setattr(pipeline, "build_index", lambda *a, **k: pytest.fail("indexed"))
+    cached = open_source(tmp_path / "w", "data.cache=auto")
+    assert isinstance(cached, PairData) and len(cached) == 48  # the world's 80% train split
+    monkeypatch.setattr(pipeline, "build_index", real)
+    streamed = open_source(tmp_path / "w", "data.cache=auto", "data.cache_max_gb=1e-6")
+    assert isinstance(streamed, ShardPairs) and len(streamed.index) == 48
+    assert list(streamed.index.keys) == cached.keys  # the same samples in the same order

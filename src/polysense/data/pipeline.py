@@ -22,6 +22,7 @@ Three ways to batches, chosen by `data.cache` and `data.sampling` (docs/data.md)
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -161,7 +162,10 @@ def open_pairs(
     per_sample = 3 * model.vision.image_size**2  # decoded bytes of one cached image
     budget = int(data.cache_max_gb * 1e9) // per_sample  # samples that fit the cache
     index = None
-    if shards is not None and data.cache != "on":
+    # bounds on N known without indexing: a manifest's count, data.limit
+    known = [n for n in (_listed_count(Path(path), split), limit) if n]
+    fits = data.cache == "auto" and not augment.active and bool(known) and min(known) <= budget
+    if shards is not None and data.cache != "on" and not fits:
         index = build_index(shards, image_key=data.image_key, caption_key=data.caption_key)
         n = min(len(index), limit or len(index))
         if data.cache == "auto" and n <= budget and not augment.active:
@@ -181,6 +185,19 @@ def open_pairs(
             max_samples=budget if data.cache == "auto" else None,
         )
     return _with_captions(index, limit=limit, rejects_path=rejects_path, source=text)
+
+
+def _listed_count(path: Path, split: str | None) -> int | None:
+    """The sample count a world's or `polysense data shard`'s manifest.json lists, if any."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("generator") == "polysense.world":
+            return int(manifest["splits"][split or "train"]["count"])
+        if manifest.get("generator") == "polysense.curate" and split is None:
+            return int(manifest["count"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def _shard_it(path: str | Path) -> str:
