@@ -24,14 +24,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from helpers import TINY, tiny_config
 from polysense.config import ConfigError
 from polysense.data.loader import PairBatches, PairData
-from polysense.data.pipeline import (
-    ImageRecipe,
-    ResampledStepData,
-    ShardPairs,
-    caption_lists,
-    open_pairs,
-    step_batches,
-)
+from polysense.data.pipeline import ShardPairs, caption_lists, open_pairs, step_batches
+from polysense.data.streaming import PairRecipe, ResampledStepData
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import CLIP_MEAN, CLIP_STD, Augment, resize_center_crop, train_image
 from polysense.errors import DataError
@@ -213,9 +207,9 @@ def test_ranks_and_workers_cover_every_sample_once_per_epoch(solid_shards, tok):
         )
         for epoch in epochs:
             epoch.append([])
-        for step, (worker, (images, _)) in enumerate(loader):
+        for step, (worker, raw) in enumerate(loader):
             workers.add(worker)
-            for image in images.numpy():
+            for image in raw["image"].numpy():
                 i = next(i for i in range(48) if tuple(image[0, 0]) == colour(i))
                 assert (image == np.uint8(colour(i))).all()
                 epochs[step // steps_per_epoch][rank].append(i)
@@ -308,7 +302,7 @@ def test_resampled_mode_draws_shard_samples_reproducibly(shards, tok):
         open_source(url, "data.cache=off")
     captions = {c for caps in caption_lists(open_source(shards, "data.cache=on")) for c in caps}
     allowed = {tuple(row) for row in tok.encode(sorted(captions))[0].tolist()}
-    recipe = ImageRecipe(tokenizer=tok, image_size=16, resize="shortest_edge", augment=Augment())
+    recipe = PairRecipe(tokenizer=tok, image_size=16, resize="shortest_edge", augment=Augment())
 
     def first(start, n=3):
         data = ResampledStepData(
@@ -322,7 +316,7 @@ def test_resampled_mode_draws_shard_samples_reproducibly(shards, tok):
             image_key="image",
             caption_key="caption",
         )
-        return [b for _, b in zip(range(n), data, strict=False)]
+        return [(b["image"], b["text"]) for _, b in zip(range(n), data, strict=False)]
 
     a, b, c = first(0), first(0), first(5)
     for (x, ids), (y, ids2) in zip(a, b, strict=True):
@@ -486,3 +480,64 @@ def test_auto_takes_a_manifest_count_without_indexing(tmp_path, monkeypatch):
     streamed = open_source(tmp_path / "w", "data.cache=auto", "data.cache_max_gb=1e-6")
     assert isinstance(streamed, ShardPairs) and len(streamed.index) == 48
     assert list(streamed.index.keys) == cached.keys  # the same samples in the same order
+
+
+@pytest.fixture(scope="module")
+def av_world(tmp_path_factory) -> Path:
+    from polysense.data.world import generate_world
+
+    root = tmp_path_factory.mktemp("av") / "w"
+    generate_world(root, n=50, modalities=("image", "text", "audio", "video"), progress=False)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("preset", "hard"),
+    [("video-clip-tiny", "motion"), ("imagebind-tiny", "none"), ("av-tiny", "none")],
+)
+def test_towers_stream_the_cache_batches(av_world, preset, hard):
+    """Audio/video towers: streamed batches (2 workers) equal the tower cache's (TowerBatches)
+    bit for bit, hard negatives and towers without text included, for 2 ranks."""
+    from polysense.data.loader import TowerBatches
+
+    sizes = (
+        "model.video.image_size=16",
+        "model.video.num_frames=4",
+        "model.audio.clip_seconds=0.5",
+        "model.text.context_length=32",  # the motion captions keep their direction
+    )
+    tok = None
+    for rank in range(2):
+        got = {}
+        for cache in ("on", "off"):
+            cfg = tiny_config(preset, *sizes, f"data.cache={cache}", "data.num_workers=2")
+            source = open_pairs(av_world, data=cfg.data, model=cfg.model, split=None)
+            if tok is None and "text" in cfg.model.towers:
+                tok = build_tokenizer(cfg, caption_lists(source))
+            got[cache] = step_batches(
+                source,
+                data=cfg.data,
+                model=cfg.model,
+                tokenizer=tok if "text" in cfg.model.towers else None,
+                batch_size=8,
+                seed=2,
+                hard_negatives=hard,
+                rank=rank,
+                world=2,
+            )
+        assert isinstance(got["on"], TowerBatches) and not isinstance(got["off"], TowerBatches)
+        for step in (0, 1, 6, 2):
+            a, b = got["on"].batch(step), got["off"].batch(step)
+            assert list(a) == list(b)  # the same inputs, in the same order
+            assert ("hard_text" in a) == (hard == "motion")
+            for name in a:
+                assert torch.equal(a[name], b[name]), (preset, rank, step, name)
+        got["off"].close()
+
+
+def test_towers_refuse_what_they_cannot_stream(av_world):
+    """Tower models stream in the epoch mode only, without augmentation."""
+    for extra in ("data.sampling=resampled", "data.flip=true"):
+        cfg = tiny_config("clap-tiny", extra)
+        with pytest.raises(ConfigError, match=r"data\.sampling=epoch"):
+            open_pairs(av_world, data=cfg.data, model=cfg.model, split=None)

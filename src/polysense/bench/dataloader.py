@@ -147,7 +147,7 @@ def _one_pass(loader: DataLoader, batches: int | None) -> tuple[int, float, list
     samples, shape = 0, []
     it: Iterator = iter(loader)
     for k, item in enumerate(it):
-        images = item[0] if isinstance(item, list | tuple) else item  # (B, S, S, 3)
+        images = item["image"] if isinstance(item, dict) else item  # (B, S, S, 3)
         samples += images.shape[0]
         shape = list(images.shape)
         if batches is not None and k + 1 >= batches:

@@ -55,18 +55,21 @@ def collect_pairs(
         if sample.get("image") is None or not texts:
             continue
         if max_samples is not None and len(keys) >= max_samples:
-            raise DataError(
-                f"{source}: more than {max_samples} samples, whose decoded images exceed "
-                "data.cache_max_gb; convert the source to webdataset shards (`polysense data "
-                "shard SOURCE --out DIR`) and train on DIR, which streams, or raise "
-                "data.cache_max_gb"
-            )
+            raise DataError(_over_budget(source, max_samples))
         keys.append(sample["key"])
         arrays.append(np.asarray(resizer(sample["image"], image_size), dtype=np.uint8))
         captions.append(texts)
     if not keys:
         raise DataError(f"{source}: no samples with both an image and a caption")
     return PairData(keys=keys, images=torch.from_numpy(np.stack(arrays)), captions=captions)
+
+
+def _over_budget(source: str, max_samples: int) -> str:
+    return (
+        f"{source}: more than {max_samples} samples, whose decoded arrays exceed "
+        "data.cache_max_gb; convert the source to webdataset shards (`polysense data shard "
+        "SOURCE --out DIR`) and train on DIR, which streams, or raise data.cache_max_gb"
+    )
 
 
 def load_pairs(
@@ -214,6 +217,44 @@ class TowerData:
         return len(self.keys)
 
 
+def tower_arrays(
+    sample: dict,
+    *,
+    modalities: tuple[str, ...],
+    image_size: int = 32,
+    audio_samples: int = 16000,
+    video_frames: int = 8,
+    video_size: int = 32,
+) -> dict[str, np.ndarray] | None:
+    """One sample's arrays as the tower cache holds them ("image" (H, W, 3) uint8, "audio" (S,)
+    float16, "video" (T, H, W, 3) uint8), or None when it lacks one of `modalities`; audio is
+    centre-cropped or padded to `audio_samples` (already at the model's rate), videos are
+    `video_frames` frames (sampled uniformly) resized to `video_size`."""
+    from polysense.data.readers import fit_clip, sample_frame_indices
+
+    texts = [t for t in sample.get("text") or [] if t and t.strip()]
+    if ("text" in modalities and not texts) or any(
+        sample.get(m) is None for m in modalities if m != "text"
+    ):
+        return None
+    out = {}
+    if "image" in modalities:
+        out["image"] = np.asarray(resize_center_crop(sample["image"], image_size))
+    if "audio" in modalities:
+        out["audio"] = fit_clip(sample["audio"], audio_samples).astype(np.float16)
+    if "video" in modalities:
+        video = sample["video"]
+        video = video[sample_frame_indices(len(video), video_frames)]  # (T, H, W, 3)
+        if video.shape[1:3] != (video_size, video_size):
+            from PIL import Image
+
+            video = np.stack(
+                [np.asarray(resize_center_crop(Image.fromarray(f), video_size)) for f in video]
+            )
+        out["video"] = video
+    return out
+
+
 def collect_towers(
     samples: Iterable[dict],
     *,
@@ -223,37 +264,31 @@ def collect_towers(
     video_frames: int = 8,
     video_size: int = 32,
     source: str = "data",
+    max_samples: int | None = None,
 ) -> TowerData:
-    """Keep the samples that have every modality in `modalities`; audio is centre-cropped or
-    padded to `audio_samples` (already at the model's rate), videos are `video_frames` frames
-    (sampled uniformly) resized to `video_size`."""
-    from polysense.data.readers import fit_clip, sample_frame_indices
-
+    """Keep the samples that have every modality in `modalities`, as `tower_arrays` makes them;
+    more than `max_samples` is the DataError `collect_pairs` raises."""
     keys: list[str] = []
     captions: list[list[str]] = []
     cols: dict[str, list[np.ndarray]] = {m: [] for m in ("image", "audio", "video")}
     for sample in samples:
-        texts = [t for t in sample.get("text") or [] if t and t.strip()]
-        if ("text" in modalities and not texts) or any(
-            sample.get(m) is None for m in modalities if m != "text"
-        ):
+        arrays = tower_arrays(
+            sample,
+            modalities=modalities,
+            image_size=image_size,
+            audio_samples=audio_samples,
+            video_frames=video_frames,
+            video_size=video_size,
+        )
+        if arrays is None:
             continue
+        if max_samples is not None and len(keys) >= max_samples:
+            raise DataError(_over_budget(source, max_samples))
         keys.append(sample["key"])
+        texts = [t for t in sample.get("text") or [] if t and t.strip()]
         captions.append(texts if "text" in modalities else [])
-        if "image" in modalities:
-            cols["image"].append(np.asarray(resize_center_crop(sample["image"], image_size)))
-        if "audio" in modalities:
-            cols["audio"].append(fit_clip(sample["audio"], audio_samples).astype(np.float16))
-        if "video" in modalities:
-            video = sample["video"]
-            video = video[sample_frame_indices(len(video), video_frames)]  # (T, H, W, 3)
-            if video.shape[1:3] != (video_size, video_size):
-                from PIL import Image
-
-                video = np.stack(
-                    [np.asarray(resize_center_crop(Image.fromarray(f), video_size)) for f in video]
-                )
-            cols["video"].append(video)
+        for name, array in arrays.items():
+            cols[name].append(array)
     if not keys:
         raise DataError(f"{source}: no samples with all of {', '.join(modalities)}")
 
@@ -278,6 +313,7 @@ def load_towers(
     image_key: str = "image",
     rejects_path: Path | None = None,
     limit: int | None = None,
+    max_samples: int | None = None,
 ) -> TowerData:
     """Read any supported source into memory for the towers of `model` (a `ModelConfig`); a
     wrong column is named with its config override, as in `load_pairs`."""
@@ -304,6 +340,7 @@ def load_towers(
             video_frames=video.num_frames,
             video_size=video.image_size,
             source=where,
+            max_samples=max_samples,
         )
 
 
@@ -323,6 +360,24 @@ def motion_negatives(caption: str) -> list[str]:
             f"{'|'.join(DIRECTIONS)}' (a world's motion_caption), got {caption!r}"
         )
     return [with_direction(caption, d) for d in DIRECTIONS if d != own]
+
+
+def motion_negative_ids(
+    tokenizer: Tokenizer, captions: list[str], ids: torch.Tensor
+) -> torch.Tensor:
+    """(n, H, L) ids of each caption's `motion_negatives`, given the captions' own ids (n, L); a
+    caption whose direction truncation cuts off (a "negative" equal to it) is a DataError."""
+    negatives = [n for c in captions for n in motion_negatives(c)]
+    flat, _ = tokenizer.encode(negatives)  # (n H, L)
+    hard = flat.view(len(captions), -1, flat.shape[1])  # (n, H, L)
+    cut = (hard == ids[:, None]).all(dim=2).any(dim=1)  # (n,)
+    if cut.any():
+        raise DataError(
+            f"{int(cut.sum())} captions lose their direction to truncation at "
+            f"{flat.shape[1]} tokens (e.g. {captions[int(cut.nonzero()[0])]!r}); raise "
+            "model.text.context_length"
+        )
+    return hard
 
 
 class TowerBatches(PairBatches):
@@ -370,16 +425,7 @@ class TowerBatches(PairBatches):
             if not has_text:
                 raise DataError("train.hard_negatives=motion needs a text tower and captions")
             flat = [c for caps in data.captions for c in caps]
-            negatives = [n for c in flat for n in motion_negatives(c)]
-            ids, _ = tokenizer.encode(negatives)  # (total_captions * H, L)
-            self.hard_ids = ids.view(len(flat), -1, ids.shape[1])
-            cut = (self.hard_ids == self.ids[:, None]).all(dim=2).any(dim=1)  # (total_captions,)
-            if cut.any():  # truncated before the direction: a "negative" equal to the caption
-                raise DataError(
-                    f"{int(cut.sum())} captions lose their direction to truncation at "
-                    f"{ids.shape[1]} tokens (e.g. {flat[int(cut.nonzero()[0])]!r}); raise "
-                    "model.text.context_length"
-                )
+            self.hard_ids = motion_negative_ids(tokenizer, flat, self.ids)
         elif hard_negatives != "none":
             raise DataError(f"hard_negatives={hard_negatives!r}: use 'none' or 'motion'")
 
@@ -387,20 +433,43 @@ class TowerBatches(PairBatches):
         """{"image": (b, 3, H, W), "text": (b, L), "audio": (b, S), "video": (b, T, 3, H, W)},
         plus "hard_text": (b, H, L) with hard negatives."""
         idx, caption_idx = self.indices(step)
-        d, out = self.towers, {}
+        d, raw = self.towers, {}
         if d.images is not None:
-            out["image"] = normalize(d.images[idx], self.mean, self.std)
+            raw["image"] = d.images[idx]
         if self.has_text:
-            out["text"] = self.ids[caption_idx]
+            raw["text"] = self.ids[caption_idx]
         if self.hard_ids is not None:
-            out["hard_text"] = self.hard_ids[caption_idx]  # (b, H, L)
+            raw["hard_text"] = self.hard_ids[caption_idx]  # (b, H, L)
         if d.audio is not None:
-            out["audio"] = d.audio[idx].float()  # (b, S)
+            raw["audio"] = d.audio[idx]
         if d.video is not None:
-            clips = d.video[idx]  # (b, T, H, W, 3) uint8
-            frames = normalize(clips.flatten(0, 1), self.video_mean, self.video_std)
-            out["video"] = frames.view(*clips.shape[:2], *frames.shape[1:])  # (b, T, 3, H, W)
-        return out
+            raw["video"] = d.video[idx]
+        return model_inputs(
+            raw, image=(self.mean, self.std), video=(self.video_mean, self.video_std)
+        )
+
+
+def model_inputs(
+    raw: dict[str, torch.Tensor],
+    *,
+    image: tuple[tuple[float, ...], tuple[float, ...]],
+    video: tuple[tuple[float, ...], tuple[float, ...]],
+) -> dict[str, torch.Tensor]:
+    """A tower batch as the model takes it: "image" uint8 (b, H, W, 3) -> standardised float32
+    (b, 3, H, W) with `image` = (mean, std), "video" uint8 (b, T, H, W, 3) -> (b, T, 3, H, W)
+    with `video`'s, "audio" float16 (b, S) -> float32; token ids unchanged."""
+    out = {}
+    for name, x in raw.items():
+        if name == "image":
+            out[name] = normalize(x, *image)
+        elif name == "video":
+            frames = normalize(x.flatten(0, 1), *video)  # (b T, 3, H, W)
+            out[name] = frames.view(*x.shape[:2], *frames.shape[1:])  # (b, T, 3, H, W)
+        elif name == "audio":
+            out[name] = x.float()  # (b, S)
+        else:
+            out[name] = x
+    return out
 
 
 class _NoTokens:

@@ -1,40 +1,40 @@
-"""The training data pipeline of the contrastive family: batches streamed from webdataset shards
-through torch DataLoader workers, or the decoded in-memory cache when the set is small.
+"""The training data of the contrastive family (image-text and any towers): the decoded cache
+when the set is small, else batches streamed from webdataset shards through torch DataLoader
+workers (`polysense.data.streaming`).
 
     source = open_pairs("runs/shards", data=cfg.data, model=cfg.model, split=None)
     batches = step_batches(source, data=cfg.data, model=cfg.model, tokenizer=tok, ...)
     images, ids = batches.batch(step)  # what `fit` calls, step after step
 
 Three ways to batches, chosen by `data.cache` and `data.sampling` (docs/data.md):
-- the decoded cache (`PairBatches`): every image decoded once into memory; `auto` takes it when
-  N x H x W x 3 bytes fit `data.cache_max_gb` and no augmentation is on (the world's 32 px);
-- the epoch mode (`EpochStepData`): a map-style dataset whose item s is this rank's batch of
-  step s, in the cache's own `EpochOrder`, each sample read by random access (`ShardIndex`:
-  offsets from the tar headers, one `os.pread` per member) and decoded, resized and augmented
-  in the DataLoader's workers. With augmentation off its batches equal the cache's bit for bit,
-  and a resumed run sees exactly the batches an uninterrupted one would. Memory: the index
-  (~100 bytes a sample) plus the batches in flight, whatever the set's size;
-- the resampled mode (`ResampledStepData`): webdataset draws shards with replacement per
-  worker (local or remote URLs), a shuffle buffer mixes samples. Its batches are seeded by
-  (seed, rank, worker, start step): a resumed run continues with fresh draws, not at the sample
-  where it stopped.
+- the decoded cache (`PairBatches`, `TowerBatches`): every sample decoded once into memory;
+  `auto` takes it when the decoded arrays (N x H x W x 3 bytes for images) fit
+  `data.cache_max_gb` and no augmentation is on (the world's 32 px);
+- the epoch mode (`EpochStepData`): item s of a map-style dataset is this rank's batch of step
+  s in the cache's own `EpochOrder`, each sample read by random access (`ShardIndex`: offsets
+  from the tar headers, one `os.pread` per member) and decoded, resized and augmented in the
+  DataLoader's workers. With augmentation off its batches equal the cache's bit for bit, and a
+  resumed run sees exactly the batches an uninterrupted one would. Memory: the index (~100
+  bytes a sample) plus the batches in flight, whatever the set's size;
+- the resampled mode (`ResampledStepData`, image-text): webdataset draws shards with
+  replacement per worker (local or remote URLs), a shuffle buffer mixes samples; batches are
+  seeded by (seed, rank, worker, start step), so a resumed run continues with fresh draws, not
+  at the sample where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from polysense.config import ConfigError
 from polysense.data.loader import (
@@ -45,17 +45,22 @@ from polysense.data.loader import (
     TowerData,
     load_pairs,
     load_towers,
+    model_inputs,
+    motion_negative_ids,
     normalize,
 )
-from polysense.data.readers import (
-    Rejects,
-    decode_tar_sample,
-    detect_format,
-    shard_files,
-)
+from polysense.data.readers import Rejects, decode_tar_sample, detect_format, shard_files
 from polysense.data.shard_index import ShardIndex, build_index, text_member
+from polysense.data.streaming import (
+    EpochStepData,
+    PairRecipe,
+    ResampledStepData,
+    StepStream,
+    TowerRecipe,
+    captions_of,
+)
 from polysense.data.tokenizer import Tokenizer
-from polysense.data.transforms import Augment, train_image
+from polysense.data.transforms import Augment
 from polysense.errors import DataError
 
 TOKENIZER_SAMPLES = 200_000  # the resampled mode trains a BPE on this many samples' captions
@@ -63,8 +68,8 @@ TOKENIZER_SAMPLES = 200_000  # the resampled mode trains a BPE on this many samp
 
 @dataclass(frozen=True)
 class ShardPairs:
-    """Streamed image-caption pairs: the local shards' index (epoch mode) or shard URLs
-    (resampled mode), never decoded pixels."""
+    """Streamed samples: the local shards' index (epoch mode) or shard URLs (resampled mode),
+    never decoded pixels."""
 
     urls: tuple[str, ...]
     index: ShardIndex | None = None
@@ -75,14 +80,14 @@ class ShardPairs:
         TOKENIZER_SAMPLES), for training a tokenizer without holding them all."""
         if self.index is not None:
             for i in range(len(self.index)):
-                yield _texts(self.index.sample(i, images=False))
+                yield captions_of(self.index.sample(i, media=False))
             return
         for n, raw in enumerate(_raw_stream(list(self.urls))):
             if n >= TOKENIZER_SAMPLES:
                 return
             members = [(k, v) for k, v in raw.items() if text_member(k, self.caption_key)]
             try:
-                texts = _texts(
+                texts = captions_of(
                     decode_tar_sample(
                         members, key=raw["__key__"], source="", caption_key=self.caption_key
                     )
@@ -94,10 +99,6 @@ class ShardPairs:
 
 
 Source = PairData | TowerData | ShardPairs
-
-
-def _texts(sample: dict[str, Any]) -> list[str]:
-    return [t for t in sample.get("text") or [] if t and t.strip()]
 
 
 def augment_of(data: Any) -> Augment:
@@ -120,24 +121,15 @@ def open_pairs(
     """The training samples at `path` for a model of config `model` (a `ModelConfig`), cached
     or streamed as `data` (a `DataConfig`) says; errors name the field and the fix."""
     augment = augment_of(data)
-    multi = tuple(model.towers) != ("image", "text")
+    towers = tuple(model.towers)
+    multi = towers != ("image", "text")
     limit = data.limit or None
-    if multi:
-        if data.cache == "off" or data.sampling != "epoch" or augment.active:
-            raise ConfigError(
-                f"towers {','.join(model.towers)} train from the decoded cache only; set "
-                "data.cache=auto, data.sampling=epoch and leave the augmentations off"
-            )
-        return load_towers(
-            path,
-            split=split,
-            model=model,
-            image_key=data.image_key,
-            caption_key=data.caption_key,
-            rejects_path=rejects_path,
-            limit=limit,
-        )
     text = str(path)
+    if multi and (data.sampling != "epoch" or augment.active):
+        raise ConfigError(
+            f"towers {','.join(towers)} train in the epoch mode without augmentations; set "
+            "data.sampling=epoch and leave data.crop_scale_min, data.jitter and data.flip off"
+        )
     if data.sampling == "resampled":
         if data.cache == "on" or limit:
             raise ConfigError(
@@ -159,32 +151,54 @@ def open_pairs(
             "batches; set data.cache=auto or off"
         )
     shards = shard_files(path, split=split)
-    per_sample = 3 * model.vision.image_size**2  # decoded bytes of one cached image
-    budget = int(data.cache_max_gb * 1e9) // per_sample  # samples that fit the cache
+    budget = int(data.cache_max_gb * 1e9) // decoded_bytes(model)  # samples the cache holds
     index = None
     # bounds on N known without indexing: a manifest's count, data.limit
     known = [n for n in (_listed_count(Path(path), split), limit) if n]
     fits = data.cache == "auto" and not augment.active and bool(known) and min(known) <= budget
     if shards is not None and data.cache != "on" and not fits:
-        index = build_index(shards, image_key=data.image_key, caption_key=data.caption_key)
+        index = build_index(
+            shards,
+            modalities=towers,
+            image_key=data.image_key,
+            caption_key=data.caption_key,
+            sample_rate=model.audio.sample_rate if "audio" in towers else None,
+        )
         n = min(len(index), limit or len(index))
         if data.cache == "auto" and n <= budget and not augment.active:
             index = None  # it fits: the decoded cache
     elif shards is None and (data.cache == "off" or augment.active):
         raise DataError(_shard_it(path))
     if index is None:
+        read = {
+            "split": split,
+            "image_key": data.image_key,
+            "caption_key": data.caption_key,
+            "rejects_path": rejects_path,
+            "limit": limit,
+            "max_samples": budget if data.cache == "auto" else None,
+        }
+        if multi:
+            return load_towers(path, model=model, **read)
         return load_pairs(
-            path,
-            split=split,
-            image_size=model.vision.image_size,
-            resize=model.vision.resize,
-            image_key=data.image_key,
-            caption_key=data.caption_key,
-            rejects_path=rejects_path,
-            limit=limit,
-            max_samples=budget if data.cache == "auto" else None,
+            path, image_size=model.vision.image_size, resize=model.vision.resize, **read
         )
+    if "text" not in towers:
+        index = index.subset(np.arange(len(index)) < (limit or len(index)))
+        return ShardPairs(urls=index.shards, index=index, caption_key=data.caption_key)
     return _with_captions(index, limit=limit, rejects_path=rejects_path, source=text)
+
+
+def decoded_bytes(model: Any) -> int:
+    """Bytes one sample takes in the decoded cache: uint8 image and video, float16 audio."""
+    towers, n = model.towers, 0
+    if "image" in towers:
+        n += 3 * model.vision.image_size**2
+    if "audio" in towers:
+        n += 2 * round(model.audio.sample_rate * model.audio.clip_seconds)
+    if "video" in towers:
+        n += 3 * model.video.num_frames * model.video.image_size**2
+    return max(n, 1)
 
 
 def _listed_count(path: Path, split: str | None) -> int | None:
@@ -226,7 +240,7 @@ def _with_captions(
             if limit and kept >= limit:
                 break
             try:
-                texts = _texts(index.sample(i, images=False))
+                texts = captions_of(index.sample(i, media=False))
             except DataError as exc:
                 reason = str(exc).rsplit(": ", 1)[-1].split(" (", 1)[0]
                 rejects.add(key=str(index.keys[i]), reason=reason, source=source, detail=str(exc))
@@ -246,156 +260,6 @@ def caption_lists(source: Source) -> Iterable[list[str]]:
 
 # ---------------------------------------------------------------------------------------------
 # batches
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImageRecipe:
-    """How a worker turns a decoded sample into training pixels and caption ids."""
-
-    tokenizer: Tokenizer
-    image_size: int
-    resize: str
-    augment: Augment
-
-    def pixels(self, image: Any, rng: np.random.Generator, captions: list[str]) -> np.ndarray:
-        """uint8 (H, W, 3)."""
-        return train_image(
-            image,
-            size=self.image_size,
-            resize=self.resize,
-            augment=self.augment,
-            rng=rng,
-            captions=captions,
-        )
-
-
-class EpochStepData(Dataset):
-    """Item `step` = this rank's batch of that step in the `EpochOrder`, decoded from the
-    shards: (images (b, H, W, 3) uint8, ids (b, L)). Sample j of the global batch draws its
-    augmentation from a generator seeded by (seed, step, j), so every rank and worker count
-    gives the same batch. A sample whose image fails to decode is replaced by the next sample
-    of the index that decodes (a warning says which)."""
-
-    def __init__(self, *, source: ShardPairs, order: EpochOrder, recipe: ImageRecipe) -> None:
-        assert source.index is not None
-        self.index, self.order, self.recipe = source.index, order, recipe
-
-    def __len__(self) -> int:
-        return sys.maxsize  # any step; the sampler says which
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, u = self.order.global_batch(step)  # (B,), (B,)
-        images, texts = [], []
-        for j in range(self.order.part.start, self.order.part.stop):
-            i = int(batch[j])
-            sample = self._decodable(i)
-            captions = _texts(sample)
-            pick = int((u[j : j + 1] * len(captions)).long())  # PairBatches' draw, per sample
-            texts.append(captions[pick])
-            rng = np.random.default_rng((self.order.seed, step, j))
-            images.append(self.recipe.pixels(sample["image"], rng, captions))
-        ids, _ = self.recipe.tokenizer.encode(texts)  # (b, L)
-        return torch.from_numpy(np.stack(images)), ids  # (b, H, W, 3) uint8
-
-    def _decodable(self, i: int) -> dict[str, Any]:
-        for k in range(len(self.index)):
-            j = (i + k) % len(self.index)
-            try:
-                sample = self.index.sample(j)
-            except DataError as exc:
-                warnings.warn(f"{exc}; using the next sample", stacklevel=2)
-                continue
-            if sample.get("image") is not None and _texts(sample):
-                return sample
-        raise DataError(f"{self.index.shards[0]}: no sample of the index decodes")
-
-
-class ResampledStepData(IterableDataset):
-    """Batches of `batch` samples drawn with replacement: each worker resamples the shards
-    (webdataset's ResampledShards), shuffles through a buffer and decodes; every random choice
-    is seeded by (seed, rank, worker, start step)."""
-
-    def __init__(
-        self,
-        *,
-        urls: tuple[str, ...],
-        batch: int,
-        buffer: int,
-        seed: int,
-        rank: int,
-        start: int,
-        recipe: ImageRecipe,
-        image_key: str,
-        caption_key: str,
-    ) -> None:
-        self.urls, self.batch, self.buffer, self.recipe = urls, batch, buffer, recipe
-        self.seed_parts = (seed, rank, start)
-        self.keys = {"image_key": image_key, "caption_key": caption_key}
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import webdataset as wds
-
-        info = get_worker_info()
-        seed, rank, start = self.seed_parts
-        seq = np.random.SeedSequence((seed, rank, info.id if info else 0, start))
-        worker_seed = int(seq.generate_state(1)[0])
-        rng = np.random.default_rng(seq)
-        samples = wds.DataPipeline(
-            wds.ResampledShards(
-                list(self.urls), seed=worker_seed, worker_seed=lambda: 0, deterministic=True
-            ),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.shuffle(self.buffer, initial=self.buffer, rng=random.Random(worker_seed)),
-        )
-        images, texts = [], []
-        for raw in samples:
-            members = [(k, v) for k, v in raw.items() if not k.startswith("__")]
-            try:
-                sample = decode_tar_sample(
-                    members, key=raw["__key__"], source=raw["__url__"], **self.keys
-                )
-            except DataError as exc:
-                warnings.warn(str(exc), stacklevel=2)
-                continue
-            captions = _texts(sample)
-            if sample.get("image") is None or not captions:
-                continue
-            texts.append(captions[int(rng.integers(len(captions)))])
-            images.append(self.recipe.pixels(sample["image"], rng, captions))
-            if len(images) == self.batch:
-                ids, _ = self.recipe.tokenizer.encode(texts)
-                yield torch.from_numpy(np.stack(images)), ids
-                images, texts = [], []
-
-
-class StepStream:
-    """`fit`'s step data over a DataLoader: `batch(step)` takes the loader's next batch while
-    steps come in sequence, and opens a new loader at `step` otherwise (the first step, a
-    resume). Pixels are standardised here, as the cache does, so both give the same floats."""
-
-    def __init__(
-        self,
-        *,
-        open_at: Callable[[int], DataLoader],
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-    ) -> None:
-        self.open_at, self.mean, self.std = open_at, mean, std
-        self._batches: Iterator | None = None
-        self._next = -1
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (b, 3, H, W) float32, ids (b, L) long) of this rank at `step`."""
-        if self._batches is None or step != self._next:
-            self.close()
-            self._batches = iter(self.open_at(step))
-        images, ids = next(self._batches)
-        self._next = step + 1
-        return normalize(images, self.mean, self.std), ids
-
-    def close(self) -> None:
-        """Stop the loader's workers (they also stop when this process dies)."""
-        self._batches = None  # the iterator's finaliser shuts its workers down
 
 
 def _loader(dataset: Dataset, *, workers: int, sampler: Iterable[int] | None) -> DataLoader:
@@ -422,8 +286,9 @@ def step_batches(
     rank: int = 0,
     world: int = 1,
 ) -> PairBatches | StepStream:
-    """The step data `fit` trains on, for `source` as `open_pairs` opened it."""
-    vision = model.vision
+    """The step data `fit` trains on, for `source` as `open_pairs` opened it: `batch(step)`
+    gives (images, ids) for image-text models, {modality: tensor} for other towers."""
+    vision, video = model.vision, model.video
     if isinstance(source, TowerData):
         return TowerBatches(
             data=source,
@@ -432,14 +297,14 @@ def step_batches(
             seed=seed,
             image_mean=vision.image_mean,
             image_std=vision.image_std,
-            video_mean=model.video.image_mean,
-            video_std=model.video.image_std,
+            video_mean=video.image_mean,
+            video_std=video.image_std,
             hard_negatives=hard_negatives,
             rank=rank,
             world=world,
         )
-    assert tokenizer is not None
     if isinstance(source, PairData):
+        assert tokenizer is not None
         return PairBatches(
             data=source,
             tokenizer=tokenizer,
@@ -450,16 +315,23 @@ def step_batches(
             rank=rank,
             world=world,
         )
-    recipe = ImageRecipe(
-        tokenizer=tokenizer,
-        image_size=vision.image_size,
-        resize=vision.resize,
-        augment=augment_of(data),
-    )
+    recipe = _recipe(source, model=model, data=data, tokenizer=tokenizer, hard=hard_negatives)
+    if isinstance(recipe, TowerRecipe):
+
+        def finish(raw: dict) -> Any:
+            image, clip = (vision.image_mean, vision.image_std), (video.image_mean, video.image_std)
+            return model_inputs(raw, image=image, video=clip)
+
+    else:
+
+        def finish(raw: dict) -> Any:
+            return normalize(raw["image"], vision.image_mean, vision.image_std), raw["text"]
+
     workers = data.num_workers
     if source.index is None:  # resampled
         if batch_size % world:
             raise DataError(f"batch_size={batch_size} must be divisible by {world} processes")
+        assert isinstance(recipe, PairRecipe)
 
         def open_at(step: int) -> DataLoader:
             stream = ResampledStepData(
@@ -479,12 +351,47 @@ def step_batches(
         order = EpochOrder(
             n=len(source.index), batch_size=batch_size, seed=seed, rank=rank, world=world
         )
-        steps = EpochStepData(source=source, order=order, recipe=recipe)
+        steps = EpochStepData(index=source.index, order=order, recipe=recipe)
 
         def open_at(step: int) -> DataLoader:
             return _loader(steps, workers=workers, sampler=range(step, sys.maxsize))
 
-    return StepStream(open_at=open_at, mean=vision.image_mean, std=vision.image_std)
+    return StepStream(open_at=open_at, finish=finish)
+
+
+def _recipe(
+    source: ShardPairs, *, model: Any, data: Any, tokenizer: Tokenizer | None, hard: str
+) -> PairRecipe | TowerRecipe:
+    """What a worker makes of each sample for this model (hard negatives checked up front)."""
+    towers = tuple(model.towers)
+    if towers == ("image", "text"):
+        assert tokenizer is not None
+        return PairRecipe(
+            tokenizer=tokenizer,
+            image_size=model.vision.image_size,
+            resize=model.vision.resize,
+            augment=augment_of(data),
+        )
+    if hard not in ("none", "motion"):
+        raise DataError(f"hard_negatives={hard!r}: use 'none' or 'motion'")
+    has_text = "text" in towers and tokenizer is not None
+    if hard == "motion":
+        if not has_text:
+            raise DataError("train.hard_negatives=motion needs a text tower and captions")
+        flat = [c for caps in caption_lists(source) for c in caps]
+        for i in range(0, len(flat), 4096):  # every caption keeps its direction (or fail now)
+            chunk = flat[i : i + 4096]
+            motion_negative_ids(tokenizer, chunk, tokenizer.encode(chunk)[0])
+    audio = model.audio
+    return TowerRecipe(
+        tokenizer=tokenizer if has_text else None,
+        modalities=towers,
+        image_size=model.vision.image_size,
+        audio_samples=round(audio.sample_rate * audio.clip_seconds),
+        video_frames=model.video.num_frames,
+        video_size=model.video.image_size,
+        hard_negatives=hard == "motion",
+    )
 
 
 def _raw_stream(urls: list[str]) -> Iterator[dict[str, Any]]:

@@ -1132,9 +1132,11 @@ def decode_tar_sample(
     source: str,
     image_key: str = "image",
     caption_key: str = "caption",
+    sample_rate: int | None = None,
 ) -> dict[str, Any]:
     """One tar sample from its (suffix, bytes) members, decoded member by member as the tar
-    reader decodes it (same caps); a bad member raises DataError naming the reason."""
+    reader decodes it (same caps; audio resampled to `sample_rate` when given); a bad member
+    raises DataError naming the reason."""
     opts = _Options(
         split=None,
         image_key=image_key,
@@ -1144,6 +1146,7 @@ def decode_tar_sample(
         caption_template="",
         rejects=Rejects(),
         key_fix=CONFIG_FIX,
+        sample_rate=sample_rate,
     )
     sample: dict[str, Any] = {"key": key, "source": source}
     try:

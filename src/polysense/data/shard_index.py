@@ -14,6 +14,7 @@ index lists the samples in the order `read_samples` yields them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tarfile
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from polysense.data.readers import IMAGE_EXTS, decode_tar_sample
+from polysense.data.readers import IMAGE_EXTS, VIDEO_EXTS, decode_tar_sample
 from polysense.errors import DataError
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
@@ -42,6 +43,14 @@ def text_member(suffix: str, caption_key: str) -> bool:
     return suffix in ("json", "txt", "caption", caption_key)
 
 
+def media_member(suffix: str, modality: str) -> bool:
+    """Whether the tar reader decodes this member as the sample's audio or video."""
+    last = suffix.rsplit(".", 1)[-1]
+    if modality == "audio":
+        return last in ("wav", "flac", "ogg")
+    return modality == "video" and (last == "npy" or "." + last in VIDEO_EXTS)
+
+
 @dataclass(frozen=True)
 class ShardIndex:
     """N samples of local tar shards: sample i's members are rows starts[i]:starts[i + 1] of the
@@ -57,6 +66,7 @@ class ShardIndex:
     suffixes: tuple[str, ...]
     image_key: str = "image"
     caption_key: str = "caption"
+    sample_rate: int | None = None  # audio is resampled to this rate when decoded
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -73,25 +83,22 @@ class ShardIndex:
         counts = np.diff(self.starts)  # (N,) members per sample
         member = np.repeat(np.asarray(keep, dtype=bool), counts)  # (M,)
         starts = np.concatenate([[0], np.cumsum(counts[rows])]).astype(np.int64)
-        return ShardIndex(
-            shards=self.shards,
+        return dataclasses.replace(
+            self,
             keys=self.keys[rows],
             shard=self.shard[rows],
             starts=starts,
             offset=self.offset[member],
             size=self.size[member],
             suffix=self.suffix[member],
-            suffixes=self.suffixes,
-            image_key=self.image_key,
-            caption_key=self.caption_key,
         )
 
-    def members(self, i: int, *, images: bool = True) -> Iterator[tuple[str, bytes]]:
-        """(suffix, bytes) of sample i's members in tar order (`images=False`: captions only)."""
+    def members(self, i: int, *, media: bool = True) -> Iterator[tuple[str, bytes]]:
+        """(suffix, bytes) of sample i's members in tar order (`media=False`: captions only)."""
         fd = _open(self.shards[int(self.shard[i])])
         for m in range(int(self.starts[i]), int(self.starts[i + 1])):
             suffix = self.suffixes[int(self.suffix[m])]
-            if not images and image_member(suffix, self.image_key):
+            if not media and not text_member(suffix, self.caption_key):
                 continue
             data = os.pread(fd, int(self.size[m]), int(self.offset[m]))
             if len(data) != int(self.size[m]):
@@ -101,14 +108,15 @@ class ShardIndex:
                 )
             yield suffix, data
 
-    def sample(self, i: int, *, images: bool = True) -> dict:
+    def sample(self, i: int, *, media: bool = True) -> dict:
         """Sample i decoded as `read_samples` decodes it (DataError for a bad member)."""
         return decode_tar_sample(
-            self.members(i, images=images),
+            self.members(i, media=media),
             key=str(self.keys[i]),
             source=self.shards[int(self.shard[i])],
             image_key=self.image_key,
             caption_key=self.caption_key,
+            sample_rate=self.sample_rate,
         )
 
 
@@ -129,12 +137,26 @@ def _open(path: str) -> int:
 
 
 def build_index(
-    shards: Sequence[str], *, image_key: str = "image", caption_key: str = "caption"
+    shards: Sequence[str],
+    *,
+    modalities: Sequence[str] = ("image", "text"),
+    image_key: str = "image",
+    caption_key: str = "caption",
+    sample_rate: int | None = None,
 ) -> ShardIndex:
-    """Index the samples of `shards` that have an image member and a caption member.
+    """Index the samples of `shards` that have a member for each of `modalities` (image, text,
+    audio, video), keeping only those members.
 
     A shard that cannot be read is skipped with a warning (the tar reader records it as a
     reject); a shard cut short keeps the samples whose members lie wholly inside the file."""
+
+    def wanted(suffix: str, modality: str) -> bool:
+        if modality == "image":
+            return image_member(suffix, image_key)
+        if modality == "text":
+            return text_member(suffix, caption_key)
+        return media_member(suffix, modality)
+
     keys: list[str] = []
     shard_of: list[int] = []
     starts = [0]
@@ -144,11 +166,10 @@ def build_index(
     vocab: dict[str, int] = {}
     for s, path in enumerate(shards):
         for key, members in _shard_samples(path):
-            found = [(sfx, o, n) for sfx, o, n in members if text_member(sfx, caption_key)]
-            images = [m for m in members if image_member(m[0], image_key)]
-            if not found or not images:
+            have = {m: [x for x in members if wanted(x[0], m)] for m in modalities}
+            if not all(have.values()):
                 continue
-            kept = [m for m in members if m in found or m in images]
+            kept = [x for x in members if any(x in found for found in have.values())]
             keys.append(key)
             shard_of.append(s)
             for sfx, o, n in kept:
@@ -167,6 +188,7 @@ def build_index(
         suffixes=tuple(vocab),
         image_key=image_key,
         caption_key=caption_key,
+        sample_rate=sample_rate,
     )
 
 
