@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import tiny_config
+from polysense.data import instruct
+from polysense.data.instruct import load_split, world_texts
+from polysense.data.transforms import tile_pixels
 from polysense.data.world import generate_world
 from polysense.decoding import LMStepper
 from polysense.errors import PolysenseError
@@ -35,7 +39,7 @@ from polysense.models.vlm import (
     load_vlm,
 )
 from polysense.train import vlm as train_vlm
-from polysense.train.vlm import load_split, train_stage, world_texts
+from polysense.train.vlm import VLMTask, train_stage
 
 TINY_LM = LMConfig(vocab_size=400, context_length=128, width=32, layers=2, heads=2)
 
@@ -230,55 +234,39 @@ def test_stage2_trains_the_lm_and_only_the_top_vision_block(world, clip_ckpt, tm
     assert 0 < summary["trainable_params"] < summary["total_params"]
 
 
-def run_whole_and_killed_at_2(run, world, tmp_path, monkeypatch) -> tuple[Path, Path]:
-    """Train `run` twice: whole into tmp_path/full, and killed at step 2 (after its checkpoint)
+def run_whole_and_killed(run, world, tmp_path, monkeypatch, *, at: int) -> tuple[Path, Path]:
+    """Train `run` twice: whole into tmp_path/full, and killed at step `at` (after a checkpoint)
     then resumed into tmp_path/killed. Returns the two output directories."""
     train_stage(run, data=world, out=tmp_path / "full", progress=False)
-    original = train_vlm.sample_examples
+    original = VLMTask.loss
 
-    def killed_at_2(data, tc, step):
-        if step == 2:
+    def killed(self, batch, step):
+        if step == at:
             raise KeyboardInterrupt
-        return original(data, tc, step)
+        return original(self, batch, step)
 
-    monkeypatch.setattr(train_vlm, "sample_examples", killed_at_2)
+    monkeypatch.setattr(VLMTask, "loss", killed)
     with pytest.raises(KeyboardInterrupt):
         train_stage(run, data=world, out=tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_vlm, "sample_examples", original)
+    monkeypatch.setattr(VLMTask, "loss", original)
     train_stage(run, data=world, out=tmp_path / "killed", resume=True, progress=False)
     return tmp_path / "full", tmp_path / "killed"
 
 
-def test_a_killed_run_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch) -> None:
-    run = _run(clip_ckpt, steps=3, mix_qa=1.0)  # checkpoint every 2 steps
-    full, killed = run_whole_and_killed_at_2(run, world, tmp_path, monkeypatch)
-    a, b = load_vlm(full), load_vlm(killed)
-    assert _equal(_state(a), _state(b))
-    steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").open()]
-    assert steps == [1, 2, 3]
-
-
 def test_a_run_killed_in_its_scst_phase_resumes_exactly(world, clip_ckpt, tmp_path, monkeypatch):
+    """Steps 0-1 cross-entropy, 2-3 self-critical; killed at step 3 (after the checkpoint of
+    step 2), the resumed run ends with the uninterrupted run's weights, bit for bit. The
+    cross-entropy's cosine runs over its own two steps, then SCST's constant rate."""
     scst = SCSTConfig(fraction=0.5, batch_size=2, samples=2, max_new_tokens=6)
-    run = _run(clip_ckpt, steps=4, scst=scst)  # steps 0-1 cross-entropy, 2-3 self-critical
-    train_stage(run, data=world, out=tmp_path / "full", progress=False)
-    original = train_vlm.scst_loss
-
-    def killed_at_3(model, data, tc, step, reward):  # killed after the checkpoint of step 2
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(model, data, tc, step, reward)
-
-    monkeypatch.setattr(train_vlm, "scst_loss", killed_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage(run, data=world, out=tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_vlm, "scst_loss", original)
-    train_stage(run, data=world, out=tmp_path / "killed", resume=True, progress=False)
-    assert _equal(_state(load_vlm(tmp_path / "full")), _state(load_vlm(tmp_path / "killed")))
-    rows = [json.loads(x) for x in (tmp_path / "killed/metrics.jsonl").open()]
+    run = _run(clip_ckpt, steps=4, warmup_steps=0, mix_qa=1.0, scst=scst)
+    full, killed = run_whole_and_killed(run, world, tmp_path, monkeypatch, at=3)
+    assert _equal(_state(load_vlm(full)), _state(load_vlm(killed)))
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert ["reward" in r for r in rows] == [False, False, True, True]
-    assert rows[-1]["lr"] == pytest.approx(scst.lr)  # the constant SCST rate, not the cosine's
+    tc = run.train  # cosine from lr to min_lr_ratio * lr over xe_steps = 2: half-way at step 1
+    half_way = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi / 2))
+    assert [r["lr"] for r in rows] == pytest.approx([tc.lr, tc.lr * half_way, scst.lr, scst.lr])
 
 
 class _Reward:
@@ -393,12 +381,14 @@ def test_commands_caption_ask_chat(world, clip_ckpt, tmp_path) -> None:
 def test_multi_turn_rows_target_every_answer_and_nothing_else(world, tokenizer) -> None:
     model = _tiny_vlm(tokenizer)
     data = load_split(world, "val", image_size=32)
-    ex = train_vlm.Example(0, "qa", [("what color is the circle?", "red"), ("how many?", "two")])
+    ex = instruct.Example(0, "qa", [("what color is the circle?", "red"), ("how many?", "two")])
     batch = train_vlm.vlm_batch(model, data, [ex])
     targets = batch.labels[0][batch.labels[0] != -100].tolist()
     assert targets == model.response_ids("red") + model.response_ids("two")
-    tc = VLMTrainConfig(batch_size=16, mix_caption=0.0, mix_qa=1.0, qa_turns=3)
-    for e in train_vlm.sample_examples(data, tc, step=5):
+    rows = instruct.sample_examples(
+        data, seed=0, step=5, batch_size=16, mix=(0.0, 1.0, 0.0), qa_turns=3
+    )
+    for e in rows:
         qa = {(q["question"], q["answer"]) for q in data.qa[e.index]}
         assert 1 <= len(e.turns) <= 3 and set(e.turns) <= qa
         assert len(set(e.turns)) == len(e.turns)
@@ -409,6 +399,6 @@ def test_training_tiles_equal_inference_tiles(world, tokenizer) -> None:
     model = _tiny_vlm(tokenizer)
     data = load_split(world, "val", image_size=32)
     v = model.cfg.vision
-    fast = train_vlm.tile_pixels(data.ocr[:2], 32, v.image_mean, v.image_std)  # (2, 4, 3, H, W)
+    fast = tile_pixels(data.ocr[:2], 32, v.image_mean, v.image_std)  # (2, 4, 3, H, W)
     slow = model.pixels([Image.fromarray(data.ocr[i].numpy()) for i in range(2)])
     torch.testing.assert_close(fast, torch.stack(slow), atol=1e-5, rtol=0)

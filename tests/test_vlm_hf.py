@@ -561,10 +561,10 @@ def test_merged_lora_weights_give_the_lora_models_logits(llama_dir, clip_dir):
 
 
 def test_a_lora_run_resumes_exactly(world, llama_dir, clip_dir, tmp_path, monkeypatch):
-    from test_vlm import run_whole_and_killed_at_2
+    from test_vlm import run_whole_and_killed
 
     run = _train(llama_dir, clip_dir, lora_rank=4, mix_qa=1.0)
-    full, killed = run_whole_and_killed_at_2(run, world, tmp_path, monkeypatch)
+    full, killed = run_whole_and_killed(run, world, tmp_path, monkeypatch, at=2)
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

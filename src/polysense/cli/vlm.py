@@ -174,10 +174,10 @@ def bench_vlm_cmd(
     import torch
 
     from polysense.bench.report import write_report
+    from polysense.data.instruct import load_split
     from polysense.eval.captioning import generate_captions, scene_pixels
     from polysense.eval.vqa import answer_questions
     from polysense.models.vlm import load_vlm
-    from polysense.train.vlm import load_split
 
     model = load_vlm(ckpt)
     scenes = load_split(data, split, image_size=model.cfg.vision.image_size, limit=examples)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from polysense.data.tokenizer import Tokenizer
-from polysense.data.transforms import RESIZERS, resize_center_crop
+from polysense.data.transforms import RESIZERS, normalize, resize_center_crop
 from polysense.data.world import DIRECTIONS
 from polysense.errors import DataError
 
@@ -102,16 +102,6 @@ def load_pairs(
         return collect_pairs(
             samples, image_size=image_size, resize=resize, source=where, max_samples=max_samples
         )
-
-
-def normalize(
-    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), scaled to [0, 1] then standardised."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s).contiguous()
 
 
 class EpochOrder:

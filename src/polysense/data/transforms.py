@@ -161,3 +161,24 @@ def images_to_tensor(
     x = np.stack(arrays) / 255.0  # (B, H, W, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (B, 3, H, W)
+
+
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), scaled to [0, 1] then standardised."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s).contiguous()
+
+
+def tile_pixels(
+    strips: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 (B, H, k*H, 3) strips (the world's OCR text) -> normalised tiles (B, k, 3, H, H),
+    left to right: the tensors `VLM.pixels` makes of the same strips as PIL images."""
+    b, h, w, _ = strips.shape
+    k = w // size
+    tiles = strips.reshape(b, h, k, size, 3).permute(0, 2, 1, 3, 4).reshape(b * k, h, size, 3)
+    return normalize(tiles, mean, std).reshape(b, k, 3, h, size)

@@ -212,7 +212,7 @@ def pooled_features(model: Any, images: torch.Tensor, batch_size: int = 512) -> 
 def evaluate(
     model: Any, data: Any, *, train: Any, batch_size: int = 256, clip: Any = None
 ) -> dict[str, Any]:
-    """Captions of `data` (a train.vlm.SplitData; `CAPTION_DECODING`) scored against its
+    """Captions of `data` (a data.instruct.SplitData; `CAPTION_DECODING`) scored against its
     references, beside greedy captions (`metrics["greedy"]`) and the nearest-neighbour (over
     `train`, when given) and most-frequent-caption baselines. The neighbours are found with
     `clip.encode_image` when a CLIP model is given, else with the VLM's own ViT."""
@@ -307,11 +307,11 @@ def eval_task(
 ) -> dict[str, Any]:
     """`polysense eval caption`: BLEU-1..4 and CIDEr-D on a split, with both baselines (trained
     on the source's train split); on a COCO captions file against its references."""
+    from polysense.data.instruct import load_split
     from polysense.data.readers import detect_format
     from polysense.eval.formats import SPLIT_FORMATS, no_split
     from polysense.fileio import atomic_write_json
     from polysense.models.vlm import load_vlm
-    from polysense.train.vlm import load_split
 
     fmt = detect_format(data)
     if fmt == "coco":

@@ -219,9 +219,9 @@ def eval_task(
 ) -> dict[str, Any]:
     """`polysense eval winoground`: for a CLIP or a VLM checkpoint; with `--clip`, the CLIP's
     scores beside the VLM's. Chance levels are included."""
+    from polysense.data.instruct import load_split
     from polysense.models.clip import load_model
     from polysense.models.vlm import load_vlm, model_family
-    from polysense.train.vlm import load_split
 
     family = model_family(ckpt)
     vlm = load_vlm(ckpt) if family == "vlm" else None

@@ -121,7 +121,7 @@ def evaluate_pope(
     seed: int = 0,
     max_images: int = 500,
 ) -> dict[str, Any]:
-    """POPE on the first `max_images` scenes of a split (train.vlm.SplitData; 500 images as in
+    """POPE on the first `max_images` scenes of a split (data.instruct.SplitData; 500 images as in
     the POPE paper) for the three samplings; `pope_accuracy`, `pope_f1` and `pope_yes_ratio` are
     their means, `pope_<sampling>_<metric>` each one."""
     from polysense.eval.captioning import scene_pixels
@@ -230,8 +230,8 @@ def chair_metrics(
 
 
 def _load(ckpt: Path, data: str, split: str | None, limit: int | None) -> tuple[Any, Any]:
+    from polysense.data.instruct import load_split
     from polysense.models.vlm import load_vlm
-    from polysense.train.vlm import load_split
 
     model = load_vlm(ckpt)
     return model, load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)
@@ -301,10 +301,10 @@ def eval_pope_task(
 ) -> dict[str, Any]:
     """`polysense eval pope`: on a world, POPE with random, popular and adversarial negatives;
     on a POPE question file, its questions as written."""
+    from polysense.data.instruct import load_split
     from polysense.data.readers import detect_format
     from polysense.eval.formats import no_split
     from polysense.models.vlm import load_vlm
-    from polysense.train.vlm import load_split
 
     if is_pope_file(data):
         no_split(split, data, "a POPE question file")

@@ -37,10 +37,10 @@ def ocr_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[st
 
 
 def evaluate(model: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
-    """OCR on a split whose scenes carry rendered-text strips (train.vlm.SplitData.ocr)."""
+    """OCR on a split whose scenes carry rendered-text strips (data.instruct.SplitData.ocr)."""
+    from polysense.data.transforms import tile_pixels
     from polysense.eval.vqa import answer_questions
     from polysense.models.vlm import OCR_INSTRUCTION
-    from polysense.train.vlm import tile_pixels
 
     if data.ocr is None:
         return {}
@@ -68,9 +68,9 @@ def eval_task(
 ) -> dict[str, Any]:
     """`polysense eval ocr`: exact match and CER on the world's OCR strips (needs a world made
     with the ocr modality, e.g. runs/world-all)."""
+    from polysense.data.instruct import load_split
     from polysense.errors import PolysenseError
     from polysense.models.vlm import load_vlm
-    from polysense.train.vlm import load_split
 
     model = load_vlm(ckpt)
     split_data = load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)

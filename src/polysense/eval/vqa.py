@@ -114,7 +114,7 @@ def answer_questions(
 
 
 def evaluate(model: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
-    """Every QA pair of a split (train.vlm.SplitData): overall and per question type."""
+    """Every QA pair of a split (data.instruct.SplitData): overall and per question type."""
     from polysense.eval.captioning import scene_pixels
 
     pix = scene_pixels(model.cfg.vision, data.images)
@@ -227,8 +227,8 @@ def eval_task(
 ) -> dict[str, Any]:
     """`polysense eval vqa`: VQA accuracy on a world split per question type, or with
     --annotations the soft accuracy on VQAv2 questions + annotations per answer type."""
+    from polysense.data.instruct import load_split
     from polysense.models.vlm import load_vlm
-    from polysense.train.vlm import load_split
 
     if annotations is not None:
         from polysense.eval.formats import no_split
