@@ -27,7 +27,8 @@ from polysense.config import (
 from polysense.data.world import generate_world
 from polysense.errors import PolysenseError
 from polysense.losses import ContrastiveLoss
-from polysense.models.clip import CLIP, build_model, load_model
+from polysense.models.checkpoint import load_model
+from polysense.models.clip import CLIP, build_model
 from polysense.presets import available_presets, get_preset
 from polysense.train.loop import _tower_loss, train
 
@@ -173,7 +174,7 @@ def test_every_av_runner_trains_evaluates_and_writes_metrics(world, tmp_path):
 def test_video_init_from_an_image_checkpoint_happens_at_the_start_only(world, tmp_path):
     image_cfg = apply_overrides(get_preset("clip-tiny"), [*TINY, "model.vision.stem=patch"])
     image = build_model(image_cfg)
-    from polysense.models.clip import save_checkpoint
+    from polysense.models.checkpoint import save_checkpoint
 
     save_checkpoint(image, image_cfg, tmp_path / "image")
     cfg = apply_overrides(

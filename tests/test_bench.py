@@ -15,7 +15,8 @@ from polysense.bench.report import markdown_table, write_report
 from polysense.bench.retrieval import SPREAD, mixture, run_retrieval_bench, server_latency
 from polysense.errors import PolysenseError
 from polysense.index import ann, build_index
-from polysense.models.clip import build_model, save_checkpoint
+from polysense.models.checkpoint import save_checkpoint
+from polysense.models.clip import build_model
 
 
 def test_write_report_writes_three_files(tmp_path):

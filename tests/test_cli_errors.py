@@ -22,7 +22,8 @@ import torch
 
 from helpers import TINY, make_pairs, tiny_config
 from polysense import cli
-from polysense.models.clip import build_model, save_checkpoint
+from polysense.models.checkpoint import save_checkpoint
+from polysense.models.clip import build_model
 
 TINY_SETS = [a for o in TINY for a in ("--set", o)]
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"

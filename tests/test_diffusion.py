@@ -189,9 +189,9 @@ def test_unet_rejects_sizes_the_levels_cannot_halve():
 
 
 def test_text_condition_trims_padding_without_changing_token_states():
-    from polysense.models.clip import load_model
+    import polysense
 
-    clip = load_model("clip-tiny")
+    clip = polysense.load("clip-tiny")
     cond = TextCondition(clip=clip)
     ids = clip.tokenize(["a red circle", "a large blue star in the top left"])  # (2, 32)
     tokens, keep, pooled = cond(ids)

@@ -21,6 +21,7 @@ from polysense.data.tasks import (
 )
 from polysense.data.world import SAMPLE_RATE, SHAPE_FREQS, generate_world, relations_between
 from polysense.errors import PolysenseError
+from polysense.models.checkpoint import load_fusion
 from polysense.models.fusion import (
     STYLES,
     CrossAttnFusion,
@@ -28,14 +29,13 @@ from polysense.models.fusion import (
     FusionRunConfig,
     FusionTrainConfig,
     LateFusion,
-    build_fusion,
 )
+from polysense.models.warmstart import build_fusion
 from polysense.train.fusion import (
     TaskData,
     build_optimizer,
     evaluate,
     itm_metrics,
-    load_fusion,
     modality_dropout,
     train_fusion,
 )
@@ -333,7 +333,8 @@ def test_bad_inputs_and_config_are_clear_errors():
 @pytest.mark.parametrize("style", STYLES)
 def test_image_init_copies_the_clip_vision_tower(style, tmp_path):
     from helpers import tiny_config
-    from polysense.models.clip import build_model, save_checkpoint
+    from polysense.models.checkpoint import save_checkpoint
+    from polysense.models.clip import build_model
 
     run = tiny_config("clip-tiny", "model.vision.width=32", "model.vision.layers=2")
     run = dataclasses.replace(
@@ -365,8 +366,9 @@ def test_image_init_copies_the_clip_vision_tower(style, tmp_path):
 @pytest.mark.parametrize("style", ["late", "xattn"])
 def test_text_init_copies_the_clip_text_tower_and_tokenizer(style, tmp_path, train_tasks):
     from helpers import tiny_config
-    from polysense.models.clip import build_model, save_checkpoint
-    from polysense.models.fusion import with_text_init
+    from polysense.models.checkpoint import save_checkpoint
+    from polysense.models.clip import build_model
+    from polysense.models.warmstart import with_text_init
 
     run = tiny_config("clip-tiny", "model.text.width=32", "model.text.layers=2")
     torch.manual_seed(2)
@@ -678,3 +680,61 @@ def test_bench_writes_the_issue_shape(tmp_path, world):
     assert res["train_seconds_per_style"] == 1.0
     assert (tmp_path / "b" / "fusion.png").stat().st_size > 1000
     assert "| early |" in (tmp_path / "b" / "fusion.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# bench fusion: the dual encoder trains on the one loop
+
+
+def test_bench_dual_batches_are_a_function_of_the_step_and_keep_captions_with_their_scene(
+    train_tasks,
+):
+    from helpers import tiny_config
+    from polysense.bench.fusion import _DualPairs
+    from polysense.data.transforms import normalize
+
+    cfg = tiny_config()
+    v = cfg.model.vision
+    pairs = _DualPairs(train=train_tasks, batch_size=8, tokenize=list, cfg=cfg)
+    images, caps = pairs.batch(3)
+    again, caps_again = pairs.batch(3)
+    assert torch.equal(images, again) and caps == caps_again
+    assert not torch.equal(images, pairs.batch(4)[0])
+    every = normalize(train_tasks.images, v.image_mean, v.image_std)  # (N, 3, H, W)
+    for image, caption in zip(images, caps, strict=True):
+        scenes = [i for i in range(len(every)) if torch.equal(every[i], image)]
+        assert any(caption in train_tasks.captions[i] for i in scenes), caption
+
+
+def test_bench_dual_contrastive_task_learns_on_fit_and_clamps_the_temperature(train_tasks):
+    """Through `fit`: the contrastive loss on the first batches falls, and the temperature
+    clamp (after every step) holds the logit scale at or under its bound."""
+    from helpers import tiny_config
+    from polysense.bench.fusion import _budget_cfg, _DualContrastiveTask, _DualPairs
+    from polysense.losses import clip_loss
+    from polysense.models.clip import build_model
+    from polysense.train.fit import fit
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    clip = build_model(cfg, texts=[c for caps in train_tasks.captions for c in caps])
+    pairs = _DualPairs(train=train_tasks, batch_size=16, tokenize=clip.tokenize, cfg=cfg)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            outs = [clip(*pairs.batch(s)) for s in range(4)]
+            return sum(
+                float(clip_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"].log()))
+                for o in outs
+            ) / len(outs)
+
+    before = mean_loss()
+    bound = clip.logit_scale.item() - 0.5  # below the initial value: the clamp must act
+    loop = dataclasses.replace(
+        _budget_cfg(seconds=600, batch_size=16, lr=3e-3, weight_decay=0.1), steps=40
+    )
+    task = _DualContrastiveTask(model=clip, cfg=loop, max_logit_scale=bound)
+    result = fit(task, loop, data=pairs, out=None, progress=False)
+    assert result.steps == 40 and not result.stopped_early
+    assert clip.logit_scale.item() <= bound
+    assert mean_loss() < 0.8 * before

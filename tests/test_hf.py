@@ -16,8 +16,9 @@ from polysense.config import ModelConfig, RunConfig, TextConfig, VisionConfig
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
-from polysense.models.clip import CLIP, load_model
-from polysense.models.hf import export_checkpoint, export_hf, import_hf, import_to_checkpoint
+from polysense.models.checkpoint import export_checkpoint, import_to_checkpoint, load_model
+from polysense.models.clip import CLIP
+from polysense.models.hf import export_hf, import_hf
 
 # Deliberately unusual sizes: 3 heads of 16, MLP 37 wide, 5x5 patches of 8 px, projection 24.
 TEXT = dict(

@@ -22,7 +22,8 @@ from polysense.data.readers import read_samples
 from polysense.data.world import generate_world
 from polysense.errors import DataError, PolysenseError
 from polysense.index import MAX_K, EmbeddingIndex, Hit, ann, build_index, store
-from polysense.models.clip import build_model, save_checkpoint
+from polysense.models.checkpoint import save_checkpoint
+from polysense.models.clip import build_model
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from polysense.config import apply_overrides
 from polysense.data.tokenizer import Tokenizer
 from polysense.errors import PolysenseError
 from polysense.losses import clip_loss_naive
-from polysense.models.clip import CLIP, load_model
+from polysense.models.checkpoint import load_model
+from polysense.models.clip import CLIP
 from polysense.models.hf import export_hf
 from polysense.presets import get_preset
 from polysense.train.loop import train

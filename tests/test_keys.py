@@ -13,7 +13,8 @@ from PIL import Image
 from helpers import tiny_config
 from polysense.data.readers import Rejects, path_key, read_samples
 from polysense.index import EmbeddingIndex, build_index
-from polysense.models.clip import build_model, save_checkpoint
+from polysense.models.checkpoint import save_checkpoint
+from polysense.models.clip import build_model
 
 
 def png(path: Path, colour: tuple[int, int, int]) -> None:

@@ -17,7 +17,8 @@ import torch
 from helpers import make_pairs, tiny_config
 from polysense.fileio import STALE_AFTER_S, atomic_open, remove_stale
 from polysense.index import EmbeddingIndex, build_index
-from polysense.models.clip import build_model, save_checkpoint
+from polysense.models.checkpoint import save_checkpoint
+from polysense.models.clip import build_model
 from polysense.train.checkpoint import STATE, load_state, save_state
 
 

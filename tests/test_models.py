@@ -20,7 +20,8 @@ from polysense.data.transforms import (
     random_resized_crop,
 )
 from polysense.errors import PolysenseError
-from polysense.models.clip import CLIP, build_model, load_model, save_checkpoint
+from polysense.models.checkpoint import load_model, save_checkpoint
+from polysense.models.clip import CLIP, build_model
 from polysense.models.text import TextTransformer
 from polysense.models.vit import Attention, MAPHead, VisionTransformer
 
@@ -289,7 +290,7 @@ def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(PolysenseError, match=r"config\.json does not exist"):
         load_model(tmp_path)
     with pytest.raises(PolysenseError, match="clip-tiny"):
-        load_model(str(tmp_path / "nowhere"))
+        polysense.load(str(tmp_path / "nowhere"))
     (tmp_path / "config.json").write_text(json.dumps({"name": "x", "modle": {}}))
     with pytest.raises(PolysenseError, match=str(tmp_path)):
         load_model(tmp_path)
@@ -367,4 +368,4 @@ def test_conv_stem_gives_the_patch_grid_and_refuses_hf_export(tmp_path):
     from polysense.presets import get_preset
 
     with pytest.raises(PolysenseError, match="stem='conv'"):
-        export_hf(load_model("clip-tiny"), get_preset("clip-tiny"), tmp_path / "hf")
+        export_hf(polysense.load("clip-tiny"), get_preset("clip-tiny"), tmp_path / "hf")

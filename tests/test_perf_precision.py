@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_config
-from polysense import precision
-from polysense.models.clip import CLIP, build_model, load_model, save_checkpoint
+from polysense import load, precision
+from polysense.models.checkpoint import load_model, save_checkpoint
+from polysense.models.clip import CLIP, build_model
 from polysense.precision import native_bf16, resolve_precision
 from polysense.train.loop import _autocast
 from polysense.train.optim import build_optimizer, param_groups
@@ -185,5 +186,5 @@ def test_load_model_infers_in_the_checkpoints_precision(tmp_path, train_precisio
     cfg = tiny_config("clip-tiny", f"train.precision={train_precision}")
     ckpt = save_checkpoint(build_model(cfg), cfg, tmp_path / "ckpt")
     assert load_model(ckpt).inference_precision == train_precision
-    assert load_model("clip-tiny").inference_precision == "auto"  # the preset's default
+    assert load("clip-tiny").inference_precision == "auto"  # the preset's default
     assert dataclasses.replace(cfg.train).precision == train_precision

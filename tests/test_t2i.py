@@ -85,7 +85,8 @@ def world(tmp_path_factory) -> Path:
 
 def _clip(path: Path, seed: int) -> Path:
     from helpers import tiny_config
-    from polysense.models.clip import build_model, save_checkpoint
+    from polysense.models.checkpoint import save_checkpoint
+    from polysense.models.clip import build_model
 
     cfg = tiny_config("clip-tiny", "model.text.context_length=32")
     torch.manual_seed(seed)
@@ -146,7 +147,7 @@ def test_time_budget_stops_and_saves(world, towers, tmp_path):
 
 
 def test_generator_is_seeded_and_batch_independent(trained):
-    from polysense.models.diffusion import load_generator
+    from polysense.models.checkpoint import load_generator
 
     gen = load_generator(trained)
     prompts = ["a red circle", "a blue star", "a green square"]

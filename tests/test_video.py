@@ -16,7 +16,8 @@ from polysense.data.readers import Rejects, read_samples, sample_frame_indices
 from polysense.data.tokenizer import Tokenizer
 from polysense.errors import DataError, PolysenseError
 from polysense.eval.video import still_video, video_retrieval
-from polysense.models.clip import CLIP, bootstrap_captions, save_checkpoint
+from polysense.models.checkpoint import save_checkpoint
+from polysense.models.clip import CLIP, bootstrap_captions
 from polysense.models.video import VideoTransformer, videos_to_tensor
 from polysense.models.vit import VisionTransformer
 

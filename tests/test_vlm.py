@@ -20,14 +20,14 @@ from polysense.data.transforms import tile_pixels
 from polysense.data.world import generate_world
 from polysense.decoding import LMStepper
 from polysense.errors import PolysenseError
-from polysense.models.clip import build_model, load_model, save_checkpoint
+from polysense.models.checkpoint import load_lm, load_model, load_vlm, save_checkpoint
+from polysense.models.clip import build_model
+from polysense.models.lm import GPT, LMConfig
 from polysense.models.vlm import (
     CAPTION_INSTRUCTION,
-    GPT,
     VLM,
     ChatTokenizer,
     InitConfig,
-    LMConfig,
     LMRunConfig,
     SCSTConfig,
     VLMConfig,
@@ -35,8 +35,6 @@ from polysense.models.vlm import (
     VLMTrainConfig,
     chat_prompt,
     image_tiles,
-    load_lm,
-    load_vlm,
 )
 from polysense.train import vlm as train_vlm
 from polysense.train.vlm import VLMTask, train_stage

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from helpers import tiny_config
 from polysense.cli import app
 from polysense.errors import PolysenseError
-from polysense.models.vlm import VLM, ChatTokenizer, LMConfig, VLMConfig, VLMRunConfig, save_vlm
+from polysense.models.checkpoint import save_vlm
+from polysense.models.lm import LMConfig
+from polysense.models.vlm import VLM, ChatTokenizer, VLMConfig, VLMRunConfig
 
 RED, BLUE, GREEN = (200, 20, 20), (20, 20, 200), (20, 200, 20)
 

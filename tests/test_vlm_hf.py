@@ -38,19 +38,18 @@ from typer.testing import CliRunner
 from polysense.data.world import generate_world
 from polysense.decoding import LMStepper
 from polysense.errors import PolysenseError
+from polysense.models.checkpoint import load_vlm, save_vlm
 from polysense.models.vlm import (
     CAPTION_INSTRUCTION,
     InitConfig,
     VLMConfig,
     VLMRunConfig,
     VLMTrainConfig,
-    build_vlm,
     chat_prompt,
     conversation,
-    load_vlm,
-    save_vlm,
 )
 from polysense.models.vlm_hf import import_llava
+from polysense.models.warmstart import build_vlm
 from polysense.train.vlm import train_stage
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -571,7 +570,8 @@ def test_a_lora_run_resumes_exactly(world, llama_dir, clip_dir, tmp_path, monkey
 
 @pytest.mark.parametrize("hf", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients(hf, llama_dir, clip_dir):
-    from polysense.models.vlm import GPT, VLM, LMConfig
+    from polysense.models.lm import GPT, LMConfig
+    from polysense.models.vlm import VLM
     from polysense.train.vlm import prepare_lm, set_trainable
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
@@ -672,7 +672,7 @@ def test_a_siglip_tower_exports_to_llava_too(llama_dir, siglip_dir, tmp_path):
     export generates polysense's greedy tokens in transformers, and reads back equal."""
     model, run = build_vlm(llava_run(llama_dir, siglip_dir, feature_select="full"))
     ckpt = save_vlm(model.eval(), run, model.tokenizer, tmp_path / "ckpt")
-    from polysense.models.hf import export_checkpoint, import_to_checkpoint
+    from polysense.models.checkpoint import export_checkpoint, import_to_checkpoint
 
     export_checkpoint(ckpt, tmp_path / "llava")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()

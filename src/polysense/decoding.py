@@ -3,7 +3,7 @@ minimum-Bayes-risk (consensus) decoding; batched, with a maximum length and stop
 
 The decoders only need a `Stepper`: given the state after a prefix, `step(ids, state)` feeds one
 token per row and returns the next-token logits; `reorder(state, index)` selects/duplicates rows
-(beam search). `LMStepper` implements it for `models.vlm.GPT` with its KV cache; a test implements
+(beam search). `LMStepper` implements it for `models.lm.GPT` with its KV cache; a test implements
 it with a bigram table so beam search can be checked against a hand-computed answer.
 """
 

@@ -67,7 +67,7 @@ def curate_config(
 def _train_eval(data: Path, out: Path, *, world: str, steps: int, max_minutes: float) -> dict:
     from polysense.config import apply_overrides
     from polysense.eval.suite import evaluate
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
     from polysense.presets import get_preset
     from polysense.train.loop import train
 

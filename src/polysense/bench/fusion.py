@@ -103,7 +103,7 @@ def _child_step_mem(style: str, width: int, layers: int, batch_size: int, thread
             sims = out["image_embeds"] @ out["text_embeds"].T * out["logit_scale"]
             return F.cross_entropy(sims, torch.arange(b))
     else:
-        from polysense.models.fusion import build_fusion
+        from polysense.models.warmstart import build_fusion
 
         heads = max(1, width // 32)
         cfg = FusionConfig(style=style, width=width, layers=layers, heads=heads)  # type: ignore[arg-type]
@@ -326,7 +326,8 @@ def bench_dual(
     init="", from a clip-tiny of the given width/layers with a BPE on the train captions."""
     from polysense.config import apply_overrides
     from polysense.losses import clip_loss
-    from polysense.models.clip import build_model, load_model
+    from polysense.models.checkpoint import load_model
+    from polysense.models.clip import build_model
     from polysense.presets import get_preset
 
     sets = [f"model.{t}.width={width}" for t in ("vision", "text")]

@@ -55,7 +55,7 @@ def run_quickstart_bench(
     from polysense.bench.report import write_report
     from polysense.config import apply_overrides
     from polysense.eval.suite import evaluate_splits, val_zeroshot
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
     from polysense.presets import get_preset
     from polysense.train.loop import train
 

@@ -247,7 +247,7 @@ def _train_and_evaluate(
     from polysense.eval.suite import data_probe, evaluate_splits, val_zeroshot
     from polysense.eval.suite import evaluate as evaluate_data
     from polysense.fileio import atomic_write_json
-    from polysense.models.clip import load_model, read_run_config
+    from polysense.models.checkpoint import load_model, read_run_config
     from polysense.train.loop import train
 
     evaluate = None
@@ -525,11 +525,11 @@ def eval_cmd(
     import json
     import warnings
 
+    from polysense import load
     from polysense.eval import get_task
     from polysense.eval.suite import TASKS, check_device, evaluate, linear_probe
     from polysense.eval.templates import load_classnames, load_templates
     from polysense.fileio import atomic_write_json
-    from polysense.models.clip import load_model
 
     own_tasks = (*TASKS, "all", "linear-probe")
     family_task = get_task(task) if task not in own_tasks else None
@@ -550,7 +550,7 @@ def eval_cmd(
     else:
         names = load_classnames(classnames) if classnames is not None else None
         prompts = load_templates(templates) if templates is not None else None
-        model = load_model(str(ckpt), device=check_device(device))
+        model = load(str(ckpt), device=check_device(device), family="clip")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if task == "linear-probe":
@@ -867,7 +867,7 @@ def import_hf_cmd(
 
     Example: `polysense import-hf ./clip-vit-base-patch32 --out runs/clip-b32`
     """
-    from polysense.models.hf import import_to_checkpoint
+    from polysense.models.checkpoint import import_to_checkpoint
 
     console.print(f"wrote {import_to_checkpoint(src, out)}")
 
@@ -884,7 +884,7 @@ def export_hf_cmd(
 
     Example: `polysense export-hf runs/quickstart/ckpt --out runs/quickstart/hf`
     """
-    from polysense.models.hf import export_checkpoint
+    from polysense.models.checkpoint import export_checkpoint
 
     console.print(f"wrote {export_checkpoint(ckpt, out)}")
 

@@ -60,7 +60,7 @@ def generate_cmd(
     from rich.progress import Progress
 
     from polysense.fileio import atomic_path
-    from polysense.models.diffusion import load_generator
+    from polysense.models.checkpoint import load_generator
 
     if n < 1:
         raise PolysenseError(f"--n {n}: must be at least 1")

@@ -82,7 +82,8 @@ def caption_cmd(
     """
     import torch
 
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt, load_vlm
+    from polysense.models.checkpoint import load_vlm
+    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
 
     model = load_vlm(ckpt)
     opened = _open(images)
@@ -113,7 +114,8 @@ def ask_cmd(
     """
     import torch
 
-    from polysense.models.vlm import chat_prompt, load_vlm
+    from polysense.models.checkpoint import load_vlm
+    from polysense.models.vlm import chat_prompt
 
     model = load_vlm(ckpt)
     args = _decode_args(strategy, max_new_tokens, beams, temperature, top_p, seed)
@@ -135,7 +137,8 @@ def chat_cmd(
     """
     import torch
 
-    from polysense.models.vlm import conversation, load_vlm
+    from polysense.models.checkpoint import load_vlm
+    from polysense.models.vlm import conversation
 
     model = load_vlm(ckpt)
     opened = _open([image])
@@ -177,7 +180,7 @@ def bench_vlm_cmd(
     from polysense.data.instruct import load_split
     from polysense.eval.captioning import generate_captions, scene_pixels
     from polysense.eval.vqa import answer_questions
-    from polysense.models.vlm import load_vlm
+    from polysense.models.checkpoint import load_vlm
 
     model = load_vlm(ckpt)
     scenes = load_split(data, split, image_size=model.cfg.vision.image_size, limit=examples)

@@ -197,7 +197,7 @@ def _classnames(data: str, samples: list[dict[str, Any]]) -> list[str]:
 
 
 def _load(ckpt: Path, towers: tuple[str, ...]) -> Any:
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
 
     model = load_model(ckpt)
     missing = [t for t in towers if t not in model.cfg.towers]

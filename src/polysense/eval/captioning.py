@@ -311,7 +311,7 @@ def eval_task(
     from polysense.data.readers import detect_format
     from polysense.eval.formats import SPLIT_FORMATS, no_split
     from polysense.fileio import atomic_write_json
-    from polysense.models.vlm import load_vlm
+    from polysense.models.checkpoint import load_vlm
 
     fmt = detect_format(data)
     if fmt == "coco":
@@ -339,7 +339,7 @@ def eval_task(
     train = load_split(data, "train", image_size=size) if fmt in SPLIT_FORMATS else None
     clip_model = None
     if clip is not None:
-        from polysense.models.clip import load_model
+        from polysense.models.checkpoint import load_model
 
         clip_model = load_model(clip)
     with torch.no_grad():

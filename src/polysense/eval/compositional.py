@@ -220,8 +220,7 @@ def eval_task(
     """`polysense eval winoground`: for a CLIP or a VLM checkpoint; with `--clip`, the CLIP's
     scores beside the VLM's. Chance levels are included."""
     from polysense.data.instruct import load_split
-    from polysense.models.clip import load_model
-    from polysense.models.vlm import load_vlm, model_family
+    from polysense.models.checkpoint import load_model, load_vlm, model_family
 
     family = model_family(ckpt)
     vlm = load_vlm(ckpt) if family == "vlm" else None

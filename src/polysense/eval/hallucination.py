@@ -231,7 +231,7 @@ def chair_metrics(
 
 def _load(ckpt: Path, data: str, split: str | None, limit: int | None) -> tuple[Any, Any]:
     from polysense.data.instruct import load_split
-    from polysense.models.vlm import load_vlm
+    from polysense.models.checkpoint import load_vlm
 
     model = load_vlm(ckpt)
     return model, load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)
@@ -304,7 +304,7 @@ def eval_pope_task(
     from polysense.data.instruct import load_split
     from polysense.data.readers import detect_format
     from polysense.eval.formats import no_split
-    from polysense.models.vlm import load_vlm
+    from polysense.models.checkpoint import load_vlm
 
     if is_pope_file(data):
         no_split(split, data, "a POPE question file")

@@ -70,7 +70,7 @@ def eval_task(
     with the ocr modality, e.g. runs/world-all)."""
     from polysense.data.instruct import load_split
     from polysense.errors import PolysenseError
-    from polysense.models.vlm import load_vlm
+    from polysense.models.checkpoint import load_vlm
 
     model = load_vlm(ckpt)
     split_data = load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)

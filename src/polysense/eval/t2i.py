@@ -204,7 +204,7 @@ def _sha(path: Path) -> str:
 
 def load_scorer(clip: Path | None, ckpt: Path) -> Any:
     """The scoring checkpoint; refused when missing or identical to the generator's text tower."""
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
 
     if clip is None:
         raise PolysenseError(
@@ -287,7 +287,7 @@ def evaluate_t2i(
     """Metrics of splits[0] at the top level and of each other split under its name: keys
     attribute_accuracy(_unguided), color/shape_accuracy(_unguided), clip_score(_unguided,
     _real), fid_embed(_unguided, _real), probe_accuracy_real, n_prompts."""
-    from polysense.models.diffusion import load_generator
+    from polysense.models.checkpoint import load_generator
 
     generator = load_generator(ckpt)
     scorer = load_scorer(clip, ckpt)
@@ -338,7 +338,7 @@ def guidance_sweep(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per (split, guidance scale): attribute accuracy, CLIP score, fid_embed."""
-    from polysense.models.diffusion import load_generator
+    from polysense.models.checkpoint import load_generator
 
     generator = load_generator(ckpt)
     scorer = load_scorer(clip, ckpt)

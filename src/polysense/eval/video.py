@@ -109,7 +109,7 @@ def eval_task(
 ) -> dict:
     """`polysense eval video`: video-text R@K on motion captions, single-frame baseline beside."""
     from polysense.data.readers import detect_format, read_samples
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
 
     model = load_model(ckpt)
     if not {"video", "text"} <= set(model.cfg.towers):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from polysense.data.instruct import load_split, text_rows, world_texts
-from polysense.models.vlm import VLM, load_lm
+from polysense.models.checkpoint import load_lm
+from polysense.models.vlm import VLM
 
 
 @torch.no_grad()
@@ -43,7 +44,7 @@ def evaluate_vlm(
     neighbours in the space of the CLIP checkpoint `clip` when given), CHAIR on the same
     captions, VQA, POPE (three samplings) and OCR on one split."""
     from polysense.eval import captioning, hallucination, ocr, vqa
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
 
     model.eval()
     split_data = load_split(data, split, image_size=model.cfg.vision.image_size, limit=limit)

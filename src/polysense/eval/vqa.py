@@ -228,7 +228,7 @@ def eval_task(
     """`polysense eval vqa`: VQA accuracy on a world split per question type, or with
     --annotations the soft accuracy on VQAv2 questions + annotations per answer type."""
     from polysense.data.instruct import load_split
-    from polysense.models.vlm import load_vlm
+    from polysense.models.checkpoint import load_vlm
 
     if annotations is not None:
         from polysense.eval.formats import no_split

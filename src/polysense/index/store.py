@@ -466,7 +466,7 @@ def build_index(
     "flat", "ivf", "hnsw" force one. Samples without an image and repeated keys are rejected to
     `out/rejects.jsonl`. `limit` reads at most that many samples; `image_root` is the folder
     the images of a COCO or Karpathy JSON are under."""
-    from polysense.models.clip import load_model
+    from polysense import load
 
     ann.choose_type(0, index_type)
     _check_common(batch_size, limit)
@@ -474,7 +474,7 @@ def build_index(
     out = Path(out)
     recover(out)
     _check_out(out)
-    model = load_model(ckpt)
+    model = load(ckpt, family="clip")
     with _temp_sibling(out) as tmp:
         source = _ingest(
             tmp,
@@ -611,11 +611,11 @@ class EmbeddingIndex:
             return self._model
 
     def _load_model(self) -> Any:
-        from polysense.models.clip import load_model
+        from polysense import load
 
         ckpt = self.meta["checkpoint"]
         try:
-            model = load_model(ckpt)
+            model = load(ckpt, family="clip")
         except PolysenseError as exc:
             raise PolysenseError(
                 f"{self.directory / META} names checkpoint {ckpt}, which cannot be loaded ({exc}); "

@@ -1,12 +1,9 @@
-"""The dual-tower contrastive model (CLIP / SigLIP) and its checkpoint format.
+"""The dual-tower contrastive model (CLIP / SigLIP, and audio/video towers).
 
 `CLIP` = image tower + text tower + a projection of each into a shared `embed_dim` space, plus the
 learned temperature (`logit_scale`, in log space) and, for SigLIP, a learned `logit_bias`. The loss
-lives in `polysense.losses`; the model only produces L2-normalised embeddings.
-
-A checkpoint is a directory: `config.json` (the `RunConfig` as a dict), `model.safetensors` and,
-when the model has one, `tokenizer.json`. `load_model` reads it back, or builds a randomly
-initialised model from a preset name.
+lives in `polysense.losses`; the model only produces L2-normalised embeddings. Its checkpoints are
+written and read by `polysense.models.checkpoint` (`save_checkpoint`, `load_model`).
 """
 
 from __future__ import annotations
@@ -14,27 +11,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from polysense.config import ConfigError, ModelConfig, RunConfig, dumps, from_dict
-from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
+from polysense.config import ModelConfig, RunConfig
+from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
-from polysense.fileio import atomic_path, atomic_write_text
 from polysense.models.text import build_text_tower
 from polysense.models.vit import VisionTransformer
 from polysense.precision import Precision, resolve_precision
-
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
 
 def _projection(kind: str, width: int, embed_dim: int, field: str) -> nn.Module:
@@ -357,89 +348,3 @@ def build_model(run_cfg: RunConfig, *, texts: Iterable[str] | None = None) -> CL
             corpus, vocab_size=text.vocab_size, context_length=text.context_length
         )
     return CLIP(cfg=run_cfg.model, tokenizer=tokenizer)
-
-
-def save_checkpoint(model: CLIP, run_cfg: RunConfig, ckpt_dir: str | Path) -> Path:
-    """Write `config.json`, `model.safetensors` and `tokenizer.json` into `ckpt_dir`, each
-    atomically; config.json goes last, so its presence marks a complete checkpoint.
-
-    The saved config is `run_cfg` with `model` replaced by `model.cfg` (which carries the
-    tokenizer's pad/eot ids)."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(ckpt_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    if model.tokenizer is not None:  # its Hugging Face files: tokenizer.json or spiece.model, ...
-        model.tokenizer.save_dir(ckpt_dir)
-    cfg = dataclasses.replace(run_cfg, model=model.cfg)
-    atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")
-    return ckpt_dir
-
-
-def read_run_config(ckpt_dir: str | Path) -> RunConfig:
-    """The `RunConfig` of a checkpoint directory, with errors that name the file."""
-    path = Path(ckpt_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise PolysenseError(
-            f"{path} does not exist: {ckpt_dir} is not a polysense checkpoint directory "
-            "(train one with `polysense train`, or import HF weights with `polysense import-hf`)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PolysenseError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as exc:
-        raise PolysenseError(f"{path}: {exc}") from None
-
-
-def _load_dir(path: Path, device: str) -> CLIP:
-    cfg_path = path / CONFIG_FILE
-    if cfg_path.is_file() and "model_type" in json.loads(cfg_path.read_text()):
-        from polysense.models.hf import import_hf  # a Hugging Face CLIP/SigLIP directory
-
-        return import_hf(path)[0].to(device).eval()
-    run = read_run_config(path)
-    text = run.model.text
-    if any((path / f).is_file() for f in HF_TOKENIZER_FILES):
-        tokenizer = Tokenizer.from_file(path, context_length=text.context_length)
-    elif text.pretrained == "minilm":
-        tokenizer = Tokenizer.minilm(context_length=text.context_length)
-    else:
-        tokenizer = None
-    model = CLIP(cfg=run.model, tokenizer=tokenizer, inference_precision=run.train.precision)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise PolysenseError(f"{weights} does not exist: the checkpoint in {path} is incomplete")
-    try:
-        model.load_state_dict(load_file(weights, device="cpu"))
-    except RuntimeError as exc:
-        raise PolysenseError(
-            f"{weights} does not match {cfg_path}: {str(exc).splitlines()[0]}"
-        ) from None
-    return model.to(device).eval()
-
-
-def load_model(name_or_path: str | Path, *, device: str = "cpu") -> CLIP:
-    """A checkpoint directory (polysense, or a Hugging Face CLIP/SigLIP one) -> its model; a preset
-    name -> a randomly initialised model (seeded by the preset's `train.seed`) whose BPE tokenizer
-    is trained on `bootstrap_captions()`. Returned in eval mode."""
-    from polysense.presets import available_presets, get_preset
-
-    path = Path(name_or_path)
-    if path.is_dir():
-        return _load_dir(path, device)
-    name = str(name_or_path)
-    if name in available_presets():
-        run = get_preset(name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(run.train.seed)
-            model = build_model(run)
-        model.inference_precision = run.train.precision
-        return model.to(device).eval()
-    raise PolysenseError(
-        f"{name!r} is neither a checkpoint directory nor a preset name; "
-        f"presets: {', '.join(available_presets())}"
-    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -516,71 +515,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], the space the diffusion runs in."""
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-UNET_FILE, TEXT_DIR = "model.safetensors", "text"
-
-
-def save_generator(model: TextToImage, run_cfg: object, ckpt_dir: Path) -> Path:
-    """Write the inference checkpoint: `text/` (the frozen tower's CLIP checkpoint, so the
-    directory is self-contained), `model.safetensors` (U-Net) and, last, `config.json`."""
-    from safetensors.torch import save_file
-
-    from polysense.config import to_dict
-    from polysense.fileio import atomic_path, atomic_write_json
-    from polysense.models.clip import save_checkpoint
-
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    clip = model.text.clip
-    if not (ckpt_dir / TEXT_DIR / "config.json").is_file():
-        save_checkpoint(clip, clip_run_config(clip), ckpt_dir / TEXT_DIR)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
-    with atomic_path(ckpt_dir / UNET_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(ckpt_dir / "config.json", to_dict(run_cfg))
-    return ckpt_dir
-
-
-def clip_run_config(clip: nn.Module) -> object:
-    """A RunConfig carrying a loaded CLIP's model config (what `save_checkpoint` records)."""
-    from polysense.config import RunConfig
-
-    return RunConfig(model=clip.cfg)
-
-
-def load_generator(ckpt_dir: str | Path, *, device: str = "cpu") -> TextToImage:
-    """A directory written by `polysense train t2i-...` -> TextToImage in eval mode."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from polysense.config import ConfigError, from_dict
-    from polysense.models.clip import load_model
-
-    ckpt_dir = Path(ckpt_dir)
-    cfg_path = ckpt_dir / "config.json"
-    if not cfg_path.is_file() or not (ckpt_dir / UNET_FILE).is_file():
-        raise PolysenseError(
-            f"{ckpt_dir} is not a text-to-image checkpoint (no config.json + {UNET_FILE}); "
-            "train one with `polysense train t2i-tiny --data runs/world --out DIR`"
-        )
-    data = json.loads(cfg_path.read_text())
-    if "model" not in data or "timesteps" not in data.get("model", {}):
-        raise PolysenseError(
-            f"{cfg_path}: field 'model' is not a diffusion config; is {ckpt_dir} a CLIP "
-            "checkpoint? pass the directory written by `polysense train t2i-tiny`"
-        )
-    try:
-        cfg = from_dict(DiffusionConfig, data["model"])
-    except ConfigError as exc:
-        raise PolysenseError(f"{cfg_path}: model: {exc}") from None
-    text = TextCondition(clip=load_model(ckpt_dir / TEXT_DIR, device=device))
-    unet = UNet(cfg=cfg)
-    try:
-        unet.load_state_dict(load_file(ckpt_dir / UNET_FILE, device="cpu"))
-    except RuntimeError as exc:
-        raise PolysenseError(
-            f"{ckpt_dir / UNET_FILE} does not match {cfg_path}: {str(exc).splitlines()[0]}"
-        ) from None
-    return TextToImage(unet=unet, text=text).to(device).eval()

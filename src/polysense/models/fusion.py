@@ -22,10 +22,8 @@ queries against media keys and values.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -597,9 +595,10 @@ class CrossAttnFusion(FusionModel):
         return self.text_path(ids, present[:, 1], media)
 
 
-def build_fusion(cfg: FusionConfig) -> FusionModel:
-    """The model of `cfg.style`, its image encoder loaded from `image_init` and frozen with
-    `freeze_image` when asked."""
+def fusion_model(cfg: FusionConfig) -> FusionModel:
+    """The randomly initialised model of `cfg.style`, its image encoder frozen with
+    `freeze_image`. Init checkpoints (`image_init`, `text_init`) are not read here:
+    `models.warmstart.build_fusion` copies their towers in."""
     styles = {"early": EarlyFusion, "late": LateFusion, "xattn": CrossAttnFusion}
     if cfg.style not in styles:
         raise PolysenseError(f"model.style={cfg.style!r}: choose one of {', '.join(STYLES)}")
@@ -613,11 +612,7 @@ def build_fusion(cfg: FusionConfig) -> FusionModel:
             "model.text_init needs a separate text encoder: early fusion has none (use late or "
             "xattn, or leave text_init empty)"
         )
-    model = styles[cfg.style](cfg=with_text_init(cfg))
-    if cfg.image_init:
-        load_image_tower(model, cfg.image_init)
-    if cfg.text_init:
-        load_text_tower(model, cfg.text_init)
+    model = styles[cfg.style](cfg=cfg)
     if cfg.freeze_image:
         if isinstance(model, EarlyFusion):
             raise PolysenseError(
@@ -626,107 +621,6 @@ def build_fusion(cfg: FusionConfig) -> FusionModel:
             )
         model.image.requires_grad_(False)
     return model
-
-
-def load_image_tower(model: FusionModel, ckpt: str | Path) -> None:
-    """Copy a CLIP checkpoint's vision tower (`visual.*` in model.safetensors) into the image
-    encoder; the shapes must match (same image_size, patch_size, width, layers, heads)."""
-    from safetensors.torch import load_file
-
-    path = Path(ckpt) / "model.safetensors"
-    if not path.is_file():
-        raise PolysenseError(
-            f"model.image_init: {path} does not exist; point it at a CLIP checkpoint directory "
-            "such as runs/quickstart/ckpt (train one with `polysense quickstart`)"
-        )
-    visual = {k[7:]: v for k, v in load_file(path).items() if k.startswith("visual.")}
-    try:
-        if isinstance(model, EarlyFusion):
-            model.image_stem.load_state_dict(
-                {k[12:]: v for k, v in visual.items() if k.startswith("patch_embed.")}
-            )
-            blocks = {k[7:]: v for k, v in visual.items() if k.startswith("blocks.")}
-            model.blocks.load_state_dict(blocks)
-            with torch.no_grad():
-                model.pos_image.copy_(visual["pos_embed"][:, -model.n_image :])
-        else:
-            model.image.load_state_dict(visual)
-    except (RuntimeError, KeyError) as exc:
-        raise PolysenseError(
-            f"model.image_init: {path} does not fit this model's image encoder "
-            f"({str(exc).splitlines()[0]}); use a checkpoint with the same vision config "
-            "(clip-tiny: 32 px, patch 8, conv stem, width 128, 4 layers, 4 heads)"
-        ) from None
-
-
-def _clip_text_config(ckpt: str | Path) -> TextConfig:
-    from polysense.models.clip import read_run_config
-
-    path = Path(ckpt)
-    if not (path / "model.safetensors").is_file():
-        raise PolysenseError(
-            f"model.text_init: {path / 'model.safetensors'} does not exist; point it at a CLIP "
-            "checkpoint directory such as runs/quickstart/ckpt (`polysense quickstart`)"
-        )
-    return read_run_config(path).model.text
-
-
-def with_text_init(cfg: FusionConfig) -> FusionConfig:
-    """`cfg` with the text fields (vocabulary, context length, ids, mask, pooling) of its
-    `text_init` checkpoint; unchanged without one. Width, layers and heads must already agree."""
-    if not cfg.text_init:
-        return cfg
-    t = _clip_text_config(cfg.text_init)
-    if (t.width, t.layers, t.heads, t.mlp_ratio) != (
-        cfg.width,
-        cfg.layers,
-        cfg.heads,
-        cfg.mlp_ratio,
-    ):
-        raise PolysenseError(
-            f"model.text_init: {cfg.text_init}'s text tower is width {t.width}, {t.layers} layers, "
-            f"{t.heads} heads, mlp_ratio {t.mlp_ratio}; set the fusion model's width/layers/heads/"
-            "mlp_ratio to match (clip-tiny: 128, 4, 4, 4.0)"
-        )
-    return dataclasses.replace(
-        cfg,
-        vocab_size=t.vocab_size,
-        context_length=t.context_length,
-        pad_id=t.pad_id,
-        eot_id=t.eot_id,
-        text_causal=t.causal,
-        text_pool="eot" if t.pool == "eot" else "mean",
-    )
-
-
-def load_text_tower(model: FusionModel, ckpt: str | Path) -> None:
-    """Copy a CLIP checkpoint's text tower (`text.*` in model.safetensors) into the text encoder
-    of late fusion (the whole `TextTransformer`) or xattn (embeddings, blocks, final norm)."""
-    from safetensors.torch import load_file
-
-    text = {
-        k[5:]: v
-        for k, v in load_file(Path(ckpt) / "model.safetensors").items()
-        if k.startswith("text.")
-    }
-    try:
-        if isinstance(model, LateFusion):
-            model.text.load_state_dict(text)
-        elif isinstance(model, CrossAttnFusion):
-            blocks = {k[7:]: v for k, v in text.items() if k.startswith("blocks.")}
-            model.blocks.load_state_dict(blocks)
-            with torch.no_grad():
-                model.token_embed.weight.copy_(text["token_embed.weight"])
-                model.pos_text.copy_(text["pos_embed"])
-            model.ln.load_state_dict(
-                {k[9:]: v for k, v in text.items() if k.startswith("ln_final.")}
-            )
-    except (RuntimeError, KeyError) as exc:
-        raise PolysenseError(
-            f"model.text_init: {ckpt} does not fit this model's text encoder "
-            f"({str(exc).splitlines()[0]}); use a CLIP checkpoint with the same text width, "
-            "layers and heads"
-        ) from None
 
 
 class DualVQAHead(nn.Module):
@@ -766,6 +660,6 @@ __all__ = [
     "FusionTrainConfig",
     "GatedCrossAttention",
     "LateFusion",
-    "build_fusion",
     "count_params",
+    "fusion_model",
 ]

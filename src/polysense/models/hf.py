@@ -554,40 +554,9 @@ def _write_preprocessor(directory: Path, v: VisionConfig) -> None:
     (directory / "preprocessor_config.json").write_text(json.dumps(data, indent=2))
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
-    """`polysense export-hf CKPT --out DIR`: a polysense checkpoint directory -> HF directory
-    (a VLM checkpoint -> a LLaVA directory, `models.vlm_hf.export_llava`)."""
-    from polysense.models.clip import load_model, read_run_config
-    from polysense.models.vlm import load_vlm, model_family
-
-    if Path(ckpt_dir, "config.json").is_file() and model_family(ckpt_dir) == "vlm":
-        from polysense.models.vlm_hf import export_llava
-
-        return export_llava(load_vlm(ckpt_dir), out_dir)
-    return export_hf(load_model(ckpt_dir), read_run_config(ckpt_dir), out_dir)
-
-
-def import_to_checkpoint(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """`polysense import-hf SRC --out DIR`: an HF directory -> polysense checkpoint directory
-    (a LLaVA directory -> a VLM checkpoint, `models.vlm_hf.import_llava`)."""
-    from polysense.models.clip import save_checkpoint
-
-    cfg_path = Path(src_dir) / "config.json"
-    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("model_type") == "llava":
-        from polysense.models.vlm import save_vlm
-        from polysense.models.vlm_hf import import_llava
-
-        vlm = import_llava(src_dir)
-        return save_vlm(vlm, vlm.run_cfg, vlm.tokenizer, out_dir)
-    model, run_cfg = import_hf(src_dir)
-    return save_checkpoint(model, run_cfg, out_dir)
-
-
 __all__ = [
     "convert",
-    "export_checkpoint",
     "export_hf",
     "import_hf",
-    "import_to_checkpoint",
     "key_pairs",
 ]

@@ -20,45 +20,46 @@ and `tokenizer.json`; `load_vlm` reads either kind back.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from polysense.config import (
-    ConfigError,
-    LoopConfig,
-    VisionConfig,
-    check_fields,
-    dumps,
-    from_dict,
-)
+from polysense.config import ConfigError, LoopConfig, VisionConfig, check_fields
 from polysense.data.transforms import images_to_tensor
 from polysense.decoding import ban
 from polysense.errors import PolysenseError
-from polysense.fileio import atomic_path, atomic_write_text
-from polysense.models.vit import MLP, Attention, VisionTransformer, init_linear
-from polysense.models.vlm_hf import LM_DIR, ChatPrompt, HFChatTokenizer, is_hf_dir
+from polysense.fileio import atomic_path
+from polysense.models.lm import GPT, LMConfig
+from polysense.models.vit import MLP, Attention, VisionTransformer
+
+if TYPE_CHECKING:
+    from polysense.models.vlm_hf import HFChatTokenizer
 
 PAD, BOS, EOS, IMAGE = "[PAD]", "[BOS]", "[EOS]", "<image>"
 CAPTION_INSTRUCTION = "describe the image."
 OCR_INSTRUCTION = "what is written here?"
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
-# (k, v) per layer, each (B, H, S, D)
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+class ChatPrompt(str):
+    """A prompt string of polysense's template that also remembers its turns, so that an HF
+    tokenizer can render the same conversation with its own chat template."""
+
+    turns: tuple[tuple[str, str], ...]
+    question: str
+
+    def __new__(cls, text: str, *, turns: Sequence[tuple[str, str]], question: str) -> ChatPrompt:
+        obj = super().__new__(cls, text)
+        obj.turns, obj.question = tuple(turns), question
+        return obj
 
 
 def chat_prompt(instruction: str) -> str:
@@ -83,26 +84,6 @@ def conversation(turns: Sequence[tuple[str, str]], question: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # configs
-
-
-@dataclass(frozen=True)
-class LMConfig:
-    family: Literal["lm"] = "lm"
-    vocab_size: int = 512
-    context_length: int = 128  # learned positions: the longest sequence, image tokens included
-    width: int = 192
-    layers: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_fields(
-            self,
-            positive="vocab_size context_length width heads mlp_ratio",
-            non_negative="layers",
-            below_one="dropout",
-        )
 
 
 @dataclass(frozen=True)
@@ -303,118 +284,6 @@ class ChatTokenizer:
         """(ids of prompt + response, number of prompt tokens) for `VLM.score`."""
         p, r = self.prompt_ids(prompt), self.response_ids(response)
         return p + (r if eos else r[:-1]), len(p)
-
-
-# ---------------------------------------------------------------------------------------------
-# the language model
-
-
-def attention_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
-    """Causal mask over left-padded rows: key_mask (B, S) True on real tokens -> (B, 1, T, S).
-
-    The T queries are the last T of the S positions. Every query also sees itself, so a padding
-    query has a non-empty row (no NaN); real queries never see padding keys.
-    """
-    s = key_mask.shape[1]
-    q_pos = torch.arange(s - n_query, s, device=key_mask.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(s, device=key_mask.device)[None, :]  # (1, S)
-    causal = k_pos <= q_pos  # (T, S)
-    mask = causal[None] & key_mask[:, None, :]  # (B, T, S)
-    mask = mask | (k_pos == q_pos)[None]
-    return mask[:, None]  # (B, 1, T, S)
-
-
-def positions_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counting real tokens only (left padding does not shift them): (B, S)."""
-    return (key_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head attention with an optional past (k, v): new keys are appended to the cache."""
-
-    def __init__(self, *, width: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if width % heads:
-            raise PolysenseError(f"model.lm.width={width} is not divisible by heads={heads}")
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, H, S, D)
-            v = torch.cat([past[1], v], dim=2)
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)")), (k, v)
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, *, cfg: LMConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width)
-        self.attn = CausalSelfAttention(width=cfg.width, heads=cfg.heads, dropout=cfg.dropout)
-        self.ln_2 = nn.LayerNorm(cfg.width)
-        hidden = round(cfg.width * cfg.mlp_ratio)
-        self.mlp = MLP(width=cfg.width, hidden=hidden, act="gelu", dropout=cfg.dropout)
-
-    def forward(self, x, mask, past):
-        a, kv = self.attn(self.ln_1(x), mask, past)
-        x = x + a  # (B, T, C)
-        return x + self.mlp(self.ln_2(x)), kv
-
-
-class GPT(nn.Module):
-    """Causal decoder over token embeddings; the output head is the token embedding (tied)."""
-
-    def __init__(self, *, cfg: LMConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.grad_checkpointing = False  # recompute each block in backward (training only)
-        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.width))
-        self.blocks = nn.ModuleList(DecoderBlock(cfg=cfg) for _ in range(cfg.layers))
-        self.ln_f = nn.LayerNorm(cfg.width)
-        self.apply(init_linear)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.01)
-        for block in self.blocks:  # GPT-2: residual projections scaled by depth
-            nn.init.normal_(block.attn.proj.weight, std=0.02 / (2 * cfg.layers) ** 0.5)
-            nn.init.normal_(block.mlp.fc2.weight, std=0.02 / (2 * cfg.layers) ** 0.5)
-
-    def forward(
-        self,
-        embeds: torch.Tensor,
-        key_mask: torch.Tensor,
-        cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
-        """embeds (B, T, C) of the new tokens; key_mask (B, S) over past + new tokens (True =
-        real). Returns logits (B, T, V) and the cache extended by these T tokens."""
-        t, s = embeds.shape[1], key_mask.shape[1]
-        if s > self.cfg.context_length:
-            raise PolysenseError(
-                f"sequence of {s} tokens exceeds model.lm.context_length="
-                f"{self.cfg.context_length}; shorten the prompt or max_new_tokens"
-            )
-        pos = positions_from_mask(key_mask)[:, s - t :]  # (B, T)
-        x = embeds + self.pos_embed[0, pos]  # (B, T, C)
-        mask = attention_mask(key_mask, t)
-        new_cache: KVCache = []
-        for i, block in enumerate(self.blocks):
-            past = cache[i] if cache is not None else None
-            if self.grad_checkpointing and torch.is_grad_enabled() and past is None:
-                x, kv = checkpoint(block, x, mask, None, use_reentrant=False)
-            else:
-                x, kv = block(x, mask, past)
-            new_cache.append(kv)
-        logits = self.ln_f(x) @ self.token_embed.weight.T  # (B, T, V)
-        return logits, new_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,176 +605,3 @@ class VLM(nn.Module):
         keep = batch.labels != -100
         picked = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
         return torch.where(keep, picked, 0.0).sum(1)  # masked ids give -inf off the targets
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _write(module: nn.Module, cfg: Any, tokenizer: Any, ckpt_dir: Path) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    from polysense.models.vlm_hf import merged_state_dict
-
-    tensors, seen = {}, set()
-    for k, v in merged_state_dict(module).items():  # LoRA folded in: a plain model loads it
-        v = v.detach().cpu().contiguous()
-        if v.data_ptr() in seen:  # tied weights (an HF LM's head): safetensors wants copies
-            v = v.clone()
-        seen.add(v.data_ptr())
-        tensors[k] = v
-    with atomic_path(ckpt_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    if isinstance(tokenizer, HFChatTokenizer):  # its own files, chat template included
-        tokenizer.save_dir(ckpt_dir)
-        module.lm.model.config.save_pretrained(ckpt_dir / LM_DIR)
-        module.lm.model.generation_config.save_pretrained(ckpt_dir / LM_DIR)
-    else:
-        tokenizer.save(ckpt_dir / TOKENIZER_FILE)
-    atomic_write_text(ckpt_dir / CONFIG_FILE, dumps(cfg) + "\n")  # last: marks it complete
-    return ckpt_dir
-
-
-def save_vlm(
-    model: VLM | GPT,
-    cfg: VLMRunConfig | LMRunConfig,
-    tokenizer: ChatTokenizer | HFChatTokenizer,
-    ckpt_dir: str | Path,
-) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json (each atomically); with an HF
-    decoder, the tokenizer's own files and the LM's architecture in lm/config.json instead."""
-    return _write(model, cfg, tokenizer, Path(ckpt_dir))
-
-
-def read_config(ckpt_dir: str | Path) -> VLMRunConfig | LMRunConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise PolysenseError(
-            f"{path} does not exist: {ckpt_dir} is not a checkpoint directory (train one with "
-            "`polysense train vlm-tiny-stage2 --data runs/world-all --out DIR`)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PolysenseError(f"{path}: not valid JSON ({exc})") from None
-    family = data.get("model", {}).get("family")
-    if family not in ("lm", "vlm"):
-        raise PolysenseError(
-            f"{path}: model.family is {family!r}, not a language model ('lm') or VLM ('vlm'); "
-            "pass the checkpoint of `polysense train lm-tiny` or `vlm-tiny-stage1/2`"
-        )
-    try:
-        return from_dict(LMRunConfig if family == "lm" else VLMRunConfig, data)
-    except ConfigError as exc:
-        raise PolysenseError(f"{path}: {exc}") from None
-
-
-def model_family(ckpt_dir: str | Path) -> str:
-    """'clip', 'siglip', 'lm' or 'vlm' from a checkpoint's config.json (no weights read)."""
-    path = Path(ckpt_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise PolysenseError(f"{path} does not exist: {ckpt_dir} is not a checkpoint directory")
-    return str(json.loads(path.read_text()).get("model", {}).get("family", ""))
-
-
-def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    path = ckpt_dir / WEIGHTS_FILE
-    if not path.is_file():
-        raise PolysenseError(f"{path} does not exist: the checkpoint in {ckpt_dir} is incomplete")
-    return load_file(path, device="cpu")
-
-
-def load_lm(ckpt_dir: str | Path) -> tuple[GPT, ChatTokenizer, LMRunConfig]:
-    """An lm-tiny checkpoint -> (GPT, tokenizer, run config), in eval mode."""
-    ckpt_dir = Path(ckpt_dir)
-    cfg = read_config(ckpt_dir)
-    if not isinstance(cfg, LMRunConfig):
-        raise PolysenseError(f"{ckpt_dir} holds a VLM, not a language model; use load_vlm")
-    model = GPT(cfg=cfg.model)
-    model.load_state_dict(_weights(ckpt_dir))
-    return model.eval(), ChatTokenizer.from_file(ckpt_dir / TOKENIZER_FILE), cfg
-
-
-def load_vlm(ckpt_dir: str | Path, *, device: str = "cpu") -> VLM:
-    """A VLM checkpoint directory, or a Hugging Face LLaVA directory (`vlm_hf.import_llava`) ->
-    the model (with `.run_cfg`), in eval mode."""
-    ckpt_dir = Path(ckpt_dir)
-    if is_hf_dir(ckpt_dir):
-        from polysense.models.vlm_hf import import_llava
-
-        model_type = json.loads((ckpt_dir / CONFIG_FILE).read_text())["model_type"]
-        if model_type != "llava":
-            raise PolysenseError(
-                f"{ckpt_dir / CONFIG_FILE}: model_type={model_type!r} is not a VLM; pass a "
-                "polysense VLM checkpoint or a LlavaForConditionalGeneration directory"
-            )
-        return import_llava(ckpt_dir).to(device)
-    cfg = read_config(ckpt_dir)
-    if not isinstance(cfg, VLMRunConfig):
-        raise PolysenseError(
-            f"{ckpt_dir} holds a text-only language model (lm-tiny); captioning and VQA need a "
-            "VLM checkpoint from `polysense train vlm-tiny-stage1` or `vlm-tiny-stage2`"
-        )
-    if cfg.model.decoder == "hf":
-        from polysense.models.vlm_hf import lm_from_config_dir
-
-        tokenizer: Any = HFChatTokenizer.from_dir(ckpt_dir)
-        lm = lm_from_config_dir(ckpt_dir / LM_DIR)
-        tokenizer.add_stops(lm.model.generation_config)
-        if tokenizer.vocab_size > lm.token_embed.num_embeddings:
-            lm.model.resize_token_embeddings(tokenizer.vocab_size)
-        model = VLM(cfg=cfg.model, tokenizer=tokenizer, lm=lm)
-    else:
-        tokenizer = ChatTokenizer.from_file(ckpt_dir / TOKENIZER_FILE)
-        model = VLM(cfg=cfg.model, tokenizer=tokenizer)
-    try:
-        model.load_state_dict(_weights(ckpt_dir))
-    except RuntimeError as exc:
-        raise PolysenseError(
-            f"{ckpt_dir / WEIGHTS_FILE} does not match its config: {str(exc).splitlines()[0]}"
-        ) from None
-    model.run_cfg = cfg
-    return model.to(device).eval()
-
-
-def build_vlm(run: VLMRunConfig, *, texts: Sequence[str] | None = None) -> tuple[VLM, VLMRunConfig]:
-    """A VLM from its init sources: the ViT of the CLIP checkpoint or HF CLIP/SigLIP directory
-    `run.init.vision`, the GPT and tokenizer of `run.init.lm` (an HF causal LM directory: that LM,
-    its tokenizer and chat template; "": a fresh GPT, with a BPE trained on `texts`), or
-    everything from `run.init.vlm`. Returns the model and the run config with the model config it really has."""
-    from polysense.models.clip import load_model
-
-    init = run.init
-    if init.vlm:
-        prev = load_vlm(init.vlm)
-        cfg = dataclasses.replace(run, model=prev.cfg)
-        if prev.cfg.decoder == "hf":
-            return prev.train(), cfg
-        model = VLM(cfg=prev.cfg, tokenizer=prev.tokenizer)  # (draws the init: keeps the RNG)
-        model.load_state_dict(prev.state_dict())
-        return model.train(), cfg
-    if not init.vision:
-        raise ConfigError("init.vision is empty: a VLM needs a CLIP checkpoint for its ViT")
-    clip = load_model(init.vision)
-    lm_cfg = run.model.lm
-    lm_state, hf_lm, decoder = None, None, "polysense"
-    if init.lm and is_hf_dir(init.lm):
-        from polysense.models.vlm_hf import lm_config_fields, load_hf_lm
-
-        hf_lm, tokenizer = load_hf_lm(init.lm)
-        fields = lm_config_fields(hf_lm.model.config)
-        fields["vocab_size"] = hf_lm.token_embed.num_embeddings
-        lm_cfg, decoder = LMConfig(**fields), "hf"
-    elif init.lm:
-        gpt, tokenizer, lm_run = load_lm(init.lm)
-        lm_cfg, lm_state = lm_run.model, gpt.state_dict()
-    else:
-        if texts is None:
-            raise ConfigError("init.lm is empty and no texts were given to train a tokenizer")
-        tokenizer = ChatTokenizer.train(texts, vocab_size=lm_cfg.vocab_size)
-        lm_cfg = dataclasses.replace(lm_cfg, vocab_size=tokenizer.vocab_size)
-    model_cfg = dataclasses.replace(run.model, lm=lm_cfg, vision=clip.cfg.vision, decoder=decoder)
-    model = VLM(cfg=model_cfg, tokenizer=tokenizer, lm=hf_lm)
-    model.visual.load_state_dict(clip.visual.state_dict())
-    if lm_state is not None:
-        model.lm.load_state_dict(lm_state)
-    return model.train(), dataclasses.replace(run, model=model_cfg)

@@ -31,9 +31,18 @@ from torch import nn
 from polysense.config import ModelConfig, TextConfig, VisionConfig
 from polysense.errors import PolysenseError
 from polysense.fileio import files_into
+from polysense.models.hf import (
+    _load_hf,
+    _write_preprocessor,
+    convert,
+    hf_vision_fields,
+    key_pairs,
+    vision_config_from_hf,
+)
+from polysense.models.lm import LMConfig, positions_from_mask
 from polysense.models.text import quiet_transformers
+from polysense.models.vlm import IMAGE, VLM, ChatPrompt, VLMConfig, VLMRunConfig
 
-IMAGE = "<image>"
 # polysense's template (models.vlm.chat_prompt / conversation) for a tokenizer without its own
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}{% for m in messages %}{% if m['role'] == 'user' %}"
@@ -41,19 +50,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 LM_DIR = "lm"  # a VLM checkpoint keeps its HF decoder's config.json here
-
-
-class ChatPrompt(str):
-    """A prompt string of polysense's template that also remembers its turns, so that an HF
-    tokenizer can render the same conversation with its own chat template."""
-
-    turns: tuple[tuple[str, str], ...]
-    question: str
-
-    def __new__(cls, text: str, *, turns: Sequence[tuple[str, str]], question: str) -> ChatPrompt:
-        obj = super().__new__(cls, text)
-        obj.turns, obj.question = tuple(turns), question
-        return obj
 
 
 def messages(turns: Sequence[tuple[str, str]], question: str | None) -> list[dict[str, str]]:
@@ -200,7 +196,7 @@ class HFChatTokenizer:
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM behind the interface of `models.vlm.GPT`."""
+    """A transformers causal LM behind the interface of `models.lm.GPT`."""
 
     def __init__(self, *, model: Any) -> None:
         super().__init__()
@@ -219,8 +215,6 @@ class HFCausalLM(nn.Module):
         """embeds (B, T, C) of the new tokens, key_mask (B, S) over past + new (True = real) ->
         logits (B, T, V) and the per-layer (k, v) cache extended by these T tokens."""
         from transformers import DynamicCache
-
-        from polysense.models.vlm import positions_from_mask
 
         t, s = embeds.shape[1], key_mask.shape[1]
         pos = positions_from_mask(key_mask)[:, s - t :]  # (B, T)
@@ -270,8 +264,6 @@ def load_hf_lm(src: str | Path) -> tuple[HFCausalLM, HFChatTokenizer]:
     embeddings grow when `<image>` had to be added to the tokenizer."""
     from transformers import AutoConfig
 
-    from polysense.models.hf import _load_hf
-
     src = Path(src)
     try:
         with quiet_transformers():
@@ -305,7 +297,6 @@ def lm_from_config_dir(directory: Path) -> HFCausalLM:
 
 def _vision_pairs(v: VisionConfig, family: str) -> list[tuple[list[str], list[str]]]:
     """(HF vision tower keys, polysense `visual.*` keys), from models.hf's table."""
-    from polysense.models.hf import key_pairs
 
     cfg = ModelConfig(family=family, vision=v, text=TextConfig(layers=0))
     out = []
@@ -362,8 +353,6 @@ def export_llava(model: Any, out_dir: str | Path) -> Path:
     polysense adds to every image token before the projector, is folded into the projector's
     first bias (the same function); images are not tiled in LLaVA."""
     import transformers
-
-    from polysense.models.hf import _write_preprocessor, convert, hf_vision_fields
 
     _check_llava(model)
     cfg, v, tok = model.cfg, model.cfg.vision, model.tokenizer
@@ -442,9 +431,6 @@ def import_llava(src_dir: str | Path) -> Any:
     """A `LlavaForConditionalGeneration` directory (CLIP vision tower, any causal LM, GELU
     projector) -> a polysense VLM (eval mode) with the directory's tokenizer and chat template."""
     import transformers
-
-    from polysense.models.hf import _load_hf, convert, vision_config_from_hf
-    from polysense.models.vlm import VLM, LMConfig, VLMConfig, VLMRunConfig
 
     src = Path(src_dir)
     with quiet_transformers():

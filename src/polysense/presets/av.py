@@ -130,7 +130,7 @@ def run(
     """Train `cfg` with the contrastive loop, evaluate each split, write OUT/metrics.json."""
     from polysense.data.readers import detect_format
     from polysense.fileio import atomic_write_json
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
     from polysense.train.loop import train
 
     result = train(cfg, data=data, out=out, resume=resume)

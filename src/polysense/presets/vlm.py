@@ -9,9 +9,9 @@ The documented sequence (docs/vlm.md), each stage starting from the previous one
 
 from __future__ import annotations
 
+from polysense.models.lm import LMConfig
 from polysense.models.vlm import (
     InitConfig,
-    LMConfig,
     LMRunConfig,
     SCSTConfig,
     VLMConfig,

@@ -18,7 +18,6 @@ removed (`no_image`, `no_text`, `no_audio`) or replaced by noise (`noise_image`,
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from polysense.config import from_dict
 from polysense.data.loader import normalize
 from polysense.data.tasks import (
     ANSWERS,
@@ -42,15 +39,10 @@ from polysense.data.tasks import (
 )
 from polysense.data.tokenizer import Tokenizer
 from polysense.errors import PolysenseError
-from polysense.fileio import atomic_path, atomic_write_json, atomic_write_text
-from polysense.models.fusion import (
-    MODALITIES,
-    FusionModel,
-    FusionRunConfig,
-    build_fusion,
-    count_params,
-    with_text_init,
-)
+from polysense.fileio import atomic_write_json
+from polysense.models.checkpoint import save_fusion
+from polysense.models.fusion import MODALITIES, FusionModel, FusionRunConfig, count_params
+from polysense.models.warmstart import build_fusion, with_text_init
 from polysense.train.checkpoint import load_state
 from polysense.train.fit import fit
 from polysense.train.optim import NO_DECAY_NAMES, adamw
@@ -485,49 +477,6 @@ def train_fusion(
         train_samples_per_s=result.train_samples_per_s,
         final_loss=result.final_loss,
     )
-
-
-def save_fusion(model: FusionModel, cfg: FusionRunConfig, tokenizer: Tokenizer, out: Path) -> None:
-    """config.json (last: its presence marks a complete checkpoint), weights, tokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tokenizer.save(out / "tokenizer.json")
-    text = json.dumps({"family": "fusion", **dataclasses.asdict(cfg)}, indent=2)
-    atomic_write_text(out / "config.json", text + "\n")
-
-
-def load_fusion(ckpt: str | Path) -> tuple[FusionModel, Tokenizer, FusionRunConfig]:
-    """A fusion checkpoint directory -> (model in eval mode, tokenizer, run config)."""
-    ckpt = Path(ckpt)
-    path = ckpt / "config.json"
-    if not path.is_file():
-        raise PolysenseError(
-            f"{path} does not exist: train a fusion model first "
-            f"(polysense train fusion-early-tiny --data runs/world-all --out {ckpt})"
-        )
-    data = json.loads(path.read_text())
-    if data.pop("family", None) != "fusion":
-        raise PolysenseError(f"{path}: field 'family' is not 'fusion'; not a fusion checkpoint")
-    train = data.get("train", {})
-    if "max_seconds" in train:  # checkpoints before the one training loop named the budget so
-        train["max_minutes"] = train.pop("max_seconds") / 60
-    cfg = from_dict(FusionRunConfig, data)
-    tokenizer = Tokenizer.from_file(
-        ckpt / "tokenizer.json", context_length=cfg.model.context_length
-    )
-    # the weights come from the checkpoint: no need for the init checkpoints to still exist
-    model = build_fusion(dataclasses.replace(cfg.model, image_init="", text_init=""))
-    try:
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-    except RuntimeError as exc:
-        raise PolysenseError(
-            f"{ckpt / 'model.safetensors'} does not fit the fusion model its config.json "
-            f"describes ({str(exc).splitlines()[-1].strip()}); a checkpoint from an older "
-            "polysense (xattn before pos_media) has to be retrained"
-        ) from None
-    return model.eval(), tokenizer, cfg
 
 
 def run_preset(

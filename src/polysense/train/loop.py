@@ -36,7 +36,7 @@ TrainResult = FitResult  # what `train` returns (the one loop's result)
 def load_init(path: str) -> nn.Module:
     """The model `train.init` names (a polysense checkpoint or a Hugging Face CLIP/SigLIP
     directory), on the CPU, with its tokenizer; a clear error when it cannot start a run."""
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
 
     try:
         model = load_model(path)
@@ -313,7 +313,7 @@ class ContrastiveTask(Task):
         return {"config": to_dict(self.run_cfg)}
 
     def export(self, out: Path) -> None:
-        from polysense.models.clip import save_checkpoint
+        from polysense.models.checkpoint import save_checkpoint
 
         save_checkpoint(self.model, self.run_cfg, out)
 

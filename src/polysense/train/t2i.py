@@ -128,7 +128,8 @@ class T2ITask(Task):
         self.ema.load_state_dict(state["ema"])
 
     def export(self, out: Path) -> None:
-        from polysense.models.diffusion import TextToImage, save_generator
+        from polysense.models.checkpoint import save_generator
+        from polysense.models.diffusion import TextToImage
 
         save_generator(TextToImage(unet=self.ema, text=self.text), self.run_cfg, out)
 
@@ -145,7 +146,7 @@ def train_t2i(
     """Train `cfg` (a T2IRunConfig) on the captioned images at `data`; writes `state.pt`,
     `metrics.jsonl` and the inference checkpoint (`config.json`, `model.safetensors`, `text/`)
     to `out`. Returns a summary (steps, seconds, final loss, samples/s, stopped_early)."""
-    from polysense.models.clip import load_model
+    from polysense.models.checkpoint import load_model
     from polysense.models.diffusion import TextCondition, UNet
 
     tc = cfg.train

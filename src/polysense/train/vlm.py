@@ -42,22 +42,19 @@ from polysense.data.instruct import (
 from polysense.data.transforms import normalize, tile_pixels
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_write_json
+from polysense.models.checkpoint import load_lm, load_vlm, read_config, save_vlm
+from polysense.models.lm import GPT
 from polysense.models.vlm import (
     CAPTION_INSTRUCTION,
-    GPT,
     VLM,
     ChatTokenizer,
     LMRunConfig,
     VLMRunConfig,
     VLMTrainConfig,
-    build_vlm,
     chat_prompt,
-    load_lm,
-    load_vlm,
-    read_config,
-    save_vlm,
 )
 from polysense.models.vlm_hf import is_hf_dir
+from polysense.models.warmstart import build_vlm
 from polysense.precision import resolve_precision
 from polysense.train.checkpoint import load_state
 from polysense.train.fit import fit
@@ -346,7 +343,7 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
             "vision_config"
         ].get("image_size", 224)
     elif isinstance(cfg, VLMRunConfig) and cfg.init.vision:
-        from polysense.models.clip import read_run_config
+        from polysense.models.checkpoint import read_run_config
 
         image_size = read_run_config(cfg.init.vision).model.vision.image_size
     from polysense.data.readers import detect_format

@@ -50,7 +50,7 @@ def template_captioner(
 
 def _vlm_captioner(ckpt: str, prompt: str) -> Captioner:
     try:
-        from polysense.models.vlm import load_vlm
+        from polysense.models.checkpoint import load_vlm
     except ImportError as exc:
         raise PolysenseError(
             f"recaption.captioner='vlm:{ckpt}' needs polysense.models.vlm ({exc}); "

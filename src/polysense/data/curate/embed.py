@@ -12,9 +12,9 @@ from PIL import Image
 
 @cache
 def _model(ckpt: str):
-    from polysense.models.clip import load_model
+    from polysense import load
 
-    return load_model(ckpt)
+    return load(ckpt, family="clip")  # a checkpoint directory, or a preset name (random init)
 
 
 @torch.no_grad()
