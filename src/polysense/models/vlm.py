@@ -1,8 +1,8 @@
 """Multimodal language model (LLaVA / BLIP-2 recipe): vision encoder -> projector -> GPT decoder.
 
-- `GPT`: a small causal decoder (pre-norm blocks, learned positions, tied input/output
-  embeddings) with a KV cache, so generation costs one token's compute per step. Rows may be
-  left-padded: a key mask hides the padding and positions count only real tokens.
+- The decoder: `models.lm.GPT`, a small causal decoder with a KV cache (left-padded rows), or
+  any HF causal LM with its tokenizer and chat template (`init.lm=HF_DIR`, `model.decoder="hf"`;
+  models/vlm_hf.py, which also writes and reads LLaVA).
 - Projectors into the LM's embedding space: `linear`, `mlp2x` (Linear-GELU-Linear, LLaVA-1.5) and
   `qformer` (K learned queries that self-attend and cross-attend to the image tokens, BLIP-2).
 - `VLM`: the image tokens replace the `<image>` placeholder of the chat template
@@ -11,11 +11,10 @@
 - The vision tower is the ViT of a polysense CLIP checkpoint or of an HF CLIP/SigLIP directory
   (`VisionTransformer.forward_features` gives its token sequence: cls + patches, at
   `model.feature_layer`; `feature_select="patch"` drops the cls token, as LLaVA does).
-- The decoder is the GPT below, or any HF causal LM with its tokenizer and chat template
-  (`init.lm=HF_DIR`, `model.decoder="hf"`; models/vlm_hf.py, which also writes and reads LLaVA).
 
-A checkpoint directory holds `config.json` (an `LMRunConfig` or `VLMRunConfig`), `model.safetensors`
-and `tokenizer.json`; `load_vlm` reads either kind back.
+The run configs (`LMRunConfig`, `VLMRunConfig`) are what a checkpoint's config.json holds;
+`models.checkpoint` writes and reads them (`save_vlm`, `load_lm`, `load_vlm`), and
+`models.warmstart.build_vlm` builds a VLM from its init checkpoints.
 """
 
 from __future__ import annotations
