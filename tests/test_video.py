@@ -16,7 +16,7 @@ from polysense.data.readers import Rejects, read_samples, sample_frame_indices
 from polysense.data.tokenizer import Tokenizer
 from polysense.errors import DataError, PolysenseError
 from polysense.eval.video import still_video, video_retrieval
-from polysense.models.checkpoint import save_checkpoint
+from polysense.models.checkpoint import save_checkpoint, tower_weights
 from polysense.models.clip import CLIP, bootstrap_captions
 from polysense.models.video import VideoTransformer, videos_to_tensor
 from polysense.models.vit import VisionTransformer
@@ -92,14 +92,15 @@ def test_image_weights_load_from_a_checkpoint_and_mismatches_are_named(tmp_path)
     )
     save_checkpoint(clip, RunConfig(), tmp_path / "ckpt")
     video = VideoTransformer(cfg=VideoConfig(**SMALL, num_frames=2))
-    copied = video.load_image_weights(tmp_path / "ckpt")
+    field = "model.video.init_from_image"
+    copied = video.load_image_weights(tower_weights(tmp_path / "ckpt", "visual.", field=field))
     torch.testing.assert_close(video.pos_embed, clip.visual.pos_embed)
     assert len(copied) == len(clip.visual.state_dict())
     wide = VideoTransformer(cfg=VideoConfig(**{**SMALL, "width": 64}, num_frames=2))
     with pytest.raises(PolysenseError, match="width"):
-        wide.load_image_weights(tmp_path / "ckpt")
-    with pytest.raises(PolysenseError, match="does not exist"):
-        video.load_image_weights(tmp_path / "nowhere")
+        wide.load_image_weights(tower_weights(tmp_path / "ckpt", "visual.", field=field))
+    with pytest.raises(PolysenseError, match=r"model\.video\.init_from_image: .* does not exist"):
+        tower_weights(tmp_path / "nowhere", "visual.", field=field)
 
 
 def test_encode_video_samples_frames_from_uint8_clips():

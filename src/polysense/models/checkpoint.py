@@ -124,6 +124,19 @@ def load_model(path: str | Path, *, device: str = "cpu") -> CLIP:
     return model.to(device).eval()
 
 
+def tower_weights(ckpt_dir: str | Path, prefix: str, *, field: str) -> dict[str, torch.Tensor]:
+    """The tensors of a contrastive checkpoint's tower, `prefix` ("visual.", "text.") stripped:
+    what initialises another model's tower. `field` is the config field that names the
+    checkpoint (for the error)."""
+    path = Path(ckpt_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise PolysenseError(
+            f"{field}: {path} does not exist; point it at a CLIP checkpoint directory such as "
+            "runs/quickstart/ckpt (train one with `polysense quickstart`)"
+        )
+    return {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+
+
 # ---------------------------------------------------------------------------------------------
 # fusion
 

@@ -14,8 +14,6 @@ so initialised maps a clip of identical frames to exactly the image model's outp
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from einops import rearrange
 from torch import nn
@@ -159,22 +157,10 @@ class VideoTransformer(nn.Module):
         tokens = self.forward_features(x)
         return tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, W)
 
-    def load_image_weights(self, state: dict[str, torch.Tensor] | str | Path) -> list[str]:
-        """Copy a `VisionTransformer`'s weights into the spatial parts; returns the keys copied.
-
-        `state` is a ViT state dict or a polysense CLIP checkpoint directory (its `visual.*`
-        tensors). The temporal embedding and temporal attention keep their initialisation."""
-        if not isinstance(state, dict):
-            from safetensors.torch import load_file
-
-            weights = Path(state) / "model.safetensors"
-            if not weights.is_file():
-                raise PolysenseError(
-                    f"{weights} does not exist: model.video.init_from_image must name a "
-                    "polysense image checkpoint directory (e.g. runs/quickstart/ckpt)"
-                )
-            full = load_file(weights)
-            state = {k[len("visual.") :]: v for k, v in full.items() if k.startswith("visual.")}
+    def load_image_weights(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Copy a `VisionTransformer`'s state dict into the spatial parts; returns the keys
+        copied. A CLIP checkpoint's is `models.checkpoint.tower_weights(dir, "visual.", ...)`.
+        The temporal embedding and temporal attention keep their initialisation."""
         own = self.state_dict()
         copied, skipped = {}, []
         for key, value in state.items():

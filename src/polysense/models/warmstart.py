@@ -18,11 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from polysense.config import ConfigError, TextConfig
 from polysense.errors import PolysenseError
-from polysense.models.checkpoint import load_lm, load_model, load_vlm, read_run_config
+from polysense.models.checkpoint import (
+    load_lm,
+    load_model,
+    load_vlm,
+    read_run_config,
+    tower_weights,
+)
 from polysense.models.fusion import (
     CrossAttnFusion,
     EarlyFusion,
@@ -91,13 +96,7 @@ def build_fusion(cfg: FusionConfig) -> FusionModel:
 def load_image_tower(model: FusionModel, ckpt: str | Path) -> None:
     """Copy a CLIP checkpoint's vision tower (`visual.*` in model.safetensors) into the image
     encoder; the shapes must match (same image_size, patch_size, width, layers, heads)."""
-    path = Path(ckpt) / "model.safetensors"
-    if not path.is_file():
-        raise PolysenseError(
-            f"model.image_init: {path} does not exist; point it at a CLIP checkpoint directory "
-            "such as runs/quickstart/ckpt (train one with `polysense quickstart`)"
-        )
-    visual = {k[7:]: v for k, v in load_file(path).items() if k.startswith("visual.")}
+    visual = tower_weights(ckpt, "visual.", field="model.image_init")
     try:
         if isinstance(model, EarlyFusion):
             model.image_stem.load_state_dict(
@@ -111,7 +110,7 @@ def load_image_tower(model: FusionModel, ckpt: str | Path) -> None:
             model.image.load_state_dict(visual)
     except (RuntimeError, KeyError) as exc:
         raise PolysenseError(
-            f"model.image_init: {path} does not fit this model's image encoder "
+            f"model.image_init: {ckpt} does not fit this model's image encoder "
             f"({str(exc).splitlines()[0]}); use a checkpoint with the same vision config "
             "(clip-tiny: 32 px, patch 8, conv stem, width 128, 4 layers, 4 heads)"
         ) from None
@@ -158,11 +157,7 @@ def with_text_init(cfg: FusionConfig) -> FusionConfig:
 def load_text_tower(model: FusionModel, ckpt: str | Path) -> None:
     """Copy a CLIP checkpoint's text tower (`text.*` in model.safetensors) into the text encoder
     of late fusion (the whole `TextTransformer`) or xattn (embeddings, blocks, final norm)."""
-    text = {
-        k[5:]: v
-        for k, v in load_file(Path(ckpt) / "model.safetensors").items()
-        if k.startswith("text.")
-    }
+    text = tower_weights(ckpt, "text.", field="model.text_init")
     try:
         if isinstance(model, LateFusion):
             model.text.load_state_dict(text)

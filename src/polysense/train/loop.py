@@ -141,6 +141,7 @@ def train(
     A model with other towers than image + text (`model.towers`, e.g. audio,text or
     image,text,audio) trains the same way on `TowerData`: each step sums the contrastive loss of
     every aligned pair (`ModelConfig.loss_pairs`, image as the anchor beyond two towers)."""
+    from polysense.models.checkpoint import tower_weights
     from polysense.models.clip import CLIP
 
     tc = cfg.train
@@ -209,7 +210,9 @@ def train(
         if init is not None:
             model.load_state_dict(init.state_dict())
         if "video" in cfg.model.towers and cfg.model.video.init_from_image:
-            model.video.load_image_weights(cfg.model.video.init_from_image)
+            field = "model.video.init_from_image"
+            image = tower_weights(cfg.model.video.init_from_image, "visual.", field=field)
+            model.video.load_image_weights(image)
 
     if multi != isinstance(pairs, TowerData):
         raise PolysenseError(
