@@ -8,8 +8,9 @@ without and one trained with modality dropout; parameters, training samples/s, b
 the RSS growth of one training step, and the cost of scoring 1 text query against 10k images.
 
 The dual encoder (`models.clip.CLIP`) spends 60 % of its seconds on contrastive training
-(`train.loop.train`) and 40 % on a VQA head over its frozen embeddings (`DualVQAHead`); ITM is
-its cosine similarity against a threshold chosen on val; it has no audio tower (sound: None).
+(`losses.clip_loss` on the one loop, `train.fit`) and 40 % on a VQA head over its frozen
+embeddings (`DualVQAHead`); ITM is its cosine similarity against a threshold chosen on val; it
+has no audio tower (sound: None).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polysense.bench.report import write_report
+from polysense.config import LoopConfig
 from polysense.data.loader import normalize
 from polysense.data.tasks import (
     ANSWERS,
@@ -48,6 +50,7 @@ from polysense.models.fusion import (
     FusionTrainConfig,
     count_params,
 )
+from polysense.train.fit import fit
 from polysense.train.fusion import (
     TASK_MODALITIES,
     TaskData,
@@ -57,6 +60,7 @@ from polysense.train.fusion import (
     train_fusion,
     vqa_metrics,
 )
+from polysense.train.task import Task
 
 DEFAULT_SECONDS = 70.0  # per style and variant: the default bench stays under 15 min here
 DEFAULT_INIT = "runs/quickstart/ckpt"
@@ -308,6 +312,118 @@ def _dual_embed_texts(model: nn.Module, texts: list[str]) -> tuple[torch.Tensor,
     return emb, uniq
 
 
+class _DualPairs:
+    """The dual encoder's contrastive batch of step s: `batch_size` train scenes and one of each
+    scene's captions, drawn from a generator seeded by s."""
+
+    def __init__(self, *, train: WorldTasks, batch_size: int, tokenize: Any, cfg: Any) -> None:
+        self.train, self.batch_size, self.tokenize = train, batch_size, tokenize
+        self.v = cfg.model.vision
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.train
+        gen = torch.Generator().manual_seed(step)
+        idx = torch.randperm(len(t.keys), generator=gen)[: self.batch_size]
+        pick = torch.randint(0, 1_000_000, (len(idx),), generator=gen).tolist()
+        caps = [
+            t.captions[i][p % len(t.captions[i])] for i, p in zip(idx.tolist(), pick, strict=True)
+        ]
+        images = normalize(t.images[idx], self.v.image_mean, self.v.image_std)  # (B, 3, H, W)
+        return images, self.tokenize(caps)
+
+
+class _DualContrastiveTask(Task):
+    """The dual encoder's contrastive step (`losses.clip_loss`, every parameter at one rate,
+    constant) with the temperature clamp after each update."""
+
+    def __init__(self, *, model: nn.Module, cfg: LoopConfig, max_logit_scale: float) -> None:
+        self.model, self.cfg, self.max_logit_scale = model, cfg, max_logit_scale
+
+    def param_groups(self) -> list[dict]:
+        params = list(self.model.parameters())
+        return [{"params": params, "weight_decay": self.cfg.weight_decay, "base_lr": self.cfg.lr}]
+
+    def lr_factor(self, step: int, schedule_step: int) -> float:
+        return 1.0
+
+    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        from polysense.losses import clip_loss
+
+        images, ids = (x.to(self.rt.device) for x in batch)
+        out = self.net(images, ids)
+        return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"].log()), {}
+
+    def after_step(self, step: int) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.max_logit_scale)
+
+
+class _HeadRows:
+    """The VQA head's batch of step s: 256 train questions drawn from a generator seeded by s."""
+
+    def __init__(self, *, n: int) -> None:
+        self.n = n
+
+    def batch(self, step: int) -> torch.Tensor:
+        return torch.randint(self.n, (256,), generator=torch.Generator().manual_seed(step))
+
+
+class _DualHeadTask(Task):
+    """The VQA head on the frozen dual encoder's embeddings: the train scenes' image embeddings
+    and the distinct questions' text embeddings are computed once when the clock starts."""
+
+    def __init__(
+        self, *, head: nn.Module, clip: nn.Module, train: WorldTasks, cfg: LoopConfig, clip_cfg: Any
+    ) -> None:
+        self.model, self.clip, self.train, self.cfg, self.clip_cfg = (
+            head,
+            clip,
+            train,
+            cfg,
+            clip_cfg,
+        )
+
+    def param_groups(self) -> list[dict]:
+        params = list(self.model.parameters())
+        return [{"params": params, "weight_decay": self.cfg.weight_decay, "base_lr": self.cfg.lr}]
+
+    def lr_factor(self, step: int, schedule_step: int) -> float:
+        return 1.0
+
+    def on_start(self) -> None:
+        t, device = self.train, self.rt.device
+        self.img_emb = _dual_embed_images(self.clip, t.images, self.clip_cfg).to(device)  # (N, D)
+        q_emb, q_list = _dual_embed_texts(self.clip, t.vqa_text)
+        q_index = {q: i for i, q in enumerate(q_list)}
+        self.q_emb = q_emb.to(device)  # (Q, D)
+        self.q_of = torch.tensor([q_index[q] for q in t.vqa_text], device=device)
+        self.scene, self.answer = t.vqa_scene.to(device), t.vqa_answer.to(device)
+
+    def loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = batch.to(self.rt.device)
+        logits = self.net(self.img_emb[self.scene[idx]], self.q_emb[self.q_of[idx]])
+        return F.cross_entropy(logits, self.answer[idx]), {}
+
+
+def _budget_cfg(*, seconds: float, batch_size: int, lr: float, weight_decay: float) -> LoopConfig:
+    """A loop config that trains until `seconds` are spent at a constant rate, with torch's
+    AdamW defaults (betas 0.9/0.999, eps 1e-8), no clipping, no log and no checkpoint."""
+    return LoopConfig(
+        batch_size=batch_size,
+        steps=10**12,  # never reached: the clock ends the run
+        max_minutes=max(seconds, 1e-3) / 60,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        warmup_steps=0,
+        grad_clip=0.0,
+        precision="fp32",
+        log_every=10**12,
+        ckpt_every=0,
+    )
+
+
 def bench_dual(
     *,
     train: WorldTasks,
@@ -321,11 +437,11 @@ def bench_dual(
     eval_limit: int,
     init: str,
 ) -> dict[str, Any]:
-    """Contrastive training (60 % of the seconds), then a VQA head on frozen embeddings. The
-    CLIP starts from `init` (a checkpoint, as the fusion styles' image towers do) or, with
-    init="", from a clip-tiny of the given width/layers with a BPE on the train captions."""
+    """Contrastive training (60 % of the seconds), then a VQA head on frozen embeddings, both on
+    the one loop (`train.fit`, time-budgeted). The CLIP starts from `init` (a checkpoint, as the
+    fusion styles' image towers do) or, with init="", from a clip-tiny of the given width/layers
+    with a BPE on the train captions."""
     from polysense.config import apply_overrides
-    from polysense.losses import clip_loss
     from polysense.models.checkpoint import load_model
     from polysense.models.clip import build_model
     from polysense.presets import get_preset
@@ -339,52 +455,26 @@ def bench_dual(
         cfg = dataclasses.replace(cfg, model=clip.cfg)
     else:
         clip = build_model(cfg, texts=[c for caps in train.captions for c in caps])
-    v = cfg.model.vision
     t0 = time.perf_counter()
-    # The contrastive step written out (polysense.losses.clip_loss), time-budgeted like the rest.
-    clip.train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=5e-4 if init else 2e-3, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(0)
-    budget, n_seen = seconds * DUAL_CONTRASTIVE_SHARE, 0
-    while time.perf_counter() - t0 < budget:
-        idx = torch.randperm(len(train.keys), generator=gen)[:batch_size]
-        pick = torch.randint(0, 1_000_000, (len(idx),), generator=gen).tolist()
-        caps = [
-            train.captions[i][p % len(train.captions[i])]
-            for i, p in zip(idx.tolist(), pick, strict=True)
-        ]
-        out = clip(normalize(train.images[idx], v.image_mean, v.image_std), clip.tokenize(caps))
-        loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"].log())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, cfg.model.max_logit_scale)
-        n_seen += len(idx)
-    clip.eval()
+    lr = 5e-4 if init else 2e-3
+    loop = _budget_cfg(
+        seconds=seconds * DUAL_CONTRASTIVE_SHARE, batch_size=batch_size, lr=lr, weight_decay=0.1
+    )
+    task = _DualContrastiveTask(model=clip, cfg=loop, max_logit_scale=cfg.model.max_logit_scale)
+    pairs = _DualPairs(train=train, batch_size=batch_size, tokenize=clip.tokenize, cfg=cfg)
+    contrastive = fit(task, loop, data=pairs, out=None, progress=False)
+    clip.cpu()  # the evaluation below runs on the CPU
+    n_seen = contrastive.steps * batch_size
     contrastive_s = time.perf_counter() - t0
-    # VQA head: image embeddings of the train scenes and the (few hundred) distinct questions are
-    # computed once, inside the budget; then the head trains until the seconds are spent.
-    head_budget = seconds - contrastive_s
-    t1 = time.perf_counter()
-    img_emb = _dual_embed_images(clip, train.images, cfg)
-    q_emb, q_list = _dual_embed_texts(clip, train.vqa_text)
-    q_index = {q: i for i, q in enumerate(q_list)}
-    q_of = torch.tensor([q_index[q] for q in train.vqa_text])
+    # VQA head: the embeddings are computed once inside its budget (on_start); then the head
+    # trains until the seconds are spent.
     torch.manual_seed(0)
     head = DualVQAHead(embed_dim=clip.cfg.embed_dim, width=width, n_answers=len(ANSWERS))
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(0)
-    steps = 0
-    while time.perf_counter() - t1 < head_budget:
-        idx = torch.randint(len(q_of), (256,), generator=gen)
-        logits = head(img_emb[train.vqa_scene[idx]], q_emb[q_of[idx]])
-        loss = F.cross_entropy(logits, train.vqa_answer[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    head.eval()
+    loop = _budget_cfg(seconds=seconds - contrastive_s, batch_size=256, lr=1e-3, weight_decay=0.01)
+    head_task = _DualHeadTask(head=head, clip=clip, train=train, cfg=loop, clip_cfg=cfg)
+    heads = fit(head_task, loop, data=_HeadRows(n=len(train.vqa_text)), out=None, progress=False)
+    head.cpu()
+    steps = heads.steps
     total_s = time.perf_counter() - t0
     threshold = _dual_threshold(clip, val, cfg)
 
