@@ -2,7 +2,10 @@
 
 * "template": a caption built from the scene's object list (the world's ``objects``), e.g.
   "a large red circle at the top left and a small blue star at the center"; None without objects;
-* "vlm:CKPT": the multimodal LM of `polysense.models.vlm`, prompted per image;
+* "vlm:CKPT": the multimodal LM of `polysense.models.vlm`, prompted per image through its chat
+  template with `recaption.prompt` (default: the VLM's own caption instruction) and decoded as
+  `polysense eval caption` decodes (`CAPTION_DECODING`: beam search), so a recaption is what
+  `polysense caption --strategy beam` prints for that image;
 * "module:function": any function of that signature.
 """
 
@@ -49,20 +52,20 @@ def template_captioner(
 
 
 def _vlm_captioner(ckpt: str, prompt: str) -> Captioner:
-    try:
-        from polysense.models.checkpoint import load_vlm
-    except ImportError as exc:
-        raise PolysenseError(
-            f"recaption.captioner='vlm:{ckpt}' needs polysense.models.vlm ({exc}); "
-            "use recaption.captioner=template"
-        ) from exc
+    from polysense.eval.captioning import CAPTION_DECODING
+    from polysense.models.checkpoint import load_vlm
+    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
+
     model = load_vlm(ckpt)
+    # the chat template puts the image where the model was trained to see it (an HF decoder's
+    # tokenizer renders the same prompt with its own template)
+    wrapped = chat_prompt(prompt or CAPTION_INSTRUCTION)
 
     def caption(
         images: Sequence[Image.Image | None], metas: Sequence[dict[str, Any]]
     ) -> list[str | None]:
         rows = [i for i, im in enumerate(images) if im is not None]
-        texts = model.generate([images[i] for i in rows], [prompt] * len(rows))
+        texts = model.generate([images[i] for i in rows], [wrapped] * len(rows), **CAPTION_DECODING)
         out: list[str | None] = [None] * len(images)
         for i, text in zip(rows, texts, strict=True):
             out[i] = text.strip() or None
@@ -72,8 +75,9 @@ def _vlm_captioner(ckpt: str, prompt: str) -> Captioner:
 
 
 @cache
-def get_captioner(spec: str, prompt: str = "Describe the image.") -> Captioner:
-    """The captioner named by `spec` (see the module docstring); one per process."""
+def get_captioner(spec: str, prompt: str = "") -> Captioner:
+    """The captioner named by `spec` (see the module docstring); one per process. `prompt` is
+    the VLM's instruction ('' = its caption instruction)."""
     if spec == "template":
         return template_captioner
     if spec.startswith("vlm:"):

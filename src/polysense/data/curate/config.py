@@ -49,7 +49,9 @@ class RecaptionConfig:
     # "template" (from the scene's objects), "vlm:CKPT_DIR" (a polysense.models.vlm captioner)
     # or "module:function" (fn(images, metas) -> list of captions or None).
     captioner: str = "template"
-    prompt: str = "Describe the image."
+    # the instruction a vlm:CKPT captioner is given in its chat template; "" = the VLM's own
+    # caption instruction (what `polysense caption` and `polysense eval caption` ask)
+    prompt: str = ""
     # Fraction of samples whose training captions become the synthetic one (applied when the
     # shards are written: the loader draws captions from what the shard holds).
     mix_ratio: float = 0.0
