@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import torch
 from PIL import Image
 
 from helpers import make_pairs, tiny_config
-from polysense.data.readers import read_samples
+from polysense import load as polysense_load
+from polysense.data.readers import Rejects, read_samples
 from polysense.data.world import generate_world
 from polysense.errors import DataError, PolysenseError
 from polysense.index import MAX_K, EmbeddingIndex, Hit, ann, build_index, store
@@ -353,3 +355,76 @@ def test_hit_is_frozen_and_import_is_light():
     code = "import sys, polysense, polysense.index; print('faiss' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _messy_pairs(root: Path) -> Path:
+    """25 images (sizes 32 and 40x24, so resize and crop both run) with 4 bad rows among them:
+    a missing file, a file that is not an image, a truncated PNG, and a repeated key."""
+    data = make_pairs(root, 21)
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(root / "wide.png")
+    (root / "text.png").write_bytes(b"not an image at all")
+    (root / "cut.png").write_bytes((root / "3.png").read_bytes()[:60])
+    shutil.copyfile(root / "5.png", root / "again.png")
+    extra = [
+        {"image": "gone.png", "caption": "a lost image"},
+        {"image": "wide.png", "caption": "a green wide image"},
+        {"image": "text.png", "caption": "not an image"},
+        {"image": "cut.png", "caption": "a cut image"},
+        {"key": "4.png", "image": "again.png", "caption": "a repeated key"},
+    ]
+    lines = data.read_text().splitlines()
+    for pos, row in zip((2, 9, 13, 17, 24), extra, strict=True):  # spread over the batches
+        lines.insert(pos, json.dumps(row))
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def _rejects(index_dir: Path) -> list[str]:
+    lines = (index_dir / "rejects.jsonl").read_text().splitlines()
+    return sorted(json.loads(x)["reason"] for x in lines)
+
+
+@pytest.mark.parametrize(("workers", "batch", "limit"), [(0, 4, None), (2, 3, None), (2, 5, 14)])
+def test_decode_workers_give_the_one_process_embeddings(tmp_path, ckpt, workers, batch, limit):
+    """Images decoded in DataLoader workers give the vectors, order, limit and rejects of the
+    one-process path: `read_samples` (decoded in this process) + `encode_image` on PIL images."""
+    data = _messy_pairs(tmp_path / "pairs")
+    reader_rejects = Rejects()
+    samples = list(read_samples(data, rejects=reader_rejects, limit=limit))
+    keys = [s["key"] for s in samples]
+    unique = [s for i, s in enumerate(samples) if s["key"] not in keys[:i]]
+    model = polysense_load(ckpt)
+    with torch.inference_mode():
+        want = model.encode_image([s["image"] for s in unique]).numpy()  # (N, D)
+    idx = build_index(
+        ckpt, data, tmp_path / "index", batch_size=batch, num_workers=workers, limit=limit,
+        progress=False,
+    )  # fmt: skip
+    assert (
+        [idx.item(s["key"])["row"] for s in unique]
+        == list(range(len(unique)))
+        == list(range(len(idx)))
+    )
+    np.testing.assert_allclose(idx.embeddings("image"), want, atol=1e-5)
+    for s in unique:  # the stored PNG is the decoded source image
+        png = np.asarray(Image.open(io.BytesIO(idx.image_bytes(s["key"]))))
+        assert np.array_equal(png, np.asarray(s["image"]))
+    want_reasons = [r["reason"] for r in reader_rejects.records]
+    want_reasons += ["duplicate_key"] * (len(samples) - len(unique))
+    assert _rejects(idx.directory) == sorted(want_reasons)
+    assert idx.meta["sources"][0]["rejected"] == len(want_reasons)
+    assert "undecodable_image" in want_reasons and "missing_file" in want_reasons
+
+
+def test_embed_options_are_checked(tmp_path, ckpt, world):
+    for kwargs, flag in (
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"num_workers": -1}, "--num-workers -1"),
+        ({"device": "tpu"}, "--device 'tpu'"),
+        ({"device": "cuda:7"}, "--device 'cuda:7'"),
+    ):
+        with pytest.raises(PolysenseError, match=re.escape(flag)):
+            build_index(ckpt, world, tmp_path / "x", progress=False, **kwargs)
+    missing = tmp_path / "missing.csv"  # raised here, not wrapped by a worker's traceback
+    with pytest.raises(DataError, match=f"^{re.escape(str(missing))} does not exist[^\n]*$"):
+        build_index(ckpt, missing, tmp_path / "y", progress=False, num_workers=2)

@@ -671,6 +671,10 @@ def quickstart(
         raise typer.Exit(1)
 
 
+DEVICE_HELP = "Where the model embeds: cpu, cuda, cuda:N or auto (cuda when available)."
+WORKERS_HELP = "DataLoader worker processes decoding images while the model runs (0: none)."
+
+
 @index_app.command("build")
 def index_build(
     ckpt: Annotated[Path, typer.Option(help="Checkpoint directory whose model embeds the data.")],
@@ -685,6 +689,8 @@ def index_build(
     image_root: Annotated[
         Path | None, typer.Option(help="Folder the images of a COCO or Karpathy JSON are under.")
     ] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    num_workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
 ) -> None:
     """Embed every image and caption of a dataset and write a searchable index. A CSV/JSONL
     item's key is its image path (rows of one image are one item with all their captions).
@@ -696,7 +702,7 @@ def index_build(
     writable_dir(out.absolute().parent, flag="--out")
     index = build_index(
         ckpt, data, out, split=split, index_type=index_type, batch_size=batch_size, limit=limit,
-        image_root=image_root,
+        image_root=image_root, device=device, num_workers=num_workers,
     )  # fmt: skip
     console.print(f"indexed {len(index)} items -> {out}")
 
@@ -710,6 +716,8 @@ def index_add(
     image_root: Annotated[
         Path | None, typer.Option(help="Folder the images of a COCO or Karpathy JSON are under.")
     ] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    num_workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
 ) -> None:
     """Append new samples to an index without re-embedding the old ones. A key already in the
     index (the same image path) is rejected to rejects.jsonl.
@@ -720,7 +728,10 @@ def index_add(
 
     opened = EmbeddingIndex.open(index)
     writable_dir(index.absolute().parent, flag="--index")
-    added = opened.add(data, split=split, batch_size=batch_size, image_root=image_root)
+    added = opened.add(
+        data, split=split, batch_size=batch_size, image_root=image_root, device=device,
+        num_workers=num_workers,
+    )  # fmt: skip
     console.print(f"added {added} items to {index}")
 
 

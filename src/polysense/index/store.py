@@ -47,6 +47,7 @@ from PIL import Image
 from polysense.errors import DataError, PolysenseError
 from polysense.fileio import remove_stale, temp_dir, write_failure
 from polysense.index import ann
+from polysense.index.embed import EmbeddedBatch, EmbedOptions, check_options, embed_files
 
 FORMAT, VERSION = "polysense-index", 1
 META, ITEMS_DB, REJECTS = "meta.json", "items.sqlite", "rejects.jsonl"
@@ -281,7 +282,7 @@ class _Writer:
         batch_size: int,
         rejects: Any,
         root: Path,
-    ) -> None:
+    ) -> None:  # batch_size: captions per text-tower call
         self.model, self.dim, self.batch_size, self.rejects = model, dim, batch_size, rejects
         self.root = Path(os.path.abspath(root))
         self.db = sqlite3.connect(directory / ITEMS_DB)
@@ -297,43 +298,43 @@ class _Writer:
         for fh in self.files.values():
             fh.close()
 
-    def _reject(self, sample: dict[str, Any], seen: set[str]) -> tuple[str, str] | None:
-        key = sample.get("key")
-        if not isinstance(sample.get("image"), Image.Image):
-            return "missing_image", "the index holds images with their captions; this has none"
-        if key in seen or self.db.execute("SELECT 1 FROM items WHERE key=?", (key,)).fetchone():
-            return "duplicate_key", f"key {key!r} is already in the index"
-        return None
+    def _reject(self, sample: dict[str, Any], reason: str, detail: str) -> None:
+        key, source = str(sample.get("key")), str(sample.get("source", ""))
+        self.rejects.add(key=key, reason=reason, source=source, detail=detail)
 
     def ingest(
         self,
-        samples: Iterable[dict[str, Any]],
+        batches: Iterable[EmbeddedBatch],
         *,
         split: str | None,
         advance: Callable[[int], None],
     ) -> None:
-        batch: list[dict[str, Any]] = []
+        """Write each batch's samples with their image vectors; a sample without an image, or
+        whose key is already in (or earlier in) the index, is rejected."""
         seen: set[str] = set()
-        for sample in samples:
-            problem = self._reject(sample, seen)
-            if problem is not None:
-                key, source = str(sample.get("key")), str(sample.get("source", ""))
-                self.rejects.add(key=key, reason=problem[0], source=source, detail=problem[1])
-                continue
-            seen.add(sample["key"])
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                self._write(batch, split)
-                advance(len(batch))
-                batch = []
-        if batch:
-            self._write(batch, split)
-            advance(len(batch))
+        for batch in batches:
+            for sample in batch.missing:
+                detail = "the index holds images with their captions; this has none"
+                self._reject(sample, "missing_image", detail)
+            rows = []
+            for i, sample in enumerate(batch.samples):
+                key = sample.get("key")
+                sql = "SELECT 1 FROM items WHERE key=?"
+                if key in seen or self.db.execute(sql, (key,)).fetchone():
+                    self._reject(sample, "duplicate_key", f"key {key!r} is already in the index")
+                    continue
+                seen.add(key)
+                rows.append(i)
+            if rows:
+                vectors = torch.from_numpy(batch.vectors[rows])  # (n, D)
+                image_emb = _check_embeddings(vectors, len(rows), "encode_image")
+                self._write([batch.samples[i] for i in rows], image_emb, split)
+                advance(len(rows))
 
-    def _write(self, batch: list[dict[str, Any]], split: str | None) -> None:
+    def _write(self, batch: list[dict[str, Any]], image_emb: np.ndarray, split: str | None) -> None:
+        """Append samples (each with its PNG as "kept") and their image vectors (n, D)."""
         captions = [list(s.get("text") or []) for s in batch]
         flat = [c for caps in captions for c in caps]
-        image_emb = _embed_images(self.model, [s["image"] for s in batch], self.batch_size)
         text_emb = _embed_texts(self.model, flat, self.batch_size)  # (M_b, D)
         dim = image_emb.shape[1]
         if self.dim is None:
@@ -351,8 +352,8 @@ class _Writer:
             source = os.path.abspath(s["source"]) if s.get("source") else None
             item_split = s.get("split") if isinstance(s.get("split"), str) else split
             captions_json = json.dumps(caps, ensure_ascii=False)
-            image = _png(s["image"])
-            extra = _extra(s, self.root)
+            image = s["kept"]  # the PNG, made in a worker by _png
+            extra = _extra({k: v for k, v in s.items() if k != "kept"}, self.root)
             item_rows.append((row, s["key"], captions_json, source, item_split, extra, image))
             start = self.n_texts + len(text_rows)
             text_rows += [(start + j, row, c) for j, c in enumerate(caps)]
@@ -371,14 +372,14 @@ def _ingest(
     *,
     dim: int | None,
     split: str | None,
-    batch_size: int,
+    options: EmbedOptions,
     progress: bool,
     limit: int | None,
     image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Read `data` into `directory` (appending); returns the source record for meta.json.
     Image paths are kept relative to `image_root`, else to the source's folder."""
-    from polysense.data.readers import Rejects, read_samples
+    from polysense.data.readers import Rejects
     from polysense.eval.zeroshot import progress_bar
 
     with Rejects(directory / REJECTS) as rejects:
@@ -386,16 +387,23 @@ def _ingest(
             directory=directory,
             model=model,
             dim=dim,
-            batch_size=batch_size,
+            batch_size=options.batch_size,
             rejects=rejects,
             root=Path(image_root) if image_root is not None else _data_root(data),
         )
         try:
-            samples = read_samples(
-                data, split=split, rejects=rejects, limit=limit, image_root=image_root
+            batches = embed_files(
+                model,
+                data,
+                options=options,
+                rejects=rejects,
+                split=split,
+                image_root=image_root,
+                limit=limit,
+                keep=_png,
             )
             with progress_bar(progress, f"embedding {data}") as advance:
-                writer.ingest(samples, split=split, advance=advance)
+                writer.ingest(batches, split=split, advance=advance)
         finally:
             writer.close()
     if writer.added_items == 0:
@@ -458,6 +466,8 @@ def build_index(
     progress: bool = True,
     limit: int | None = None,
     image_root: str | Path | None = None,
+    device: str = "cpu",
+    num_workers: int = 2,
 ) -> EmbeddingIndex:
     """Embed the images and every caption of `data` with the model in `ckpt` and write an index
     directory at `out` (replacing an index already there only once the new one is complete).
@@ -465,16 +475,19 @@ def build_index(
     `index_type` "auto" picks exact search up to `ann.FLAT_MAX` vectors per modality, else IVF;
     "flat", "ivf", "hnsw" force one. Samples without an image and repeated keys are rejected to
     `out/rejects.jsonl`. `limit` reads at most that many samples; `image_root` is the folder
-    the images of a COCO or Karpathy JSON are under."""
+    the images of a COCO or Karpathy JSON are under. Images are decoded in `num_workers`
+    DataLoader workers while the model embeds on `device` (`polysense.index.embed`)."""
     from polysense import load
 
     ann.choose_type(0, index_type)
     _check_common(batch_size, limit)
+    options = EmbedOptions(device=device, batch_size=batch_size, num_workers=num_workers)
+    check_options(options)
     faiss = ann.faiss_module()
     out = Path(out)
     recover(out)
     _check_out(out)
-    model = load(ckpt, family="clip")
+    model = load(ckpt, family="clip", device=str(check_options(options)))
     with _temp_sibling(out) as tmp:
         source = _ingest(
             tmp,
@@ -482,7 +495,7 @@ def build_index(
             data,
             dim=None,
             split=split,
-            batch_size=batch_size,
+            options=options,
             progress=progress,
             limit=limit,
             image_root=image_root,
@@ -640,11 +653,16 @@ class EmbeddingIndex:
         progress: bool = True,
         limit: int | None = None,
         image_root: str | Path | None = None,
+        device: str = "cpu",
+        num_workers: int = 2,
     ) -> int:
         """Append the samples of `data` (old rows are neither re-embedded nor re-indexed: faiss
         `add` on a copy), swap the result in, and return the number of items added. Keys already
-        in the index are rejected to `rejects.jsonl`. An approximate index is re-tuned."""
+        in the index are rejected to `rejects.jsonl`. An approximate index is re-tuned. Images
+        are decoded in `num_workers` DataLoader workers while the model embeds on `device`."""
         _check_common(batch_size, limit)
+        options = EmbedOptions(device=device, batch_size=batch_size, num_workers=num_workers)
+        check_options(options)
         faiss = ann.faiss_module()
         model = self.model
         out = self.directory
@@ -657,7 +675,7 @@ class EmbeddingIndex:
                 data,
                 dim=self.dim,
                 split=split,
-                batch_size=batch_size,
+                options=options,
                 progress=progress,
                 limit=limit,
                 image_root=image_root,
