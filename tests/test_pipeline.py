@@ -493,7 +493,12 @@ def av_world(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("preset", "hard"),
-    [("video-clip-tiny", "motion"), ("imagebind-tiny", "none"), ("av-tiny", "none")],
+    [
+        ("video-clip-tiny", "motion"),
+        ("imagebind-tiny", "none"),
+        ("av-tiny", "none"),
+        ("clap-tiny", "none"),
+    ],
 )
 def test_towers_stream_the_cache_batches(av_world, preset, hard):
     """Audio/video towers: streamed batches (2 workers) equal the tower cache's (TowerBatches)
