@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from polysense.config import ConfigError
+from polysense.config import ConfigError, DataConfig, ModelConfig
 from polysense.data.loader import (
     EpochOrder,
     PairBatches,
@@ -101,7 +101,7 @@ class ShardPairs:
 Source = PairData | TowerData | ShardPairs
 
 
-def augment_of(data: Any) -> Augment:
+def augment_of(data: DataConfig) -> Augment:
     """The `Augment` that a `DataConfig` asks for."""
     return Augment(crop_scale_min=data.crop_scale_min, jitter=data.jitter, flip=data.flip)
 
@@ -113,8 +113,8 @@ def _is_url(path: str) -> bool:
 def open_pairs(
     path: str | Path,
     *,
-    data: Any,
-    model: Any,
+    data: DataConfig,
+    model: ModelConfig,
     split: str | None,
     rejects_path: Path | None = None,
 ) -> Source:
@@ -189,7 +189,7 @@ def open_pairs(
     return _with_captions(index, limit=limit, rejects_path=rejects_path, source=text)
 
 
-def decoded_bytes(model: Any) -> int:
+def decoded_bytes(model: ModelConfig) -> int:
     """Bytes one sample takes in the decoded cache: uint8 image and video, float16 audio."""
     towers, n = model.towers, 0
     if "image" in towers:
@@ -277,8 +277,8 @@ def _loader(dataset: Dataset, *, workers: int, sampler: Iterable[int] | None) ->
 def step_batches(
     source: Source,
     *,
-    data: Any,
-    model: Any,
+    data: DataConfig,
+    model: ModelConfig,
     tokenizer: Tokenizer | None,
     batch_size: int,
     seed: int,
@@ -360,7 +360,12 @@ def step_batches(
 
 
 def _recipe(
-    source: ShardPairs, *, model: Any, data: Any, tokenizer: Tokenizer | None, hard: str
+    source: ShardPairs,
+    *,
+    model: ModelConfig,
+    data: DataConfig,
+    tokenizer: Tokenizer | None,
+    hard: str,
 ) -> PairRecipe | TowerRecipe:
     """What a worker makes of each sample for this model (hard negatives checked up front)."""
     towers = tuple(model.towers)
