@@ -1,5 +1,5 @@
 """Performance benchmarks: `polysense bench throughput`, `bench loss-memory`, `bench scaling`,
-`bench dataloader`.
+`bench dataloader`, `bench embed`.
 
 Each writes DIR/NAME.json, DIR/NAME.md and DIR/NAME.png (docs/performance.md explains them).
 Run the default sizes alone on the machine (`flock /tmp/polysense-heavy.lock polysense bench ...`
@@ -233,3 +233,60 @@ def bench_dataloader(
         out, data=data, samples=samples, size=size, batch=batch, workers=workers, rounds=rounds
     )
     _show(out, "dataloader")
+
+
+@bench_app.command("embed")
+def bench_embed(
+    out: Annotated[Path, typer.Option(help="Output directory for embed.json/.md/.png.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="CSV/JSONL/image folder of image files (default: synthetic JPEGs)."),
+    ] = None,
+    n: Annotated[int, typer.Option(help="Synthetic images to write without --data.")] = 256,
+    dims: Annotated[
+        str, typer.Option(help="clip-vit-b32 (ViT-B/32, 224 px) or clip-tiny (quick).")
+    ] = "clip-vit-b32",
+    batch_size: Annotated[int, typer.Option(help="Images per model call, every variant.")] = 32,
+    num_workers: Annotated[
+        int, typer.Option(help="DataLoader workers of polysense and of the plain loop's variant.")
+    ] = 2,
+    seconds: Annotated[
+        float, typer.Option(help="Time each variant gets (whole passes, at least two).")
+    ] = 20.0,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on bf16 hardware, HF under bf16 autocast) or fp32.")
+    ] = "auto",
+) -> None:
+    """Images/s from files to vectors at 224 px: `index build`'s path (decode in DataLoader
+    workers, the model in this process) vs a plain Pillow + CLIPImageProcessor +
+    CLIPModel.get_image_features loop with the same weights, batch and threads, alone and with
+    the same workers; interleaved in one run, with the ratios.
+
+    Example: `flock /tmp/polysense-heavy.lock polysense bench embed --out runs/bench`
+    """
+    from polysense.bench.embed import DIMS, run_embed_bench
+
+    if dims not in DIMS:
+        raise PolysenseError(f"--dims {dims!r}: use one of {', '.join(DIMS)}")
+    for name, value in (("--n", n), ("--batch-size", batch_size)):
+        if value < 1:
+            raise PolysenseError(f"{name} must be >= 1, got {value}")
+    if num_workers < 0:
+        raise PolysenseError(f"--num-workers must be >= 0, got {num_workers}")
+    if not seconds > 0:
+        raise PolysenseError(f"--seconds must be > 0, got {seconds}")
+    if precision not in ("auto", "fp32"):
+        raise PolysenseError(f"--precision {precision!r}: use auto or fp32")
+    if data is not None and not data.exists():
+        raise PolysenseError(f"--data {data} does not exist; pass a CSV/JSONL or image folder")
+    run_embed_bench(
+        out,
+        data=data,
+        n=n,
+        dims=dims,
+        batch=batch_size,
+        workers=num_workers,
+        seconds=seconds,
+        precision=precision,
+    )
+    _show(out, "embed")
