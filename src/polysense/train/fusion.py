@@ -444,8 +444,9 @@ def train_fusion(
         if out is None:
             raise PolysenseError("resume needs an output directory")
         load_state(out)  # a missing or foreign state.pt fails here, before any work
+        # the run's context length: text_init's when the text tower comes from a checkpoint
         tokenizer = Tokenizer.from_file(
-            out / "tokenizer.json", context_length=cfg.model.context_length
+            out / "tokenizer.json", context_length=with_text_init(cfg.model).context_length
         )
     if tokenizer is None:
         tokenizer = build_tokenizer(train_tasks, cfg)
