@@ -67,18 +67,33 @@ QUICK_OVERRIDES = (
 # the machine's peak
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a clock read
+    after it measures the work; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_peak(
-    dtype: torch.dtype, *, sizes: tuple[int, ...] = (256, 512, 1024, 2048), seconds: float = 1.0
+    dtype: torch.dtype,
+    *,
+    sizes: tuple[int, ...] = (256, 512, 1024, 2048),
+    seconds: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """GFLOP/s of square matmuls in `dtype`: the best size's median over ~`seconds` each."""
+    """GFLOP/s of square matmuls in `dtype` on `device`: the best size's median over ~`seconds`
+    each."""
+    device = torch.device(device)
     rates = {}
     for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
+        a = torch.randn(n, n).to(device, dtype)
+        b = torch.randn(n, n).to(device, dtype)
         for _ in range(2):
             a @ b  # warm-up: thread pool, oneDNN kernel selection
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         one = max(time.perf_counter() - t0, 1e-6)
         reps = max(3, min(200, int(seconds / 5 / one)))
         samples = []
@@ -86,6 +101,7 @@ def matmul_peak(
             t0 = time.perf_counter()
             for _ in range(reps):
                 a @ b
+            sync(device)
             samples.append((time.perf_counter() - t0) / reps)
         rates[n] = 2 * n**3 / statistics.median(samples) / 1e9
     best = max(rates, key=rates.get)
@@ -146,10 +162,21 @@ class Pair:
     ids: torch.Tensor  # (B, L)
     params: int
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
 
-def build_pair(preset: str, *, batch: int, seed: int = 0, overrides: tuple[str, ...] = ()) -> Pair:
+
+def build_pair(
+    preset: str,
+    *,
+    batch: int,
+    seed: int = 0,
+    overrides: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
+) -> Pair:
     """Our CLIP for `preset` in HF CLIP's architecture (`HF_ARCH`), and an HF CLIPModel holding
-    the same weights."""
+    the same weights, both on `device` with the batch."""
     import transformers
 
     from polysense.data.tokenizer import Tokenizer
@@ -185,6 +212,8 @@ def build_pair(preset: str, *, batch: int, seed: int = 0, overrides: tuple[str, 
     v = run.model.vision
     images = torch.randn(batch, v.in_channels, v.image_size, v.image_size, generator=gen)
     ids = tokenizer(captions[:batch])
+    device = torch.device(device)
+    ours, hf, images, ids = ours.to(device), hf.to(device), images.to(device), ids.to(device)
     ours.eval()
     hf.eval()
     with torch.inference_mode():
@@ -210,6 +239,7 @@ def _hf_image(hf: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def ours_train_step(pair: Pair) -> Callable[[], None]:
     """One `polysense train` step as the training loop runs it (same precision, optimizer,
     loss and clipping), returned as a closure."""
+    from polysense.train.fit import optimizer_step
     from polysense.train.loop import _embed
     from polysense.train.optim import build_optimizer
 
@@ -223,8 +253,8 @@ def ours_train_step(pair: Pair) -> Callable[[], None]:
         img, txt, o = _embed(model, pair.images, pair.ids, tc.precision)
         loss = loss_fn(img, txt, o["logit_scale"].log(), o["logit_bias"])
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        optimizer_step(model, opt, grad_clip=tc.grad_clip)
+        sync(pair.device)
 
     return step
 
@@ -246,12 +276,13 @@ def hf_train_step(pair: Pair, *, bf16: bool) -> Callable[[], None]:
     def step() -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=pair.ids, pixel_values=pair.images, attention_mask=keep)
         loss = clip_loss(out.image_embeds.float(), out.text_embeds.float(), model.logit_scale)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
+        sync(pair.device)
 
     return step
 
@@ -266,6 +297,7 @@ def ours_infer(pair: Pair) -> Callable[[], None]:
         model.eval()
         with torch.inference_mode():
             model.encode_image(pair.images)
+        sync(pair.device)
 
     return run
 
@@ -273,8 +305,9 @@ def ours_infer(pair: Pair) -> Callable[[], None]:
 def hf_infer(pair: Pair, *, bf16: bool) -> Callable[[], None]:
     def run() -> None:
         pair.hf.eval()
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(pair.device.type, torch.bfloat16, enabled=bf16):
             _hf_image(pair.hf, pair.images)
+        sync(pair.device)
 
     return run
 
@@ -363,11 +396,13 @@ def bench_dims(
     overrides: tuple[str, ...] = (),
     extra: bool = True,
     seconds: float = 0.0,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train and inference throughput of one preset's dims: (results, table rows). The bf16
     variants run only when `peaks` has a bf16 peak (the CPU has bf16 units); `seconds` bounds
-    each of the two interleaved measurements (see `interleaved`)."""
-    pair = build_pair(preset, batch=batch, overrides=overrides)
+    each of the two interleaved measurements (see `interleaved`). On a CUDA `device` the peaks
+    must be that device's."""
+    pair = build_pair(preset, batch=batch, overrides=overrides, device=device)
     bf16 = "bf16" in peaks  # the CPU multiplies bf16 in hardware (else those variants are skipped)
     hf_modes = ("hf_fp32", "hf_bf16") if bf16 else ("hf_fp32",)
     train = {"polysense": ours_train_step(pair)}
@@ -375,7 +410,7 @@ def bench_dims(
     for mode in hf_modes:
         train[mode] = hf_train_step(pair, bf16=mode == "hf_bf16")
         infer[mode] = hf_infer(pair, bf16=mode == "hf_bf16")
-    auto_is_fp32 = resolve_precision(pair.run.train.precision, "cpu") == "fp32"
+    auto_is_fp32 = resolve_precision(pair.run.train.precision, pair.device) == "fp32"
     if extra and not auto_is_fp32:  # polysense forced to fp32 beside its bf16 default
         fp32 = dataclasses.replace(pair, run=apply_overrides(pair.run, ["train.precision=fp32"]))
         train["polysense_fp32"] = ours_train_step(fp32)
@@ -424,7 +459,8 @@ def bench_dims(
         "batch": batch,
         "repeats": min(len(v) for v in t_train.values()),
         "precision": pair.run.train.precision,
-        "precision_resolved": resolve_precision(pair.run.train.precision, "cpu"),
+        "precision_resolved": resolve_precision(pair.run.train.precision, pair.device),
+        "device": str(pair.device),
         "seconds_train": t_train,
         "seconds_infer": t_infer,
     }

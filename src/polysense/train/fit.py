@@ -105,6 +105,17 @@ def runtime(precision: str) -> Runtime:
     )
 
 
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float
+) -> torch.Tensor:
+    """Clip the gradients to `grad_clip` (0 = no clipping) and step: the one place polysense
+    steps an optimizer (`fit`, and the benchmarks that time polysense's own step). Returns the
+    total gradient norm before clipping (inf disables clipping but still measures it)."""
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    optimizer.step()
+    return grad_norm
+
+
 def fit(
     task: Task,
     cfg: FitConfig,
@@ -216,9 +227,7 @@ def fit(
                     )
                 continue
             bad_in_a_row = 0
-            # total gradient norm before clipping (inf disables clipping but still measures it)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
+            grad_norm = optimizer_step(model, optimizer, grad_clip=cfg.grad_clip)
             task.after_step(step)
             if rt.world > 1:  # each rank's loss is its share; the batch loss is their mean
                 loss = loss.detach().clone()
