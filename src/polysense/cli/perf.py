@@ -78,6 +78,39 @@ def bench_throughput(
     _show(out, "throughput")
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    out: Annotated[Path, typer.Option(help="Output directory for gpu.json/.md/.png.")],
+    steps: Annotated[int, typer.Option(help="Training steps of each family's run.")] = 4,
+    batch: Annotated[int, typer.Option(help="Batch of each family's run.")] = 16,
+    dims: Annotated[
+        str | None,
+        typer.Option(help="Speed part's preset (default: clip-vit-b16 on CUDA, quick on CPU)."),
+    ] = None,
+    seconds: Annotated[
+        float, typer.Option(help="Bound of each interleaved speed measurement, in seconds.")
+    ] = 20.0,
+) -> None:
+    """The GPU path in one short run: every family (contrastive, fusion, LM + VLM, t2i) trains a
+    few steps on the GPU and on the CPU at fp32 (losses compared step by step), the contrastive
+    preset under torchrun over the visible GPUs (DDP), and ViT-B/16 training/inference against
+    HF CLIPModel with MFU against the GPU's measured peak. Without CUDA it runs on the CPU (what
+    CI checks). Exits 1 when a parity check fails.
+
+    Example: `scripts/gpu_check.sh runs/gpu` (= `polysense bench gpu --out runs/gpu`)
+    """
+    from polysense.bench.gpu import run_gpu_check
+
+    if steps < 1 or batch < 2:
+        raise PolysenseError(f"--steps must be >= 1 and --batch >= 2, got {steps} and {batch}")
+    if not seconds > 0:
+        raise PolysenseError(f"--seconds must be > 0, got {seconds}")
+    results = run_gpu_check(out, steps=steps, batch=batch, dims=dims, seconds=seconds)
+    _show(out, "gpu")
+    if not results["all_parity"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("loss-memory")
 def bench_loss_memory(
     out: Annotated[Path, typer.Option(help="Output directory for loss-memory.json/.md/.png.")],
