@@ -428,3 +428,21 @@ def test_embed_options_are_checked(tmp_path, ckpt, world):
     missing = tmp_path / "missing.csv"  # raised here, not wrapped by a worker's traceback
     with pytest.raises(DataError, match=f"^{re.escape(str(missing))} does not exist[^\n]*$"):
         build_index(ckpt, missing, tmp_path / "y", progress=False, num_workers=2)
+
+
+@pytest.mark.parametrize("resize", ["shortest_edge", "square"])
+def test_worker_preprocess_equals_images_to_tensor(resize):
+    """The workers' image-by-image preprocessing gives `CLIP.preprocess`'s tensor bit for bit."""
+    from polysense.data.transforms import CLIP_MEAN, CLIP_STD, images_to_tensor
+    from polysense.index.embed import Preprocess
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((24, 40), (50, 30), (32, 32))
+    ]
+    images += [Image.new("RGBA", (20, 36), (200, 10, 30, 90)), Image.new("L", (33, 33), 77)]
+    got = Preprocess(size=32, mean=CLIP_MEAN, std=CLIP_STD, resize=resize)(images)
+    want = images_to_tensor(images, size=32, mean=CLIP_MEAN, std=CLIP_STD, resize=resize)
+    assert got.shape == want.shape == (5, 3, 32, 32) and got.dtype == torch.float32
+    assert torch.equal(got, want)

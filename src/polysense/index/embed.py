@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from polysense.data.readers import Rejects, read_samples
-from polysense.data.transforms import images_to_tensor
+from polysense.data.transforms import RESIZERS
 from polysense.errors import PolysenseError
 
 # a reader's undecoded media (paths or bytes) that only the reader's own decoding would use
@@ -92,9 +92,18 @@ class Preprocess:
         )
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        return images_to_tensor(
-            images, size=self.size, mean=self.mean, std=self.std, resize=self.resize
-        )  # (B, 3, S, S)
+        """PIL images -> (B, 3, S, S) float32, equal to `images_to_tensor`'s (the same float32
+        operations, in the same order), normalised image by image: a 600 kB image stays in
+        cache, where the whole batch at once does not (0.8 vs 1.3 ms an image here)."""
+        resizer = RESIZERS[self.resize]
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        out = np.empty((len(images), 3, self.size, self.size), np.float32)  # (B, 3, S, S)
+        for i, image in enumerate(images):
+            x = np.asarray(resizer(image, self.size), dtype=np.float32) / 255.0  # (S, S, 3)
+            x -= mean
+            x /= std
+            out[i] = x.transpose(2, 0, 1)
+        return torch.from_numpy(out)
 
 
 @dataclass
