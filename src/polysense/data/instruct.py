@@ -105,8 +105,13 @@ def world_texts(data: SplitData) -> list[str]:
     return texts
 
 
+def text_prompt(instruction: str) -> str:
+    """The chat template's first turn without an image: `USER:\n{instruction}\nASSISTANT:`."""
+    return chat_prompt(instruction).replace(IMAGE, "").replace(": \n", ":\n")
+
+
 def _text_only(instruction: str, response: str) -> str:
-    return chat_prompt(instruction).replace(IMAGE, "").replace(": \n", ":\n") + " " + response
+    return text_prompt(instruction) + " " + response
 
 
 def text_rows(tok: ChatTokenizer, texts: list[str]) -> tuple[torch.Tensor, ...]:

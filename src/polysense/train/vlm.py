@@ -11,6 +11,9 @@ Three stages, each a preset (presets/vlm.py) and one call of `train_stage`:
   OCR images; its last fifth tunes the captions by self-critical sequence training (`scst_loss`:
   sampled captions, CIDEr-D reward, the other samples' mean as baseline).
 
+`--data` may instead be a LLaVA conversation file (`data/llava.py`): each conversation trains as
+it stands, every gpt turn a target (`conversation_batch`).
+
 What trains is config (`train.train_lm`, `train_projector`, `train_vision_top`); frozen parameters
 have requires_grad False and are not in the optimiser. `fit` owns the loop: the schedule, the NaN
 policy, clipping, checkpoints and exact resume (the batch of step s is a pure function of
@@ -38,6 +41,14 @@ from polysense.data.instruct import (
     load_split,
     text_rows,
     world_texts,
+)
+from polysense.data.llava import (
+    ConversationBatches,
+    Conversations,
+    conversation_ids,
+    is_llava,
+    llava_texts,
+    read_llava,
 )
 from polysense.data.transforms import normalize, tile_pixels
 from polysense.errors import PolysenseError
@@ -88,6 +99,21 @@ def vlm_batch(model: VLM, data: SplitData, examples: list[Example]) -> Any:
     return model.build_batch(rows, tokens, targets=targets)
 
 
+def conversation_batch(model: VLM, data: Conversations, rows: list[int]) -> Any:
+    """The step's LLaVA conversations -> a left-padded `Batch`: images decoded now (the model's
+    own preprocessing, as `generate` does), every answer a target. A row longer than the LM's
+    context is cut at its end, as LLaVA cuts at model_max_length."""
+    convs = [data.items[i] for i in rows]
+    tokens = model.image_tokens([data.image(c) for c in convs])
+    ids, targets = [], []
+    for conv, image in zip(convs, tokens, strict=True):
+        row, flags = conversation_ids(model.tokenizer, conv.turns, image=image is not None)
+        keep = model.cfg.lm.context_length - (0 if image is None else len(image) - 1)
+        ids.append(row[:keep])
+        targets.append(flags[:keep])
+    return model.build_batch(ids, tokens, targets=targets)
+
+
 def _autocast(precision: str, model: torch.nn.Module) -> torch.autocast:
     """bf16 autocast on the model's device when `precision` resolves to bf16 there."""
     device = next(model.parameters()).device
@@ -95,9 +121,17 @@ def _autocast(precision: str, model: torch.nn.Module) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def vlm_loss(model: VLM, data: SplitData, examples: list[Example], precision: str) -> torch.Tensor:
+def vlm_loss(
+    model: VLM, data: SplitData | Conversations, examples: list, precision: str
+) -> torch.Tensor:
     """Mean answer-token loss; each task's rows run as their own micro-batch, so that short
-    rows (captions) are not padded to the length of long ones (OCR: 4 tiles; QA: 4 turns)."""
+    rows (captions) are not padded to the length of long ones (OCR: 4 tiles; QA: 4 turns).
+    LLaVA conversations (`examples`: indices) run as one batch."""
+    if isinstance(data, Conversations):
+        with _autocast(precision, model):
+            batch = conversation_batch(model, data, examples)
+            total = model.loss(batch, reduction="sum")
+        return total / max(int((batch.labels != -100).sum()), 1)
     groups = [[e for e in examples if e.task == task] for task in ("caption", "qa", "ocr")]
     total, count = None, 0
     for group in groups:
@@ -271,7 +305,7 @@ class VLMTask(Task):
         cfg: LMRunConfig | VLMRunConfig,
         model: VLM | GPT,
         tokenizer: ChatTokenizer,
-        data: SplitData,
+        data: SplitData | Conversations,
     ) -> None:
         self.run_cfg, self.cfg = cfg, cfg.train
         self.model, self.tokenizer, self.data = model, tokenizer, data
@@ -282,6 +316,12 @@ class VLMTask(Task):
         self.reward = None
         if tc.scst.fraction:
             _check_scst(tc, model)
+            if isinstance(data, Conversations):
+                raise PolysenseError(
+                    f"train.scst.fraction={tc.scst.fraction}: self-critical tuning needs "
+                    f"reference captions and the conversations of {data.path} have none; "
+                    "--set train.scst.fraction=0"
+                )
             from polysense.eval.captioning import CiderD, tokenize
 
             self.reward = CiderD([[tokenize(c) for c in caps] for caps in data.captions])
@@ -348,8 +388,17 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
         image_size = read_run_config(cfg.init.vision).model.vision.image_size
     from polysense.data.readers import detect_format
 
-    split = "train" if detect_format(data) == "world" else None
-    train = load_split(data, split, image_size=image_size, rejects_path=out / "rejects.jsonl")
+    train: SplitData | Conversations
+    if is_llava(data):
+        if isinstance(cfg, LMRunConfig):
+            raise PolysenseError(
+                f"{data} is LLaVA conversations, which train the VLM stages (vlm-tiny-stage1/2); "
+                f"{cfg.name or 'the LM stage'} pretrains on a world's text"
+            )
+        train = read_llava(data, rejects_path=out / "rejects.jsonl")
+    else:
+        split = "train" if detect_format(data) == "world" else None
+        train = load_split(data, split, image_size=image_size, rejects_path=out / "rejects.jsonl")
     if isinstance(cfg, LMRunConfig):
         if resume:
             lm, tok, saved = load_lm(out)
@@ -363,7 +412,8 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
         return model.train(), model.tokenizer, dataclasses.replace(cfg, model=model.cfg), train
     torch.manual_seed(cfg.train.seed)
     hf_lm = bool(cfg.init.lm) and is_hf_dir(cfg.init.lm)  # brings its own tokenizer
-    model, run = build_vlm(cfg, texts=None if hf_lm else world_texts(train))
+    texts = llava_texts(train) if isinstance(train, Conversations) else world_texts(train)
+    model, run = build_vlm(cfg, texts=None if hf_lm else texts)
     return model, model.tokenizer, run, train
 
 
@@ -384,8 +434,10 @@ def train_stage(
     model, tok, cfg, train = _prepare(cfg, data, out, resume)
     tc = cfg.train
     task = VLMTask(cfg=cfg, model=model, tokenizer=tok, data=train)
-    batches: TextBatches | ExampleBatches
-    if isinstance(model, GPT):
+    batches: TextBatches | ExampleBatches | ConversationBatches
+    if isinstance(train, Conversations):
+        batches = ConversationBatches(data=train, seed=tc.seed, batch_size=tc.batch_size)
+    elif isinstance(model, GPT):
         batches = TextBatches(texts=world_texts(train), seed=tc.seed, batch_size=tc.batch_size)
     else:
         mix = (tc.mix_caption, tc.mix_qa, tc.mix_ocr)
@@ -401,6 +453,7 @@ def train_stage(
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps,
         **task.summary(),
+        **({"rejected": train.rejected} if isinstance(train, Conversations) else {}),
     }
 
 
@@ -437,7 +490,7 @@ def run_vlm(
 
     summary = train_stage(cfg, data=data, out=out, resume=resume)
     metrics: dict[str, Any] = {}
-    if detect_format(data) == "world" and eval_splits:
+    if not is_llava(data) and detect_format(data) == "world" and eval_splits:
         model = load_vlm(out)
         for i, split in enumerate(eval_splits):
             clip = cfg.init.vision if cfg.init.vision and Path(cfg.init.vision).is_dir() else None
