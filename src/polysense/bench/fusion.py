@@ -120,11 +120,13 @@ def _child_step_mem(style: str, width: int, layers: int, batch_size: int, thread
         def loss() -> torch.Tensor:
             return model(images, ids, audio, present)["answer"].logsumexp(-1).mean()
 
+    from polysense.train.fit import optimizer_step
+
     opt = torch.optim.AdamW(model.parameters())
     with open("/proc/self/statm") as fh:
         before = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     loss().backward()
-    opt.step()
+    optimizer_step(model, opt, grad_clip=0.0)  # the loop's step (its norm is a few scalars)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return max(0.0, peak - before)
 
