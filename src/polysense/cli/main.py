@@ -577,15 +577,15 @@ def eval_cmd(
 
 
 def _split_format(data: str, *, strict: bool) -> str | None:
-    """The format of `data`; None for a file the readers do not know (a VQAv2 or POPE file,
-    which its own task reads) unless `strict`."""
+    """The format of `data`; None for a file or folder the readers do not know (a VQAv2 or POPE
+    file, a folder of SugarCrepe files, which its own task reads) unless `strict`."""
     from polysense.data.readers import detect_format
     from polysense.errors import DataError
 
     try:
         return detect_format(data)
     except DataError:
-        if strict or not Path(data).is_file():
+        if strict or not Path(data).exists():
             raise
         return None
 

@@ -21,6 +21,7 @@ FAMILY_TASKS: dict[str, str] = {
     "pope": "polysense.eval.hallucination:eval_pope_task",
     "chair": "polysense.eval.hallucination:eval_chair_task",
     "winoground": "polysense.eval.compositional:eval_task",
+    "sugarcrepe": "polysense.eval.sugarcrepe:eval_task",
     "ocr": "polysense.eval.ocr:eval_task",
     "audio": "polysense.eval.audio:eval_task",
     "video": "polysense.eval.video:eval_task",
