@@ -100,12 +100,15 @@ class Preprocess:
         levels = np.arange(256, dtype=np.float32)[None, :] / 255.0  # (1, 256)
         mean = np.asarray(self.mean, np.float32)[:, None]  # (3, 1)
         table = (levels - mean) / np.asarray(self.std, np.float32)[:, None]  # (3, 256)
-        out = np.empty((len(images), 3, self.size, self.size), np.float32)  # (B, 3, S, S)
+        batch = torch.empty(len(images), 3, self.size, self.size)  # (B, 3, S, S)
+        if get_worker_info() is not None:
+            batch.share_memory_()  # filled in place: sending it to the main process copies nothing
+        out = batch.numpy()
         for i, image in enumerate(images):
             pixels = np.asarray(resizer(image, self.size)).transpose(2, 0, 1)  # (3, S, S) uint8
             for c in range(3):
                 np.take(table[c], pixels[c], out=out[i, c])
-        return torch.from_numpy(out)
+        return batch
 
 
 @dataclass
