@@ -136,12 +136,15 @@ def test_placeholder_rules_and_format_detection(tmp_path):
         {"id": "order", "image": "a.png", "conversations": [RED[0], RED[2], RED[1]]},
         {"id": "role", "conversations": [{"from": "system", "value": "hi"}, *TEXT]},
         {"id": "gpt-first", "conversations": [TEXT[1], *TEXT]},  # LLaVA drops a leading gpt turn
+        {"id": "implicit", "image": "a.png", "conversations": TEXT},  # the image goes first
     ]  # fmt: skip
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = tmp_path / "x.json"
     path.write_text(json.dumps(entries))
     data = read_llava(path, rejects_path=tmp_path / "r.jsonl")
-    assert [c.key for c in data.items] == ["gpt-first"] and data.items[0].turns == TURNS["text"]
+    assert [c.key for c in data.items] == ["gpt-first", "implicit"]
+    assert data.items[0].turns == data.items[1].turns == TURNS["text"]
+    assert data.items[0].image is None and data.items[1].image == tmp_path / "a.png"
     assert _rejects(tmp_path / "r.jsonl") == {
         "later": "placeholder_not_first",
         "twice": "several_placeholders",
