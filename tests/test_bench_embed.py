@@ -37,8 +37,8 @@ def test_index_path_and_plain_loop_give_the_same_vectors(tmp_path, pair):
     assert len(paths) == 11
     ours = ours_pass(pair.ours, data, batch=4, workers=2)  # (N, D), decode in 2 workers
     processor = hf_processor(pair.ours)
-    plain = plain_pass(pair.hf, processor, paths, batch=3, bf16=False)
-    with_workers = plain_pass(pair.hf, processor, paths, batch=5, bf16=False, workers=2)
+    plain = plain_pass(pair.hf, processor, paths, batch=3)
+    with_workers = plain_pass(pair.hf, processor, paths, batch=5, workers=2)
     assert ours.shape == plain.shape == (11, pair.ours.cfg.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(ours, plain, atol=1e-4)

@@ -11,7 +11,7 @@ checked equal), then times one pass over the same image files with each of:
 - plain + workers: the same loop with a torch DataLoader running Pillow and the processor in
   the same number of worker processes.
 
-Same files, batch size and torch threads for all; HF runs under bf16 autocast where polysense
+Same files, batch size and torch threads for all; HF runs with bf16 weights where polysense
 infers in bf16 (precision "auto" on bf16 hardware), else fp32. Passes run interleaved (A B C,
 then C B A, ...) until each variant has had `seconds`; images/s is the median over passes (the
 fastest pass is reported too, for a shared machine), each ratio polysense / baseline.
@@ -92,9 +92,11 @@ def hf_processor(model: Any) -> Any:
     )
 
 
-def _hf_features(hf: Any, pixels: torch.Tensor, bf16: bool) -> torch.Tensor:
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        out = hf.get_image_features(pixel_values=pixels)  # (B, D)
+def _hf_features(hf: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Unit image vectors (B, D) float32 of HF's model, in its weights' dtype."""
+    dtype = next(hf.parameters()).dtype
+    with torch.inference_mode():
+        out = hf.get_image_features(pixel_values=pixels.to(dtype))  # (B, D)
     out = out if isinstance(out, torch.Tensor) else out.pooler_output
     return torch.nn.functional.normalize(out.float(), dim=-1)
 
@@ -121,7 +123,7 @@ def ours_pass(model: Any, data: str | Path, *, batch: int, workers: int) -> np.n
 
 
 def plain_pass(
-    hf: Any, processor: Any, paths: list[str], *, batch: int, bf16: bool, workers: int = 0
+    hf: Any, processor: Any, paths: list[str], *, batch: int, workers: int = 0
 ) -> np.ndarray:
     """Every image vector by the plain loop, (N, D): in this process, or with `workers`."""
     parts = []
@@ -129,10 +131,10 @@ def plain_pass(
         for start in range(0, len(paths), batch):
             images = [Image.open(p).convert("RGB") for p in paths[start : start + batch]]
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, S, S)
-            parts.append(_hf_features(hf, pixels, bf16).numpy())
+            parts.append(_hf_features(hf, pixels).numpy())
     else:
         loader = DataLoader(_Processed(paths, processor), batch_size=batch, num_workers=workers)
-        parts = [_hf_features(hf, pixels, bf16).numpy() for pixels in loader]
+        parts = [_hf_features(hf, pixels).numpy() for pixels in loader]
     return np.concatenate(parts)
 
 
@@ -178,16 +180,16 @@ def run_embed_bench(
     ours, hf = pair.ours, pair.hf
     ours.inference_precision = precision
     bf16 = resolve_precision(precision, "cpu") == "bf16"
+    if bf16:  # HF's faster bf16 mode here: bf16 weights (torch_dtype=bfloat16), not autocast
+        hf = hf.to(torch.bfloat16)
     processor = hf_processor(ours)
     with tempfile.TemporaryDirectory(dir=out, prefix=".embed-images-") as tmp:
         source = Path(data) if data is not None else write_images(tmp, n=n)
         paths = image_paths(source)
         variants: dict[str, Callable[[], np.ndarray]] = {
             "polysense": lambda: ours_pass(ours, source, batch=batch, workers=workers),
-            "plain": lambda: plain_pass(hf, processor, paths, batch=batch, bf16=bf16),
-            "plain_workers": lambda: plain_pass(
-                hf, processor, paths, batch=batch, bf16=bf16, workers=workers
-            ),
+            "plain": lambda: plain_pass(hf, processor, paths, batch=batch),
+            "plain_workers": lambda: plain_pass(hf, processor, paths, batch=batch, workers=workers),
         }
         first = {k: fn() for k, fn in variants.items()}  # warm-up pass, and the vectors compared
         diff = max(float(np.abs(first["polysense"] - v).max()) for v in first.values())
@@ -216,7 +218,7 @@ def run_embed_bench(
         },
         "precision": {
             "polysense": resolve_precision(precision, "cpu"),
-            "hf": "bf16 autocast" if bf16 else "fp32",
+            "hf": "bf16 weights" if bf16 else "fp32",
         },
         "max_abs_diff": diff,
         **summary,

@@ -287,7 +287,7 @@ def bench_embed(
         float, typer.Option(help="Time each variant gets (whole passes, at least two).")
     ] = 20.0,
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 on bf16 hardware, HF under bf16 autocast) or fp32.")
+        str, typer.Option(help="auto (bf16 on bf16 hardware, HF with bf16 weights) or fp32.")
     ] = "auto",
 ) -> None:
     """Images/s from files to vectors at 224 px: `index build`'s path (decode in DataLoader
