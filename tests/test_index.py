@@ -446,3 +446,25 @@ def test_worker_preprocess_equals_images_to_tensor(resize):
     want = images_to_tensor(images, size=32, mean=CLIP_MEAN, std=CLIP_STD, resize=resize)
     assert got.shape == want.shape == (5, 3, 32, 32) and got.dtype == torch.float32
     assert torch.equal(got, want)
+
+
+def test_error_in_a_worker_is_the_original_one_line_error(tmp_path, ckpt, monkeypatch):
+    """A source that fails mid-stream inside a DataLoader worker raises the reader's own error
+    in the main process (one line), not the DataLoader's wrapped traceback."""
+    from polysense.index import embed
+
+    data = make_pairs(tmp_path / "pairs", 9)
+    real = embed.read_samples
+
+    def failing(*args, **kwargs):
+        for i, sample in enumerate(real(*args, **kwargs)):
+            if i == 6:
+                raise DataError(f"{data}: line 7: the file changed while being read")
+            yield sample
+
+    monkeypatch.setattr(embed, "read_samples", failing)
+    model = polysense_load(ckpt)
+    options = embed.EmbedOptions(batch_size=2, num_workers=2)
+    with pytest.raises(DataError) as info:
+        list(embed.embed_files(model, data, options=options, rejects=Rejects()))
+    assert str(info.value) == f"{data}: line 7: the file changed while being read"
