@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from polysense.data.curate import CurateConfig, RecaptionConfig, run_curate
 from polysense.data.readers import read_samples
 from polysense.data.world import generate_world
-from polysense.models.checkpoint import load_vlm, save_checkpoint
+from polysense.models.checkpoint import load_vlm, save_checkpoint, save_vlm
 from polysense.models.clip import build_model
 from polysense.models.lm import LMConfig
 from polysense.models.vlm import (
@@ -28,7 +28,9 @@ from polysense.models.vlm import (
     VLMTrainConfig,
     chat_prompt,
 )
+from polysense.models.warmstart import build_vlm
 from polysense.train.vlm import train_stage
+from test_vlm_hf import _ids, clip_dir, llava_run, qwen2_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +127,21 @@ def test_a_custom_prompt_goes_through_the_chat_template(world, vlm_ckpt, tmp_pat
     default = model.generate(images, [chat_prompt(CAPTION_INSTRUCTION)] * 6, **decoding)
     assert [m.get("caption_synthetic", "") for *_, m in samples[:6]] == want
     assert any(want) and want != default
+
+
+@pytest.mark.filterwarnings("ignore:.*has no tokenizer")  # the HF CLIP: vision only
+def test_an_hf_decoder_recaptions_through_its_chat_template(world, tmp_path, request):
+    """A VLM on a tiny HF Qwen2 (ChatML) and an HF CLIP tower: the prompt is the tokenizer's
+    apply_chat_template of the caption instruction, and the captions equal beam search on it."""
+    lm, vision = request.getfixturevalue("qwen2_dir"), request.getfixturevalue("clip_dir")
+    model, run = build_vlm(llava_run(lm, vision))
+    ckpt = save_vlm(model.eval(), run, model.tokenizer, tmp_path / "ckpt")
+    samples = _recaption(world, tmp_path / "cur", ckpt)
+    tok = model.tokenizer
+    user = [{"role": "user", "content": f"<image>\n{CAPTION_INSTRUCTION}"}]
+    rendered = tok.hf.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+    assert model.prompt_ids(chat_prompt(CAPTION_INSTRUCTION)) == _ids(rendered)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data, _, _ in samples[:8]]
+    decoding = {"strategy": "beam", "num_beams": 3, "max_new_tokens": 40}
+    want = model.generate(images, [chat_prompt(CAPTION_INSTRUCTION)] * 8, **decoding)
+    assert [m.get("caption_synthetic", "") for *_, m in samples[:8]] == want and any(want)
