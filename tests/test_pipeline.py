@@ -546,3 +546,26 @@ def test_towers_refuse_what_they_cannot_stream(av_world):
         cfg = tiny_config("clap-tiny", extra)
         with pytest.raises(ConfigError, match=r"data\.sampling=epoch"):
             open_pairs(av_world, data=cfg.data, model=cfg.model, split=None)
+
+
+def test_a_bad_image_is_replaced_by_the_next_sample_and_limit_keeps_the_first(tmp_path, tok):
+    """Streaming reads headers only, so an undecodable image shows up in a worker: its row holds
+    the next sample of the index instead (with a warning), the batch still a function of the
+    step; data.limit=N streams the first N samples."""
+    root = write_shards(tmp_path / "bad", size=(16, 16), solid=True)
+    with tarfile.open(root / "shard-000000.tar") as tar:  # rewrite shard 0, sample 5 broken
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for info, data in members:
+            data = b"not a png" if info.name == "s0005.png" else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = batches(root, tok, "data.cache=off", "data.num_workers=0", seed=1)
+    order = stream.open_at(0).dataset.order
+    step = next(s for s in range(6) if 5 in order.global_batch(s)[0].tolist())
+    row = order.global_batch(step)[0].tolist().index(5)
+    with pytest.warns(UserWarning, match="s0005"):
+        raw = stream.open_at(step).dataset[step]
+    assert (raw["image"][row].numpy() == np.uint8(colour(6))).all()
+    limited = open_source(root, "data.cache=off", "data.limit=10")
+    assert list(limited.index.keys) == [f"s{i:04d}" for i in range(10)]
