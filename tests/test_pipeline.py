@@ -569,3 +569,26 @@ def test_a_bad_image_is_replaced_by_the_next_sample_and_limit_keeps_the_first(tm
     assert (raw["image"][row].numpy() == np.uint8(colour(6))).all()
     limited = open_source(root, "data.cache=off", "data.limit=10")
     assert list(limited.index.keys) == [f"s{i:04d}" for i in range(10)]
+
+
+def test_streaming_rejects_what_the_reader_rejects(tmp_path):
+    """A broken caption member: streaming leaves the sample out and writes the same rejects
+    (key, reason, shard) as the cached reader does on the same shards."""
+    root = write_shards(tmp_path / "shards", size=(16, 16), solid=True)
+    with tarfile.open(root / "shard-000001.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(root / "shard-000001.tar", "w") as tar:
+        for info, data in members:
+            data = b'{"caption": ["unclosed' if info.name == "s0017.json" else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    found = {}
+    for cache in ("on", "off"):
+        cfg = config(f"data.cache={cache}")
+        path = tmp_path / f"rejects-{cache}.jsonl"
+        source = open_pairs(root, data=cfg.data, model=cfg.model, split=None, rejects_path=path)
+        keys = list(source.keys if cache == "on" else source.index.keys)
+        assert "s0017" not in keys and len(keys) == 47
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        found[cache] = [(r["key"], r["reason"], Path(r["source"]).name) for r in lines]
+    assert found["off"] == found["on"] == [("s0017", "bad_json", "shard-000001.tar")]

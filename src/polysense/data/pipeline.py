@@ -49,7 +49,13 @@ from polysense.data.loader import (
     motion_negative_ids,
     normalize,
 )
-from polysense.data.readers import Rejects, decode_tar_sample, detect_format, shard_files
+from polysense.data.readers import (
+    Rejects,
+    SampleError,
+    decode_tar_sample,
+    detect_format,
+    shard_files,
+)
 from polysense.data.shard_index import ShardIndex, build_index, text_member
 from polysense.data.streaming import (
     EpochStepData,
@@ -241,9 +247,9 @@ def _with_captions(
                 break
             try:
                 texts = captions_of(index.sample(i, media=False))
-            except DataError as exc:
-                reason = str(exc).rsplit(": ", 1)[-1].split(" (", 1)[0]
-                rejects.add(key=str(index.keys[i]), reason=reason, source=source, detail=str(exc))
+            except SampleError as exc:
+                key, shard = str(index.keys[i]), index.shards[int(index.shard[i])]
+                rejects.add(key=key, reason=exc.reason, source=shard, detail=exc.detail)
                 continue
             keep[i] = bool(texts)
             kept += keep[i]

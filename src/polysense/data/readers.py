@@ -1125,6 +1125,14 @@ def shard_files(path: str | Path, *, split: str | None) -> list[str] | None:
     return None
 
 
+class SampleError(DataError):
+    """One sample that cannot be decoded; `reason` is the reject code (``bad_json`` ...)."""
+
+    def __init__(self, *, source: str, key: str, reason: str, detail: str) -> None:
+        super().__init__(f"{source}: sample {key}: {reason} ({detail})")
+        self.reason, self.detail = reason, detail
+
+
 def decode_tar_sample(
     members: Iterable[tuple[str, bytes]],
     *,
@@ -1136,7 +1144,7 @@ def decode_tar_sample(
 ) -> dict[str, Any]:
     """One tar sample from its (suffix, bytes) members, decoded member by member as the tar
     reader decodes it (same caps; audio resampled to `sample_rate` when given); a bad member
-    raises DataError naming the reason."""
+    raises SampleError naming the reason."""
     opts = _Options(
         split=None,
         image_key=image_key,
@@ -1153,5 +1161,5 @@ def decode_tar_sample(
         for suffix, data in members:
             _decode_member(suffix, data, sample, opts)
     except _Skip as skip:
-        raise DataError(f"{source}: sample {key}: {skip.reason} ({skip.detail})") from None
+        raise SampleError(source=source, key=key, reason=skip.reason, detail=skip.detail) from None
     return sample
