@@ -14,20 +14,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
 from polysense.data.curate import CurateConfig, RecaptionConfig, run_curate
 from polysense.data.readers import read_samples
 from polysense.data.world import generate_world
 from polysense.models.checkpoint import load_vlm, save_checkpoint, save_vlm
 from polysense.models.clip import build_model
 from polysense.models.lm import LMConfig
-from polysense.models.vlm import (
-    CAPTION_INSTRUCTION,
-    InitConfig,
-    VLMConfig,
-    VLMRunConfig,
-    VLMTrainConfig,
-    chat_prompt,
-)
+from polysense.models.vlm import InitConfig, VLMConfig, VLMRunConfig, VLMTrainConfig
 from polysense.models.warmstart import build_vlm
 from polysense.train.vlm import train_stage
 from test_vlm_hf import _ids, clip_dir, llava_run, qwen2_dir  # noqa: F401

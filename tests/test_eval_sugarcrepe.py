@@ -135,7 +135,7 @@ def test_cli_on_a_clip_equals_cosines_pair_by_pair(fixture, tmp_path, capsys) ->
 
 def test_vlm_scores_are_caption_log_likelihoods(fixture) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from polysense.models.vlm import CAPTION_INSTRUCTION, ChatTokenizer, chat_prompt
+    from polysense.data.chat import CAPTION_INSTRUCTION, ChatTokenizer, chat_prompt
     from test_vlm import _tiny_vlm
 
     texts = [p[k] for p in (*REPLACE_ATT.values(), *SWAP_ATT.values()) for k in ("caption",)]

@@ -15,6 +15,7 @@ from PIL import Image
 import polysense
 import test_vlm_hf
 from helpers import tiny_config
+from polysense.data.chat import ChatTokenizer, chat_prompt
 from polysense.data.tokenizer import Tokenizer
 from polysense.errors import PolysenseError
 from polysense.models.checkpoint import (
@@ -34,14 +35,7 @@ from polysense.models.clip import CLIP, bootstrap_captions, build_model
 from polysense.models.diffusion import DiffusionConfig, TextCondition, TextToImage, UNet
 from polysense.models.fusion import FusionConfig, FusionModel, FusionRunConfig, fusion_model
 from polysense.models.lm import GPT, LMConfig
-from polysense.models.vlm import (
-    VLM,
-    ChatTokenizer,
-    LMRunConfig,
-    VLMConfig,
-    VLMRunConfig,
-    chat_prompt,
-)
+from polysense.models.vlm import VLM, LMRunConfig, VLMConfig, VLMRunConfig
 from polysense.models.warmstart import build_vlm
 from polysense.presets import get_preset
 from polysense.presets.t2i import T2IRunConfig

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from helpers import tiny_config
 from polysense.data import instruct
+from polysense.data.chat import CAPTION_INSTRUCTION, ChatTokenizer, chat_prompt
 from polysense.data.instruct import load_split, world_texts
 from polysense.data.transforms import tile_pixels
 from polysense.data.world import generate_world
@@ -24,16 +25,13 @@ from polysense.models.checkpoint import load_lm, load_model, load_vlm, save_chec
 from polysense.models.clip import build_model
 from polysense.models.lm import GPT, LMConfig
 from polysense.models.vlm import (
-    CAPTION_INSTRUCTION,
     VLM,
-    ChatTokenizer,
     InitConfig,
     LMRunConfig,
     SCSTConfig,
     VLMConfig,
     VLMRunConfig,
     VLMTrainConfig,
-    chat_prompt,
     image_tiles,
 )
 from polysense.train import vlm as train_vlm

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from helpers import tiny_config
 from polysense.cli import app
+from polysense.data.chat import ChatTokenizer
 from polysense.errors import PolysenseError
 from polysense.models.checkpoint import save_vlm
 from polysense.models.lm import LMConfig
-from polysense.models.vlm import VLM, ChatTokenizer, VLMConfig, VLMRunConfig
+from polysense.models.vlm import VLM, VLMConfig, VLMRunConfig
 
 RED, BLUE, GREEN = (200, 20, 20), (20, 20, 200), (20, 200, 20)
 
@@ -221,8 +222,8 @@ def test_coco_captions_score_as_pycocoevalcap(ckpt, tmp_path, monkeypatch) -> No
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
+    from polysense.data.chat import CAPTION_INSTRUCTION
     from polysense.eval.captioning import tokenize
-    from polysense.models.vlm import CAPTION_INSTRUCTION
 
     images = [(42, "COCO_val2014_000000000042.jpg", RED), (7, "COCO_val2014_000000000007.jpg", BLUE),
               (9, "COCO_val2014_000000000009.jpg", GREEN)]  # fmt: skip

@@ -35,19 +35,12 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from typer.testing import CliRunner
 
+from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt, conversation
 from polysense.data.world import generate_world
 from polysense.decoding import LMStepper
 from polysense.errors import PolysenseError
 from polysense.models.checkpoint import load_vlm, save_vlm
-from polysense.models.vlm import (
-    CAPTION_INSTRUCTION,
-    InitConfig,
-    VLMConfig,
-    VLMRunConfig,
-    VLMTrainConfig,
-    chat_prompt,
-    conversation,
-)
+from polysense.models.vlm import InitConfig, VLMConfig, VLMRunConfig, VLMTrainConfig
 from polysense.models.vlm_hf import import_llava
 from polysense.models.warmstart import build_vlm
 from polysense.train.vlm import train_stage

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from polysense.data.chat import ChatTokenizer, chat_prompt
 from polysense.data.llava import (
     ConversationBatches,
     conversation_ids,
@@ -27,15 +28,7 @@ from polysense.errors import PolysenseError
 from polysense.models.checkpoint import load_vlm, save_checkpoint
 from polysense.models.clip import build_model
 from polysense.models.lm import LMConfig
-from polysense.models.vlm import (
-    VLM,
-    ChatTokenizer,
-    InitConfig,
-    VLMConfig,
-    VLMRunConfig,
-    VLMTrainConfig,
-    chat_prompt,
-)
+from polysense.models.vlm import VLM, InitConfig, VLMConfig, VLMRunConfig, VLMTrainConfig
 from polysense.models.warmstart import build_vlm
 from polysense.train.vlm import conversation_batch, train_stage
 from test_vlm_hf import _ids, clip_dir, llama_dir, llava_run, qwen2_dir  # noqa: F401

@@ -82,8 +82,8 @@ def caption_cmd(
     """
     import torch
 
+    from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
     from polysense.models.checkpoint import load_vlm
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
 
     model = load_vlm(ckpt)
     opened = _open(images)
@@ -114,8 +114,8 @@ def ask_cmd(
     """
     import torch
 
+    from polysense.data.chat import chat_prompt
     from polysense.models.checkpoint import load_vlm
-    from polysense.models.vlm import chat_prompt
 
     model = load_vlm(ckpt)
     args = _decode_args(strategy, max_new_tokens, beams, temperature, top_p, seed)
@@ -137,8 +137,8 @@ def chat_cmd(
     """
     import torch
 
+    from polysense.data.chat import conversation
     from polysense.models.checkpoint import load_vlm
-    from polysense.models.vlm import conversation
 
     model = load_vlm(ckpt)
     opened = _open([image])

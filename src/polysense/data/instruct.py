@@ -15,9 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polysense.data.transforms import resize_center_crop
-from polysense.errors import DataError, PolysenseError
-from polysense.models.vlm import (
+from polysense.data.chat import (
     CAPTION_INSTRUCTION,
     IMAGE,
     OCR_INSTRUCTION,
@@ -25,6 +23,8 @@ from polysense.models.vlm import (
     chat_prompt,
     conversation,
 )
+from polysense.data.transforms import resize_center_crop
+from polysense.errors import DataError, PolysenseError
 
 
 @dataclass

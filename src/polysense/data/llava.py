@@ -5,7 +5,7 @@ Each entry is `{"id", "image": "relative/path.jpg", "conversations": [{"from": "
 text-only conversation. Images are found relative to the JSON file's folder (LLaVA's layout:
 `llava_v1_5_mix665k.json` beside `coco/`, `gqa/` ...) unless the path is absolute. As LLaVA's
 `preprocess_multimodal` does, `<image>` is taken out of the first human turn and the image goes
-at the start of that turn, where the chat template puts it (`models.vlm.chat_prompt`; an HF
+at the start of that turn, where the chat template puts it (`data.chat.chat_prompt`; an HF
 tokenizer's `apply_chat_template` with `<image>\\n` before the text).
 
 Only paths and turns are held in memory; a batch decodes its images when it is built
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from polysense.data.chat import IMAGE, ChatTokenizer, chat_turn, conversation
 from polysense.data.instruct import text_prompt
 from polysense.data.readers import MAX_PIXELS, Rejects
 from polysense.errors import DataError, PolysenseError
-from polysense.models.vlm import IMAGE, ChatTokenizer, chat_turn, conversation
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

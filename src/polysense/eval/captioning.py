@@ -189,7 +189,7 @@ def generate_captions(
 ) -> list[str]:
     """Captions of uint8 scenes (N, H, W, 3); `decode_args` go to `VLM.generate` (default
     `CAPTION_DECODING`: beam search with 3 beams, as captioning results are usually reported)."""
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
+    from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
 
     prompt = chat_prompt(CAPTION_INSTRUCTION)
     decode_args = CAPTION_DECODING | decode_args
@@ -275,8 +275,8 @@ def evaluate_coco(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """BLEU-1..4 and CIDEr-D of the model's captions (`CAPTION_DECODING`) of `read_coco_captions`'
     images against their references, and the captions as COCO results [{image_id, caption}]."""
+    from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
     from polysense.eval.formats import open_image
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
 
     prompt = chat_prompt(CAPTION_INSTRUCTION)
     captions: list[str] = []

@@ -156,8 +156,8 @@ def clip_score_fn(clip: Any, images: torch.Tensor, batch_size: int = 256) -> Cal
 
 def vlm_score_fn(model: Any, images: torch.Tensor, batch_size: int = 256) -> Callable:
     """log p(caption | image, captioning prompt) under the VLM (no end token)."""
+    from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
     from polysense.eval.captioning import scene_pixels
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
 
     def fn(idx: list[int], captions: list[str]) -> torch.Tensor:
         pix = scene_pixels(model.cfg.vision, images[idx])

@@ -38,9 +38,9 @@ def ocr_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[st
 
 def evaluate(model: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
     """OCR on a split whose scenes carry rendered-text strips (data.instruct.SplitData.ocr)."""
+    from polysense.data.chat import OCR_INSTRUCTION
     from polysense.data.transforms import tile_pixels
     from polysense.eval.vqa import answer_questions
-    from polysense.models.vlm import OCR_INSTRUCTION
 
     if data.ocr is None:
         return {}

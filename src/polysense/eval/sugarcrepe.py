@@ -97,7 +97,7 @@ def clip_scorer(clip: Any) -> Scorer:
 
 def vlm_scorer(model: Any) -> Scorer:
     """log p(caption | image, captioning prompt) under a VLM (no end token): (B,)."""
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
+    from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
 
     prompt = chat_prompt(CAPTION_INSTRUCTION)
 

@@ -104,7 +104,7 @@ def answer_questions(
     max_new_tokens: int = 6,
 ) -> list[str]:
     """Greedy answers of the VLM to (image tiles, question) pairs through the chat template."""
-    from polysense.models.vlm import chat_prompt
+    from polysense.data.chat import chat_prompt
 
     out: list[str] = []
     for i in range(0, len(questions), batch_size):

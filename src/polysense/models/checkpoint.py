@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polysense.config import ConfigError, RunConfig, dumps, from_dict, to_dict
+from polysense.data.chat import ChatTokenizer
 from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_path, atomic_write_json, atomic_write_text
@@ -35,7 +36,7 @@ from polysense.models.diffusion import DiffusionConfig, TextCondition, TextToIma
 from polysense.models.fusion import FusionModel, FusionRunConfig, fusion_model
 from polysense.models.hf import export_hf, import_hf
 from polysense.models.lm import GPT
-from polysense.models.vlm import VLM, ChatTokenizer, LMRunConfig, VLMRunConfig
+from polysense.models.vlm import VLM, LMRunConfig, VLMRunConfig
 from polysense.models.vlm_hf import (
     LM_DIR,
     HFChatTokenizer,

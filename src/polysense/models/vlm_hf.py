@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from polysense.config import ModelConfig, TextConfig, VisionConfig
+from polysense.data.chat import IMAGE, ChatPrompt
 from polysense.errors import PolysenseError
 from polysense.fileio import files_into
 from polysense.models.hf import (
@@ -41,9 +42,9 @@ from polysense.models.hf import (
 )
 from polysense.models.lm import LMConfig, positions_from_mask
 from polysense.models.text import quiet_transformers
-from polysense.models.vlm import IMAGE, VLM, ChatPrompt, VLMConfig, VLMRunConfig
+from polysense.models.vlm import VLM, VLMConfig, VLMRunConfig
 
-# polysense's template (models.vlm.chat_prompt / conversation) for a tokenizer without its own
+# polysense's template (data.chat.chat_prompt / conversation) for a tokenizer without its own
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}{% for m in messages %}{% if m['role'] == 'user' %}"
     "{% if not loop.first %}\n{% endif %}USER: {{ m['content'] }}\nASSISTANT:"

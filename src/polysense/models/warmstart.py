@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from polysense.config import ConfigError, TextConfig
+from polysense.data.chat import ChatTokenizer
 from polysense.errors import PolysenseError
 from polysense.models.checkpoint import (
     load_lm,
@@ -37,7 +38,7 @@ from polysense.models.fusion import (
     fusion_model,
 )
 from polysense.models.lm import LMConfig
-from polysense.models.vlm import VLM, ChatTokenizer, VLMRunConfig
+from polysense.models.vlm import VLM, VLMRunConfig
 from polysense.models.vlm_hf import is_hf_dir, lm_config_fields, load_hf_lm
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from polysense.config import to_dict
+from polysense.data.chat import CAPTION_INSTRUCTION, ChatTokenizer, chat_prompt
 from polysense.data.instruct import (
     Example,
     ExampleBatches,
@@ -55,15 +56,7 @@ from polysense.errors import PolysenseError
 from polysense.fileio import atomic_write_json
 from polysense.models.checkpoint import load_lm, load_vlm, read_config, save_vlm
 from polysense.models.lm import GPT
-from polysense.models.vlm import (
-    CAPTION_INSTRUCTION,
-    VLM,
-    ChatTokenizer,
-    LMRunConfig,
-    VLMRunConfig,
-    VLMTrainConfig,
-    chat_prompt,
-)
+from polysense.models.vlm import VLM, LMRunConfig, VLMRunConfig, VLMTrainConfig
 from polysense.models.vlm_hf import is_hf_dir
 from polysense.models.warmstart import build_vlm
 from polysense.precision import resolve_precision

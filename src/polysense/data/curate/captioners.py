@@ -52,9 +52,9 @@ def template_captioner(
 
 
 def _vlm_captioner(ckpt: str, prompt: str) -> Captioner:
+    from polysense.data.chat import CAPTION_INSTRUCTION, chat_prompt
     from polysense.eval.captioning import CAPTION_DECODING
     from polysense.models.checkpoint import load_vlm
-    from polysense.models.vlm import CAPTION_INSTRUCTION, chat_prompt
 
     model = load_vlm(ckpt)
     # the chat template puts the image where the model was trained to see it (an HF decoder's
