@@ -468,3 +468,19 @@ def test_error_in_a_worker_is_the_original_one_line_error(tmp_path, ckpt, monkey
     with pytest.raises(DataError) as info:
         list(embed.embed_files(model, data, options=options, rejects=Rejects()))
     assert str(info.value) == f"{data}: line 7: the file changed while being read"
+
+
+def test_auto_workers_uses_only_cores_the_model_leaves(monkeypatch):
+    """Default decode workers: the CPUs the model's torch threads leave (at most 4) on the CPU,
+    min(4, CPUs) for a GPU; an explicit count is kept."""
+    from polysense.index import embed
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for cpus, threads, on_cpu, on_gpu in ((2, 2, 0, 2), (8, 2, 4, 4), (6, 4, 2, 4), (1, 2, 0, 1)):
+        monkeypatch.setattr(embed.os, "sched_getaffinity", lambda _, n=cpus: set(range(n)))
+        monkeypatch.setattr(embed.torch, "get_num_threads", lambda t=threads: t)
+        assert embed.auto_workers(cpu) == on_cpu
+        assert embed.auto_workers(cuda) == on_gpu
+        options = embed.EmbedOptions(num_workers=3)
+        assert embed.check_options(options) == (cpu, 3)
+        assert embed.check_options(embed.EmbedOptions()) == (cpu, on_cpu)

@@ -4,12 +4,13 @@ One process builds our CLIP and an HF `CLIPModel` holding the same weights (`bui
 checked equal), then times one pass over the same image files with each of:
 
 - polysense: `polysense.index.embed.embed_files`, the function `index build` calls: decode,
-  resize, crop and normalise in DataLoader worker processes, the model (at its inference
-  precision) in this process;
+  resize, crop and normalise in DataLoader worker processes (by default `auto_workers`: none
+  on a CPU whose cores the model's threads use, where decoding between model calls measured
+  faster), the model (at its inference precision) in this process;
 - plain: the loop users write: `Image.open(path).convert("RGB")`, HF `CLIPImageProcessor`,
   `CLIPModel.get_image_features`, batch after batch in this process;
 - plain + workers: the same loop with a torch DataLoader running Pillow and the processor in
-  the same number of worker processes.
+  `--num-workers` worker processes (2 when polysense takes its default).
 
 Same files, batch size and torch threads for all; HF runs with bf16 weights where polysense
 infers in bf16 (precision "auto" on bf16 hardware), else fp32. Passes run interleaved (A B C,
@@ -37,7 +38,7 @@ from polysense.bench.report import write_report
 from polysense.bench.throughput import build_pair
 from polysense.data.readers import Rejects, read_samples
 from polysense.errors import PolysenseError
-from polysense.index.embed import EmbedOptions, embed_files
+from polysense.index.embed import EmbedOptions, auto_workers, embed_files
 from polysense.precision import resolve_precision
 
 # dims -> overrides: the real ViT-B/32, or clip-tiny's widths at 224 px (patch 32) for a quick run
@@ -115,7 +116,7 @@ class _Processed(Dataset):
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]  # (3, S, S)
 
 
-def ours_pass(model: Any, data: str | Path, *, batch: int, workers: int) -> np.ndarray:
+def ours_pass(model: Any, data: str | Path, *, batch: int, workers: int | None) -> np.ndarray:
     """Every image vector of `data` by `index build`'s path, (N, D)."""
     options = EmbedOptions(batch_size=batch, num_workers=workers)
     parts = [b.vectors for b in embed_files(model, data, options=options, rejects=Rejects())]
@@ -166,7 +167,7 @@ def run_embed_bench(
     n: int = 256,
     dims: str = "clip-vit-b32",
     batch: int = 32,
-    workers: int = 2,
+    workers: int | None = None,
     seconds: float = 20.0,
     precision: str = "auto",
 ) -> dict[str, Any]:
@@ -183,13 +184,18 @@ def run_embed_bench(
     if bf16:  # HF's faster bf16 mode here: bf16 weights (torch_dtype=bfloat16), not autocast
         hf = hf.to(torch.bfloat16)
     processor = hf_processor(ours)
+    # None: the index's default (auto_workers); the plain loop's variant then takes 2 workers
+    ours_workers = auto_workers(torch.device("cpu")) if workers is None else workers
+    plain_workers = 2 if workers is None else workers
     with tempfile.TemporaryDirectory(dir=out, prefix=".embed-images-") as tmp:
         source = Path(data) if data is not None else write_images(tmp, n=n)
         paths = image_paths(source)
         variants: dict[str, Callable[[], np.ndarray]] = {
-            "polysense": lambda: ours_pass(ours, source, batch=batch, workers=workers),
+            "polysense": lambda: ours_pass(ours, source, batch=batch, workers=ours_workers),
             "plain": lambda: plain_pass(hf, processor, paths, batch=batch),
-            "plain_workers": lambda: plain_pass(hf, processor, paths, batch=batch, workers=workers),
+            "plain_workers": lambda: plain_pass(
+                hf, processor, paths, batch=batch, workers=plain_workers
+            ),
         }
         first = {k: fn() for k, fn in variants.items()}  # warm-up pass, and the vectors compared
         diff = max(float(np.abs(first["polysense"] - v).max()) for v in first.values())
@@ -209,7 +215,7 @@ def run_embed_bench(
             "images": len(paths),
             "image_size": v.image_size,
             "batch": batch,
-            "num_workers": workers,
+            "num_workers": {"polysense": ours_workers, "plain_workers": plain_workers},
             "threads": torch.get_num_threads(),
             "seconds": seconds,
             "passes": r,
@@ -225,9 +231,9 @@ def run_embed_bench(
         "runs": runs,
     }
     label = {
-        "polysense": f"polysense index path ({workers} workers)",
+        "polysense": f"polysense index path ({ours_workers} workers)",
         "plain": "Pillow + CLIPImageProcessor + HF, one process",
-        "plain_workers": f"same, DataLoader with {workers} workers",
+        "plain_workers": f"same, DataLoader with {plain_workers} workers",
     }
     table = [
         {

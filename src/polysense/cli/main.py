@@ -672,7 +672,10 @@ def quickstart(
 
 
 DEVICE_HELP = "Where the model embeds: cpu, cuda, cuda:N or auto (cuda when available)."
-WORKERS_HELP = "DataLoader worker processes decoding images while the model runs (0: none)."
+WORKERS_HELP = (
+    "DataLoader worker processes decoding images while the model runs (0: none; default: 0 on "
+    "a CPU whose cores the model's threads use, else up to 4)."
+)
 
 
 @index_app.command("build")
@@ -690,7 +693,7 @@ def index_build(
         Path | None, typer.Option(help="Folder the images of a COCO or Karpathy JSON are under.")
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
-    num_workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    num_workers: Annotated[int | None, typer.Option(help=WORKERS_HELP)] = None,
 ) -> None:
     """Embed every image and caption of a dataset and write a searchable index. A CSV/JSONL
     item's key is its image path (rows of one image are one item with all their captions).
@@ -717,7 +720,7 @@ def index_add(
         Path | None, typer.Option(help="Folder the images of a COCO or Karpathy JSON are under.")
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
-    num_workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    num_workers: Annotated[int | None, typer.Option(help=WORKERS_HELP)] = None,
 ) -> None:
     """Append new samples to an index without re-embedding the old ones. A key already in the
     index (the same image path) is rejected to rejects.jsonl.

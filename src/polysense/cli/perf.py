@@ -281,8 +281,12 @@ def bench_embed(
     ] = "clip-vit-b32",
     batch_size: Annotated[int, typer.Option(help="Images per model call, every variant.")] = 32,
     num_workers: Annotated[
-        int, typer.Option(help="DataLoader workers of polysense and of the plain loop's variant.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            help="DataLoader workers of polysense and of the plain loop's variant (default: "
+            "index build's default for polysense, 2 for the plain loop)."
+        ),
+    ] = None,
     seconds: Annotated[
         float, typer.Option(help="Time each variant gets (whole passes, at least two).")
     ] = 20.0,
@@ -304,7 +308,7 @@ def bench_embed(
     for name, value in (("--n", n), ("--batch-size", batch_size)):
         if value < 1:
             raise PolysenseError(f"{name} must be >= 1, got {value}")
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise PolysenseError(f"--num-workers must be >= 0, got {num_workers}")
     if not seconds > 0:
         raise PolysenseError(f"--seconds must be > 0, got {seconds}")

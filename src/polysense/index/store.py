@@ -467,7 +467,7 @@ def build_index(
     limit: int | None = None,
     image_root: str | Path | None = None,
     device: str = "cpu",
-    num_workers: int = 2,
+    num_workers: int | None = None,
 ) -> EmbeddingIndex:
     """Embed the images and every caption of `data` with the model in `ckpt` and write an index
     directory at `out` (replacing an index already there only once the new one is complete).
@@ -476,7 +476,7 @@ def build_index(
     "flat", "ivf", "hnsw" force one. Samples without an image and repeated keys are rejected to
     `out/rejects.jsonl`. `limit` reads at most that many samples; `image_root` is the folder
     the images of a COCO or Karpathy JSON are under. Images are decoded in `num_workers`
-    DataLoader workers while the model embeds on `device` (`polysense.index.embed`)."""
+    DataLoader workers while the model embeds on `device` (None: `embed.auto_workers`)."""
     from polysense import load
 
     ann.choose_type(0, index_type)
@@ -487,7 +487,7 @@ def build_index(
     out = Path(out)
     recover(out)
     _check_out(out)
-    model = load(ckpt, family="clip", device=str(check_options(options)))
+    model = load(ckpt, family="clip", device=str(check_options(options)[0]))
     with _temp_sibling(out) as tmp:
         source = _ingest(
             tmp,
@@ -654,7 +654,7 @@ class EmbeddingIndex:
         limit: int | None = None,
         image_root: str | Path | None = None,
         device: str = "cpu",
-        num_workers: int = 2,
+        num_workers: int | None = None,
     ) -> int:
         """Append the samples of `data` (old rows are neither re-embedded nor re-indexed: faiss
         `add` on a copy), swap the result in, and return the number of items added. Keys already
