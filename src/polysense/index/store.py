@@ -482,12 +482,12 @@ def build_index(
     ann.choose_type(0, index_type)
     _check_common(batch_size, limit)
     options = EmbedOptions(device=device, batch_size=batch_size, num_workers=num_workers)
-    check_options(options)
+    torch_device, _ = check_options(options)
     faiss = ann.faiss_module()
     out = Path(out)
     recover(out)
     _check_out(out)
-    model = load(ckpt, family="clip", device=str(check_options(options)[0]))
+    model = load(ckpt, family="clip", device=str(torch_device))
     with _temp_sibling(out) as tmp:
         source = _ingest(
             tmp,
