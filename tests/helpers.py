@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -41,6 +42,14 @@ TINY = [
 
 def tiny_config(preset: str = "clip-tiny", *overrides: str) -> RunConfig:
     return apply_overrides(get_preset(preset), [*TINY, *overrides])
+
+
+def cli_train(data: Path, out: Path, *extra: str, sets: tuple[str, ...] = ()) -> list[str]:
+    """The command line of `polysense train clip-tiny` at the TINY sizes (plus `sets`), with
+    no evaluation, for the tests that run training in a child process (kill -9, torchrun)."""
+    overrides = [a for item in [*TINY, *sets] for a in ("--set", item)]
+    cli = [sys.executable, "-m", "polysense.cli", "train", "clip-tiny"]
+    return [*cli, "--data", str(data), "--out", str(out), "--eval-splits", "", *overrides, *extra]
 
 
 def make_pairs(root: Path, n: int, seed: int = 0) -> Path:

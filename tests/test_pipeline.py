@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from helpers import TINY, tiny_config
+from helpers import cli_train, tiny_config
 from polysense.config import ConfigError
 from polysense.data.loader import PairBatches, PairData
 from polysense.data.pipeline import ShardPairs, caption_lists, open_pairs, step_batches
@@ -347,22 +346,7 @@ def test_streamed_training_equals_cached_training(solid_shards, tmp_path):
 
 
 def _cli_train(data: Path, out: Path, *extra: str) -> list[str]:
-    sets = [a for item in [*TINY, "model.vision.image_size=16"] for a in ("--set", item)]
-    return [
-        sys.executable,
-        "-m",
-        "polysense.cli",
-        "train",
-        "clip-tiny",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--eval-splits",
-        "",
-        *sets,
-        *extra,
-    ]
+    return cli_train(data, out, *extra, sets=("model.vision.image_size=16",))
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY, tiny_config
+from helpers import cli_train, tiny_config
 from polysense.data.loader import PairBatches, load_pairs
 from polysense.errors import PolysenseError
 from polysense.losses import ContrastiveLoss
@@ -163,25 +163,6 @@ def test_no_samples_is_a_clear_error(tmp_path):
         train(tiny_config(), data=empty, out=tmp_path / "run", progress=False)
 
 
-def _cli_train(data, out, *extra):
-    sets = [a for item in TINY for a in ("--set", item)]
-    return [
-        sys.executable,
-        "-m",
-        "polysense.cli",
-        "train",
-        "clip-tiny",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--eval-splits",
-        "",
-        *sets,
-        *extra,
-    ]
-
-
 @pytest.mark.slow
 def test_kill_minus_9_then_resume_is_bitwise_equal_to_uninterrupted(pairs_jsonl, tmp_path):
     steps = [
@@ -193,7 +174,7 @@ def test_kill_minus_9_then_resume_is_bitwise_equal_to_uninterrupted(pairs_jsonl,
         "train.log_every=20",
     ]
     ref = subprocess.run(
-        _cli_train(pairs_jsonl, tmp_path / "ref", *steps),
+        cli_train(pairs_jsonl, tmp_path / "ref", *steps),
         capture_output=True,
         text=True,
         timeout=600,
@@ -202,7 +183,7 @@ def test_kill_minus_9_then_resume_is_bitwise_equal_to_uninterrupted(pairs_jsonl,
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cli_train(pairs_jsonl, out, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cli_train(pairs_jsonl, out, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.time() + 300
     killed_at = None
@@ -223,7 +204,7 @@ def test_kill_minus_9_then_resume_is_bitwise_equal_to_uninterrupted(pairs_jsonl,
     assert 0 < saved_step < 400
 
     resumed = subprocess.run(
-        _cli_train(pairs_jsonl, out, *steps, "--resume"),
+        cli_train(pairs_jsonl, out, *steps, "--resume"),
         capture_output=True,
         text=True,
         timeout=600,
@@ -253,7 +234,7 @@ def test_torchrun_two_processes_matches_one_process(pairs_jsonl, tmp_path):
         "train.precision=fp32",
     ]
     one = subprocess.run(
-        _cli_train(pairs_jsonl, tmp_path / "one", *args),
+        cli_train(pairs_jsonl, tmp_path / "one", *args),
         capture_output=True,
         text=True,
         timeout=600,
@@ -267,7 +248,7 @@ def test_torchrun_two_processes_matches_one_process(pairs_jsonl, tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        *_cli_train(pairs_jsonl, tmp_path / "two", *args)[2:],
+        *cli_train(pairs_jsonl, tmp_path / "two", *args)[2:],
     ]
     two = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
