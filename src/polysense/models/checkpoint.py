@@ -73,18 +73,25 @@ def save_checkpoint(model: CLIP, run_cfg: RunConfig, ckpt_dir: str | Path) -> Pa
     return ckpt_dir
 
 
-def read_run_config(ckpt_dir: str | Path) -> RunConfig:
-    """The `RunConfig` of a checkpoint directory, with errors that name the file."""
+def _config_json(ckpt_dir: str | Path, *, missing: str) -> tuple[Path, dict[str, Any]]:
+    """(path, parsed) of a checkpoint's config.json; a missing or damaged file is a one-line
+    error naming it (`missing` says what is not there and how to make it)."""
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
-        raise PolysenseError(
-            f"{path} does not exist: {ckpt_dir} is not a polysense checkpoint directory "
-            "(train one with `polysense train`, or import HF weights with `polysense import-hf`)"
-        )
+        raise PolysenseError(f"{path} does not exist: {ckpt_dir} is not {missing}")
     try:
-        data = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PolysenseError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+
+
+def read_run_config(ckpt_dir: str | Path) -> RunConfig:
+    """The `RunConfig` of a checkpoint directory, with errors that name the file."""
+    path, data = _config_json(
+        ckpt_dir,
+        missing="a polysense checkpoint directory (train one with `polysense train`, or import "
+        "HF weights with `polysense import-hf`)",
+    )
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exc:
@@ -222,16 +229,12 @@ def save_vlm(
 
 
 def read_config(ckpt_dir: str | Path) -> VLMRunConfig | LMRunConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise PolysenseError(
-            f"{path} does not exist: {ckpt_dir} is not a checkpoint directory (train one with "
-            "`polysense train vlm-tiny-stage2 --data runs/world-all --out DIR`)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PolysenseError(f"{path}: not valid JSON ({exc})") from None
+    """The LM or VLM run config of a checkpoint directory, with errors that name the file."""
+    path, data = _config_json(
+        ckpt_dir,
+        missing="a checkpoint directory (train one with `polysense train vlm-tiny-stage2 "
+        "--data runs/world-all --out DIR`)",
+    )
     family = data.get("model", {}).get("family")
     if family not in ("lm", "vlm"):
         raise PolysenseError(
