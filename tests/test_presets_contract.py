@@ -60,11 +60,17 @@ NEEDS: dict[str, dict[str, str]] = {
     "vlm-tiny-stage1": {"init.lm": "lm", "init.vision": "clip"},
     "vlm-tiny-stage2": {"init.vlm": "stage1", "init.vision": "clip"},
     "t2i-tiny": {"text_ckpt": "clip"},
+    "vlm-tiny-stage1:qwen2": {"init.lm": "lm_qwen2", "init.vision": "clip"},
 }
+# Variants beyond the registered presets, as "preset:variant": the LM stage with a fresh
+# transformers Qwen2 decoder, and stage 1 on the Qwen2 LM that stage wrote.
+VARIANTS: dict[str, tuple[str, ...]] = {"lm-tiny:qwen2": ("decoder=qwen2",)}
+CASES = [*available_presets(), "lm-tiny:qwen2", "vlm-tiny-stage1:qwen2"]
 
 
 def _train(preset: str, data: Path, out: Path, sets: tuple[str, ...], *extra: str):
-    args = ["train", preset, "--data", str(data), "--out", str(out), "--eval-splits", ""]
+    name = preset.split(":")[0]  # a variant trains its preset
+    args = ["train", name, "--data", str(data), "--out", str(out), "--eval-splits", ""]
     args += [a for s in (*COMMON, *sets) for a in ("--set", s)]
     return CliRunner().invoke(app, [*args, *extra], catch_exceptions=True)
 
@@ -92,9 +98,10 @@ def world(tmp_path_factory) -> Path:
 def parents(world, tmp_path_factory) -> dict[str, Path]:
     """The tiny runs other presets start from: a CLIP with a text transformer, an LM, stage 1."""
     root = tmp_path_factory.mktemp("contract-parents")
-    made = {"clip": root / "clip", "lm": root / "lm", "stage1": root / "stage1"}
+    made = {n: root / n for n in ("clip", "lm", "lm_qwen2", "stage1")}
     _ok(_train("clip-tiny-full", world, made["clip"], ()))
     _ok(_train("lm-tiny", world, made["lm"], ()))
+    _ok(_train("lm-tiny", world, made["lm_qwen2"], VARIANTS["lm-tiny:qwen2"]))
     sets = (f"init.lm={made['lm']}", f"init.vision={made['clip']}")
     _ok(_train("vlm-tiny-stage1", world, made["stage1"], sets))
     return made
@@ -102,7 +109,7 @@ def parents(world, tmp_path_factory) -> dict[str, Path]:
 
 def _sets(preset: str, parents: dict[str, Path]) -> tuple[str, ...]:
     needs = tuple(f"{k}={parents[v]}" for k, v in NEEDS.get(preset, {}).items())
-    return (*SHRINK.get(preset, ()), *needs)
+    return (*SHRINK.get(preset, ()), *VARIANTS.get(preset, ()), *needs)
 
 
 def _killed_at(step: int, monkeypatch) -> None:
@@ -129,7 +136,7 @@ def _weights_of(model, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v.detach() for k, v in best.state_dict().items()}
 
 
-@pytest.mark.parametrize("preset", available_presets())
+@pytest.mark.parametrize("preset", CASES)
 def test_preset_builds_steps_saves_reloads_and_resumes(
     preset, world, parents, tmp_path, monkeypatch
 ) -> None:

@@ -8,6 +8,7 @@ so a resumed run sees the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from polysense.data.chat import (
     CAPTION_INSTRUCTION,
     IMAGE,
     OCR_INSTRUCTION,
-    ChatTokenizer,
     chat_prompt,
     conversation,
 )
@@ -88,21 +88,31 @@ def load_split(
     )
 
 
-def world_texts(data: SplitData) -> list[str]:
+def world_texts(
+    data: SplitData, chat: Callable[[list[tuple[str, str]]], str] | None = None
+) -> list[str]:
     """The text an LM pretrains on: captions, and the chat template (without its image) filled
-    with each scene's captions, questions and answers, and OCR text."""
+    with each scene's captions, questions and answers, and OCR text. `chat(turns)` renders a
+    conversation; by default polysense's `USER: ... ASSISTANT:` template (an HF tokenizer's
+    `text_chat` renders its own)."""
+    chat = chat or _polysense_chat
     texts = []
     for caps, qa, ocr in zip(data.captions, data.qa, data.ocr_text, strict=True):
         texts += caps
-        texts += [_text_only(CAPTION_INSTRUCTION, c) for c in caps]
-        texts += [_text_only(q["question"], q["answer"]) for q in qa]
+        texts += [chat([(CAPTION_INSTRUCTION, c)]) for c in caps]
+        texts += [chat([(q["question"], q["answer"])]) for q in qa]
         if len(qa) > 1:  # QA of the scene as one conversation (4 turns fit any context)
-            turns = [(q["question"], q["answer"]) for q in qa[:4]]
-            chat = conversation(turns[:-1], turns[-1][0]) + " " + turns[-1][1]
-            texts.append(chat.replace(IMAGE, "").replace(": \n", ":\n"))
+            texts.append(chat([(q["question"], q["answer"]) for q in qa[:4]]))
         if ocr:
-            texts.append(_text_only(OCR_INSTRUCTION, ocr))
+            texts.append(chat([(OCR_INSTRUCTION, ocr)]))
     return texts
+
+
+def _polysense_chat(turns: list[tuple[str, str]]) -> str:
+    if len(turns) == 1:
+        return _text_only(*turns[0])
+    chat = conversation(turns[:-1], turns[-1][0]) + " " + turns[-1][1]
+    return chat.replace(IMAGE, "").replace(": \n", ":\n")
 
 
 def text_prompt(instruction: str) -> str:
@@ -114,10 +124,11 @@ def _text_only(instruction: str, response: str) -> str:
     return text_prompt(instruction) + " " + response
 
 
-def text_rows(tok: ChatTokenizer, texts: list[str]) -> tuple[torch.Tensor, ...]:
+def text_rows(tok: Any, texts: list[str]) -> tuple[torch.Tensor, ...]:
     """Texts -> left-padded (ids (B, T), key_mask (B, T), labels (B, T)): [BOS] text [EOS],
-    every next token a target (-100 on padding)."""
-    rows = [[tok.bos_id, *ids, tok.eos_id] for ids in tok.encode_batch(texts)]
+    every next token a target (-100 on padding); no BOS for a tokenizer without one (Qwen2)."""
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    rows = [[*bos, *ids, tok.eos_id] for ids in tok.encode_batch(texts)]
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), tok.pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), t, dtype=torch.bool)

@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from polysense.data.instruct import load_split, text_rows, world_texts
 from polysense.models.checkpoint import load_lm
 from polysense.models.vlm import VLM
+from polysense.models.vlm_hf import HFChatTokenizer
 
 
 @torch.no_grad()
 def lm_val_loss(ckpt: Path, data: Path, split: str, limit: int = 2000) -> float:
     """Mean next-token loss of the LM checkpoint `ckpt` on the world text of a split."""
     lm, tok, _ = load_lm(ckpt)
-    texts = world_texts(load_split(data, split, image_size=32, limit=limit))[:limit]
+    chat = tok.text_chat if isinstance(tok, HFChatTokenizer) else None  # as it trained
+    texts = world_texts(load_split(data, split, image_size=32, limit=limit), chat)[:limit]
     total, count = 0.0, 0
     for i in range(0, len(texts), 256):
         ids, mask, labels = text_rows(tok, texts[i : i + 256])  # (B, T) each

@@ -30,20 +30,24 @@ from polysense.config import ConfigError, RunConfig, dumps, from_dict, to_dict
 from polysense.data.chat import ChatTokenizer
 from polysense.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from polysense.errors import PolysenseError
-from polysense.fileio import atomic_path, atomic_write_json, atomic_write_text
+from polysense.fileio import atomic_path, atomic_write_json, atomic_write_text, files_into
 from polysense.models.clip import CLIP
 from polysense.models.diffusion import DiffusionConfig, TextCondition, TextToImage, UNet
 from polysense.models.fusion import FusionModel, FusionRunConfig, fusion_model
 from polysense.models.hf import export_hf, import_hf
-from polysense.models.lm import GPT
+from polysense.models.lm import GPT, LMConfig
+from polysense.models.text import quiet_transformers
 from polysense.models.vlm import VLM, LMRunConfig, VLMRunConfig
 from polysense.models.vlm_hf import (
     LM_DIR,
+    HFCausalLM,
     HFChatTokenizer,
     export_llava,
     import_llava,
     is_hf_dir,
+    lm_config_fields,
     lm_from_config_dir,
+    load_hf_lm,
     merged_state_dict,
 )
 
@@ -217,6 +221,18 @@ def _write(module: nn.Module, cfg: Any, tokenizer: Any, ckpt_dir: Path) -> Path:
     return ckpt_dir
 
 
+def save_hf_lm(lm: HFCausalLM, tokenizer: HFChatTokenizer, ckpt_dir: str | Path) -> Path:
+    """An LM stage's Hugging Face decoder as a plain transformers directory (`save_pretrained`
+    of the model and the tokenizer, each file moved in whole): `AutoModelForCausalLM` and
+    `init.lm` of the VLM stages read it."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with files_into(ckpt_dir, prefix=".hf-lm.") as tmp, quiet_transformers():
+        lm.model.save_pretrained(tmp)
+        tokenizer.hf.save_pretrained(tmp)
+    return ckpt_dir
+
+
 def save_vlm(
     model: VLM | GPT,
     cfg: VLMRunConfig | LMRunConfig,
@@ -262,6 +278,9 @@ def model_family(ckpt_dir: str | Path) -> str:
     if not isinstance(data, dict):
         return ""
     if "model_type" in data:  # a Hugging Face directory
+        archs = data.get("architectures") or []
+        if any(str(a).endswith("ForCausalLM") for a in archs):
+            return "lm"
         return {"llava": "vlm", "clip": "clip", "siglip": "siglip"}.get(data["model_type"], "")
     if data.get("family") == "fusion":
         return "fusion"
@@ -280,9 +299,18 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(path, device="cpu")
 
 
-def load_lm(ckpt_dir: str | Path) -> tuple[GPT, ChatTokenizer, LMRunConfig]:
-    """An lm-tiny checkpoint -> (GPT, tokenizer, run config), in eval mode."""
+def load_lm(
+    ckpt_dir: str | Path,
+) -> tuple[GPT | HFCausalLM, ChatTokenizer | HFChatTokenizer, LMRunConfig]:
+    """An lm-tiny checkpoint -> (GPT, tokenizer, run config), in eval mode. A Hugging Face
+    causal LM directory (`decoder=qwen2` writes one) gives the transformers model behind the
+    GPT's interface, its tokenizer, and a run config describing its sizes."""
     ckpt_dir = Path(ckpt_dir)
+    if is_hf_dir(ckpt_dir):
+        lm, tok = load_hf_lm(ckpt_dir)
+        config = lm.model.config
+        sizes = LMConfig(**lm_config_fields(config))
+        return lm.eval(), tok, LMRunConfig(decoder=config.model_type, model=sizes)
     cfg = read_config(ckpt_dir)
     if not isinstance(cfg, LMRunConfig):
         raise PolysenseError(f"{ckpt_dir} holds a VLM, not a language model; use load_vlm")

@@ -150,6 +150,10 @@ class InitConfig:
 @dataclass(frozen=True)
 class LMRunConfig:
     name: str = ""
+    # "polysense" = polysense's GPT; "qwen2" = a fresh transformers Qwen2ForCausalLM of `model`'s
+    # sizes with a Qwen2-format tokenizer trained on the data's text (models/hf_decoder.py),
+    # saved as a transformers directory that the VLM stages' init.lm takes
+    decoder: Literal["polysense", "qwen2"] = "polysense"
     model: LMConfig = field(default_factory=LMConfig)
     train: VLMTrainConfig = field(default_factory=VLMTrainConfig)
 

@@ -125,6 +125,14 @@ class HFChatTokenizer:
     def render(self, msgs: list[dict[str, str]], *, generation: bool) -> str:
         return self._tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
 
+    def text_chat(self, turns: Sequence[tuple[str, str]]) -> str:
+        """A conversation without an image through the chat template: an LM's pretraining text
+        (`data.instruct.world_texts`)."""
+        msgs = []
+        for q, a in turns:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return self.render(msgs, generation=False)
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 

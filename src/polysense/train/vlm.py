@@ -54,10 +54,10 @@ from polysense.data.llava import (
 from polysense.data.transforms import normalize, tile_pixels
 from polysense.errors import PolysenseError
 from polysense.fileio import atomic_write_json
-from polysense.models.checkpoint import load_lm, load_vlm, read_config, save_vlm
+from polysense.models.checkpoint import load_lm, load_vlm, save_hf_lm, save_vlm
 from polysense.models.lm import GPT
 from polysense.models.vlm import VLM, LMRunConfig, VLMRunConfig, VLMTrainConfig
-from polysense.models.vlm_hf import is_hf_dir
+from polysense.models.vlm_hf import HFCausalLM, HFChatTokenizer, is_hf_dir
 from polysense.models.warmstart import build_vlm
 from polysense.precision import resolve_precision
 from polysense.train.checkpoint import load_state
@@ -138,9 +138,9 @@ def vlm_loss(
     return total / max(count, 1)
 
 
-def _check_scst(tc: VLMTrainConfig, model: VLM | GPT) -> None:
+def _check_scst(tc: VLMTrainConfig, model: VLM | GPT | HFCausalLM) -> None:
     sc = tc.scst
-    if isinstance(model, GPT):
+    if not isinstance(model, VLM):
         raise PolysenseError(
             "train.scst tunes a VLM's captions; for the LM use train.scst.fraction=0"
         )
@@ -218,14 +218,14 @@ def scst_loss(
 # freezing, the optimiser's groups and the task
 
 
-def set_trainable(model: VLM | GPT, tc: VLMTrainConfig) -> None:
+def set_trainable(model: VLM | GPT | HFCausalLM, tc: VLMTrainConfig) -> None:
     """requires_grad from the config: LM (only its LoRA adapters when train.lora_rank > 0),
     projector (with the tile embedding), top ViT blocks."""
     model.requires_grad_(False)
-    lm = model if isinstance(model, GPT) else model.lm
+    lm = model.lm if isinstance(model, VLM) else model
     for name, p in lm.named_parameters():
         p.requires_grad_(tc.train_lm and (not tc.lora_rank or ".lora_" in name))
-    if isinstance(model, GPT):
+    if not isinstance(model, VLM):
         return
     model.projector.requires_grad_(tc.train_projector)
     model.tile_embed.requires_grad_(tc.train_projector)
@@ -236,10 +236,10 @@ def set_trainable(model: VLM | GPT, tc: VLMTrainConfig) -> None:
         model.visual.ln_post.requires_grad_(True)
 
 
-def prepare_lm(model: VLM | GPT, tc: VLMTrainConfig) -> None:
+def prepare_lm(model: VLM | GPT | HFCausalLM, tc: VLMTrainConfig) -> None:
     """LoRA adapters (peft) on the LM when train.lora_rank > 0, and gradient checkpointing of
     the LM and the ViT when train.grad_checkpointing."""
-    lm = model if isinstance(model, GPT) else model.lm
+    lm = model.lm if isinstance(model, VLM) else model
     if tc.lora_rank:
         from polysense.models.vlm_hf import add_lora
 
@@ -261,7 +261,7 @@ def prepare_lm(model: VLM | GPT, tc: VLMTrainConfig) -> None:
             model.visual.set_grad_checkpointing(True)
 
 
-def param_groups(model: VLM | GPT, tc: VLMTrainConfig) -> list[dict]:
+def param_groups(model: VLM | GPT | HFCausalLM, tc: VLMTrainConfig) -> list[dict]:
     """AdamW groups over the trainable parameters only; no decay on 0/1-D tensors and
     embeddings; the vision tower's parameters at `lr_vision`."""
     groups: dict[tuple[bool, bool], dict] = {}
@@ -296,8 +296,8 @@ class VLMTask(Task):
         self,
         *,
         cfg: LMRunConfig | VLMRunConfig,
-        model: VLM | GPT,
-        tokenizer: ChatTokenizer,
+        model: VLM | GPT | HFCausalLM,
+        tokenizer: ChatTokenizer | HFChatTokenizer,
         data: SplitData | Conversations,
     ) -> None:
         self.run_cfg, self.cfg = cfg, cfg.train
@@ -336,7 +336,7 @@ class VLMTask(Task):
         if self.scst_phase:  # draws its own images; the step's rows are the cross-entropy's
             loss, reward = scst_loss(self.model, self.data, self.cfg, step, self.reward)
             return loss, {"reward": reward}
-        if isinstance(self.model, GPT):
+        if not isinstance(self.model, VLM):  # the LM stage: polysense's GPT or an HF LM
             ids, mask, labels = (t.to(self.rt.device) for t in text_rows(self.tokenizer, batch))
             embeds = self.model.token_embed(ids)  # (B, T, C)
             with self.rt.autocast():
@@ -350,7 +350,10 @@ class VLMTask(Task):
         return sc.batch_size * sc.samples if self.scst_phase else self.cfg.batch_size
 
     def export(self, out: Path) -> None:
-        save_vlm(self.model, self.run_cfg, self.tokenizer, out)
+        if isinstance(self.model, HFCausalLM):
+            save_hf_lm(self.model, self.tokenizer, out)
+        else:
+            save_vlm(self.model, self.run_cfg, self.tokenizer, out)
 
     def summary(self) -> dict[str, Any]:
         params = list(self.model.parameters())
@@ -392,6 +395,8 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
     else:
         split = "train" if detect_format(data) == "world" else None
         train = load_split(data, split, image_size=image_size, rejects_path=out / "rejects.jsonl")
+    if isinstance(cfg, LMRunConfig) and cfg.decoder != "polysense":
+        return _prepare_hf_lm(cfg, train, out, resume)
     if isinstance(cfg, LMRunConfig):
         if resume:
             lm, tok, saved = load_lm(out)
@@ -408,6 +413,30 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
     texts = llava_texts(train) if isinstance(train, Conversations) else world_texts(train)
     model, run = build_vlm(cfg, texts=None if hf_lm else texts)
     return model, model.tokenizer, run, train
+
+
+def _prepare_hf_lm(cfg: LMRunConfig, train: SplitData, out: Path, resume: bool):
+    """The LM stage with a fresh transformers decoder (`decoder=qwen2`): its tokenizer learns
+    the world text, rendered with that tokenizer's own chat template."""
+    from polysense.models.hf_decoder import check_arch, fresh_hf_lm
+
+    check_arch(cfg.decoder)
+    if cfg.train.lora_rank:
+        raise PolysenseError(
+            f"train.lora_rank={cfg.train.lora_rank}: LoRA adapts a pretrained LM, and "
+            f"decoder={cfg.decoder} trains a fresh one in full; use train.lora_rank=0"
+        )
+    if resume:
+        lm, tok, _ = load_lm(out)
+    else:
+        lm, tok = fresh_hf_lm(
+            cfg.decoder,
+            cfg.model,
+            lambda base: world_texts(train, base.text_chat),
+            seed=cfg.train.seed,
+        )
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+    return lm.train(), tok, dataclasses.replace(cfg, model=model_cfg), train
 
 
 def train_stage(
@@ -430,8 +459,11 @@ def train_stage(
     batches: TextBatches | ExampleBatches | ConversationBatches
     if isinstance(train, Conversations):
         batches = ConversationBatches(data=train, seed=tc.seed, batch_size=tc.batch_size)
-    elif isinstance(model, GPT):
-        batches = TextBatches(texts=world_texts(train), seed=tc.seed, batch_size=tc.batch_size)
+    elif not isinstance(model, VLM):  # the LM stage: its text through its tokenizer's template
+        chat = tok.text_chat if isinstance(tok, HFChatTokenizer) else None
+        batches = TextBatches(
+            texts=world_texts(train, chat), seed=tc.seed, batch_size=tc.batch_size
+        )
     else:
         mix = (tc.mix_caption, tc.mix_qa, tc.mix_ocr)
         batches = ExampleBatches(
@@ -447,6 +479,7 @@ def train_stage(
         "skipped_steps": result.skipped_steps,
         **task.summary(),
         **({"rejected": train.rejected} if isinstance(train, Conversations) else {}),
+        "config": to_dict(cfg),  # as built (the tokenizer's vocabulary, the LM's width, ...)
     }
 
 
@@ -468,7 +501,7 @@ def run_lm(
             loss = lm_val_loss(out, data, split)
             figures = {"lm_loss": loss, "lm_perplexity": math.exp(loss), "split": split}
             metrics |= figures if i == 0 else {split: figures}
-    metrics |= summary | {"config": to_dict(read_config(out))}  # as built (LM width, ...)
+    metrics |= summary
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -490,6 +523,6 @@ def run_vlm(
             figures = evaluate_vlm(model, data, split=split, clip=clip) | {"split": split}
             metrics |= figures if i == 0 else {split: figures}
             print_table(figures, f"{cfg.name} on {data} ({split})")
-    metrics |= summary | {"config": to_dict(read_config(out))}  # as built (LM width, ...)
+    metrics |= summary
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
