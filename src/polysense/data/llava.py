@@ -29,7 +29,7 @@ from PIL import Image
 from polysense.data.chat import IMAGE, ChatTokenizer, chat_turn, conversation
 from polysense.data.instruct import text_prompt
 from polysense.data.readers import MAX_PIXELS, Rejects
-from polysense.errors import DataError, PolysenseError
+from polysense.errors import DataError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -207,29 +207,7 @@ def conversation_ids(
             row += p + r
             flags += [False] * len(p) + [True] * len(r)
         return row, flags
-    return _hf_text_only(tok, turns)
-
-
-def _hf_text_only(tok: Any, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-    """An HF tokenizer's chat template on messages without an image; the targets are each
-    assistant turn as the template renders it (from after the generation prompt to its end)."""
-    msgs = []
-    for q, a in turns:
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    full = tok.render(msgs, generation=False)
-    spans = []
-    for k in range(len(turns)):
-        before = tok.render(msgs[: 2 * k + 1], generation=True)
-        upto = tok.render(msgs[: 2 * k + 2], generation=False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise PolysenseError(
-                "the tokenizer's chat template does not render a conversation as a prefix of "
-                "its continuation, so answer tokens cannot be located; use another template"
-            )
-        spans.append((len(before), len(upto)))
-    enc = tok.hf(full, add_special_tokens=False, return_offsets_mapping=True)
-    flags = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
-    return list(enc["input_ids"]), flags
+    return tok.conversation_ids(turns, image=False)  # an HF tokenizer (models.vlm_hf)
 
 
 @dataclass

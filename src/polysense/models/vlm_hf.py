@@ -53,12 +53,15 @@ DEFAULT_CHAT_TEMPLATE = (
 LM_DIR = "lm"  # a VLM checkpoint keeps its HF decoder's config.json here
 
 
-def messages(turns: Sequence[tuple[str, str]], question: str | None) -> list[dict[str, str]]:
-    """Chat messages: the first user turn carries the image (`<image>\\n` before its text)."""
+def messages(
+    turns: Sequence[tuple[str, str]], question: str | None, *, image: bool = True
+) -> list[dict[str, str]]:
+    """Chat messages: with `image`, the first user turn carries it (`<image>\\n` before its
+    text)."""
     out = []
     pairs = [*turns, (question, None)] if question is not None else list(turns)
     for k, (q, a) in enumerate(pairs):
-        out.append({"role": "user", "content": f"{IMAGE}\n{q}" if k == 0 else q})
+        out.append({"role": "user", "content": f"{IMAGE}\n{q}" if k == 0 and image else q})
         if a is not None:
             out.append({"role": "assistant", "content": a})
     return out
@@ -128,10 +131,7 @@ class HFChatTokenizer:
     def text_chat(self, turns: Sequence[tuple[str, str]]) -> str:
         """A conversation without an image through the chat template: an LM's pretraining text
         (`data.instruct.world_texts`)."""
-        msgs = []
-        for q, a in turns:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        return self.render(msgs, generation=False)
+        return self.render(messages(turns, None, image=False), generation=False)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
@@ -148,13 +148,15 @@ class HFChatTokenizer:
             )
         return list(self._tok(prompt)["input_ids"])
 
-    def _spans(self, turns: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int, int]]]:
+    def _spans(
+        self, turns: Sequence[tuple[str, str]], *, image: bool = True
+    ) -> tuple[str, list[tuple[int, int, int]]]:
         """The rendered conversation and per answer (start, end of its text, end of its turn) in
         characters. The template must render each conversation as a prefix of its extension."""
-        full = self.render(messages(turns, None), generation=False)
+        full = self.render(messages(turns, None, image=image), generation=False)
         spans = []
         for k in range(len(turns)):
-            msgs = messages(turns[: k + 1], None)
+            msgs = messages(turns[: k + 1], None, image=image)
             before = self.render(msgs[:-1], generation=True)
             upto = self.render(msgs, generation=False)
             if not (full.startswith(upto) and upto.startswith(before)):
@@ -172,10 +174,13 @@ class HFChatTokenizer:
         flags = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
         return list(enc["input_ids"]), flags
 
-    def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+    def conversation_ids(
+        self, turns: Sequence[tuple[str, str]], *, image: bool = True
+    ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and a flag per token: True on the answers' tokens and the
-        template's end of each assistant turn (what the model learns to say)."""
-        full, spans = self._spans(turns)
+        template's end of each assistant turn (what the model learns to say). With `image`, the
+        first user turn holds `<image>`."""
+        full, spans = self._spans(turns, image=image)
         return self._flags(full, [(a, c) for a, _, c in spans])
 
     def scored_row(self, prompt: str, response: str, *, eos: bool) -> tuple[list[int], int]:
