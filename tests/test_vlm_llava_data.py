@@ -294,8 +294,13 @@ def test_cli_trains_stage2_on_llava_json_and_ask_answers(llava_json, clip_ckpt, 
         "train.warmup_steps=1", "train.scst.fraction=0", "train.max_minutes=0",
         "train.train_vision_top=1",
     ]  # fmt: skip
-    args = ["train", "vlm-tiny-stage2", "--data", str(llava_json), "--out", str(out)]
+    # the file away from its images, as LLaVA keeps them: --image-root says where they are
+    moved = tmp_path / "annotations" / "llava.json"
+    moved.parent.mkdir()
+    moved.write_text(llava_json.read_text())
+    args = ["train", "vlm-tiny-stage2", "--data", str(moved), "--out", str(out)]
     args += [x for s in sets for x in ("--set", s)] + ["--eval-splits", ""]
+    args += ["--image-root", str(llava_json.parent)]
     runner = CliRunner()
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -318,3 +323,22 @@ def test_lm_stage_on_llava_json_is_a_one_line_error(llava_json, tmp_path, capsys
     code, _, err = run_cli(capsys, "train", "lm-tiny", "--data", str(llava_json), "--out", out)
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert str(llava_json) in err and "vlm-tiny-stage1/2" in err
+
+
+def test_image_root_errors_name_the_flag_and_the_fix(llava_json, tmp_path, capsys):
+    from polysense.data.world import generate_world
+    from test_cli_errors import run_cli
+
+    world = generate_world(tmp_path / "world", n=20, seed=0, progress=False)
+    out = str(tmp_path / "out")
+    cases = [
+        (("vlm-tiny-stage2", str(llava_json), str(tmp_path / "nope")), "no such directory"),
+        (("vlm-tiny-stage2", str(world), str(tmp_path)), "is not one"),
+        (("clip-tiny", str(world), str(tmp_path)), "contrastive presets"),
+        (("lm-tiny", str(world), str(tmp_path)), "lm-tiny reads its data where it is"),
+    ]
+    for (preset, data, root), words in cases:
+        args = ("train", preset, "--data", data, "--out", out, "--image-root", root)
+        code, _, err = run_cli(capsys, *args, "--set", "train.steps=1")
+        assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "--image-root" in err and words in err, err

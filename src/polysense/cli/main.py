@@ -6,6 +6,7 @@ environment (a read-only --out, a full disk: any OSError) print one line and exi
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -351,6 +352,13 @@ def train_cmd(
         str | None,
         typer.Option(help="--eval-data's prompt templates: openai, simple, world or a file."),
     ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of a LLaVA conversation file's images (LLaVA's --image_folder; "
+            "default: the file's folder). For vlm-tiny-stage1/2."
+        ),
+    ] = None,
 ) -> None:
     """Train a preset; on a world, evaluate on test and test_novel and write OUT/metrics.json.
 
@@ -398,8 +406,21 @@ def train_cmd(
                 f"--eval-data/--classnames/--templates evaluate the contrastive presets; {preset} "
                 f"trains another family: evaluate it with `polysense eval TASK --ckpt {out}`"
             )
-        metrics = family_runner(cfg, data=data, out=out, resume=resume, eval_splits=splits)
+        extra = {}
+        if image_root is not None:
+            if "image_root" not in inspect.signature(family_runner).parameters:
+                raise PolysenseError(
+                    f"--image-root {image_root}: it locates a LLaVA file's images for the VLM "
+                    f"stages (vlm-tiny-stage1/2); {preset} reads its data where it is"
+                )
+            extra["image_root"] = image_root
+        metrics = family_runner(cfg, data=data, out=out, resume=resume, eval_splits=splits, **extra)
     else:
+        if image_root is not None:
+            raise PolysenseError(
+                f"--image-root {image_root}: it locates a LLaVA file's images for the VLM stages; "
+                "the contrastive presets read a CSV/JSONL/COCO file's images relative to it"
+            )
         if (classnames or templates) and eval_data is None:
             raise PolysenseError(
                 "--classnames/--templates describe --eval-data; give the held-out data with "

@@ -152,9 +152,15 @@ def _image_file(entry: dict[str, Any], root: Path) -> Path:
     return path
 
 
-def read_llava(path: str | Path, *, rejects_path: Path | None = None) -> Conversations:
-    """The usable conversations of a LLaVA file; each bad entry goes to `rejects_path`."""
+def read_llava(
+    path: str | Path, *, rejects_path: Path | None = None, image_root: str | Path | None = None
+) -> Conversations:
+    """The usable conversations of a LLaVA file; each bad entry goes to `rejects_path`. Image
+    names are read under `image_root` (LLaVA's --image_folder; default: the file's folder)."""
     path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    if not root.is_dir():
+        raise DataError(f"--image-root {root}: no such directory (the folder of {path}'s images)")
     try:
         entries = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -168,7 +174,7 @@ def read_llava(path: str | Path, *, rejects_path: Path | None = None) -> Convers
             try:
                 if not isinstance(entry, dict):
                     raise _Skip("bad_entry", f"entry is a {type(entry).__name__}, not an object")
-                image = _image_file(entry, path.parent) if "image" in entry else None
+                image = _image_file(entry, root) if "image" in entry else None
                 items.append(Conversation(key, image, _turns(entry, image is not None)))
             except _Skip as skip:
                 rejects.add(key=key, reason=skip.reason, source=str(path), detail=skip.detail)

@@ -367,7 +367,13 @@ class VLMTask(Task):
 # a stage
 
 
-def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: bool):
+def _prepare(
+    cfg: LMRunConfig | VLMRunConfig,
+    data: Path,
+    out: Path,
+    resume: bool,
+    image_root: Path | None = None,
+):
     """Model, tokenizer, run config (as really built) and the training split in memory."""
     image_size = 32
     if isinstance(cfg, VLMRunConfig) and resume:
@@ -391,7 +397,7 @@ def _prepare(cfg: LMRunConfig | VLMRunConfig, data: Path, out: Path, resume: boo
                 f"{data} is LLaVA conversations, which train the VLM stages (vlm-tiny-stage1/2); "
                 f"{cfg.name or 'the LM stage'} pretrains on a world's text"
             )
-        train = read_llava(data, rejects_path=out / "rejects.jsonl")
+        train = read_llava(data, rejects_path=out / "rejects.jsonl", image_root=image_root)
     else:
         split = "train" if detect_format(data) == "world" else None
         train = load_split(data, split, image_size=image_size, rejects_path=out / "rejects.jsonl")
@@ -446,14 +452,24 @@ def train_stage(
     out: Path,
     resume: bool = False,
     progress: bool = True,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one stage; writes state.pt, metrics.jsonl, train_summary.json and the checkpoint
-    (config.json, model.safetensors, tokenizer.json) to `out`. Returns a summary."""
+    (config.json, model.safetensors, tokenizer.json) to `out`. Returns a summary. `image_root`:
+    where a LLaVA file's images are (default: its folder)."""
     out, data = Path(out), Path(data)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         load_state(out)  # a missing or foreign state.pt fails here, before any work
-    model, tok, cfg, train = _prepare(cfg, data, out, resume)
+    root = Path(image_root) if image_root is not None else None
+    if root is not None and not is_llava(data):
+        raise PolysenseError(
+            f"--image-root reads a LLaVA conversation file's images from another folder; "
+            f"{data} is not one (a world or shards hold their images)"
+        )
+    if root is not None and not root.is_dir():
+        raise PolysenseError(f"--image-root {root}: no such directory (where {data}'s images are)")
+    model, tok, cfg, train = _prepare(cfg, data, out, resume, root)
     tc = cfg.train
     task = VLMTask(cfg=cfg, model=model, tokenizer=tok, data=train)
     batches: TextBatches | ExampleBatches | ConversationBatches
@@ -507,14 +523,21 @@ def run_lm(
 
 
 def run_vlm(
-    cfg: VLMRunConfig, *, data: Path, out: Path, resume: bool, eval_splits: tuple[str, ...]
+    cfg: VLMRunConfig,
+    *,
+    data: Path,
+    out: Path,
+    resume: bool,
+    eval_splits: tuple[str, ...],
+    image_root: Path | None = None,
 ) -> dict[str, Any]:
     """`polysense train vlm-tiny-stage1/2`: train, then evaluate captioning (with baselines), VQA,
-    POPE, CHAIR and OCR on each split; write OUT/metrics.json."""
+    POPE, CHAIR and OCR on each split; write OUT/metrics.json. `image_root`: a LLaVA file's
+    image folder (`polysense train --image-root`)."""
     from polysense.data.readers import detect_format
     from polysense.eval.vlm import evaluate_vlm, print_table
 
-    summary = train_stage(cfg, data=data, out=out, resume=resume)
+    summary = train_stage(cfg, data=data, out=out, resume=resume, image_root=image_root)
     metrics: dict[str, Any] = {}
     if not is_llava(data) and detect_format(data) == "world" and eval_splits:
         model = load_vlm(out)
