@@ -169,6 +169,7 @@ def open_pairs(
             image_key=data.image_key,
             caption_key=data.caption_key,
             sample_rate=model.audio.sample_rate if "audio" in towers else None,
+            workers=max(1, data.num_workers),  # the loader's processes, before they start
         )
         n = min(len(index), limit or len(index))
         if data.cache == "auto" and n <= budget and not augment.active:

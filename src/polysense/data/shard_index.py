@@ -7,6 +7,13 @@ only the members a sample decodes from (its image and caption members) in flat n
 about 100 bytes per sample (half of it the key), so 150,000 samples cost ~15 MB, whatever the
 images' size.
 
+Reading the headers costs one pass over each shard (~0.1 s per 1,000-sample shard here). Each
+shard's table is therefore cached under `$POLYSENSE_CACHE/shard-index` (default
+`~/.cache/polysense`; `POLYSENSE_CACHE=off` turns it off), keyed by the shard's real path, size,
+inode, modification time and its first and last 64 KiB, so a rewritten shard is read again (a
+change inside a shard that keeps all of these is caught only when a read comes up short); the
+cache is plain `.npz` arrays read without pickle. Shards not in the cache are read by `workers` processes at once.
+
 Samples are grouped as webdataset groups them (consecutive members sharing `base_plus_ext`'s
 key, suffixes lower-cased, `__meta__` and non-regular members skipped), in shard order, so the
 index lists the samples in the order `read_samples` yields them.
@@ -15,18 +22,21 @@ index lists the samples in the order `read_samples` yields them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from polysense.data.readers import IMAGE_EXTS, VIDEO_EXTS, decode_tar_sample
 from polysense.errors import DataError
+from polysense.fileio import atomic_path
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 MAX_OPEN_SHARDS = 128  # file descriptors one process keeps open at once
@@ -143,9 +153,11 @@ def build_index(
     image_key: str = "image",
     caption_key: str = "caption",
     sample_rate: int | None = None,
+    workers: int = 1,
 ) -> ShardIndex:
     """Index the samples of `shards` that have a member for each of `modalities` (image, text,
-    audio, video), keeping only those members.
+    audio, video), keeping only those members. Shards missing from the cache are read by
+    `workers` processes.
 
     A shard that cannot be read is skipped with a warning (the tar reader records it as a
     reject); a shard cut short keeps the samples whose members lie wholly inside the file."""
@@ -164,8 +176,8 @@ def build_index(
     size: list[int] = []
     suffix: list[int] = []
     vocab: dict[str, int] = {}
-    for s, path in enumerate(shards):
-        for key, members in _shard_samples(path):
+    for s, table in enumerate(shard_tables(shards, workers=workers)):
+        for key, members in table:
             have = {m: [x for x in members if wanted(x[0], m)] for m in modalities}
             if not all(have.values()):
                 continue
@@ -192,21 +204,144 @@ def build_index(
     )
 
 
-def _shard_samples(path: str) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
+Table = list[tuple[str, list[tuple[str, int, int]]]]  # (key, [(suffix, data offset, size)])
+
+
+def shard_tables(shards: Sequence[str], *, workers: int = 1) -> Iterator[Table]:
+    """Each shard's table in order: from the cache where it holds the shard as it is now, else
+    read (by `workers` processes when `PARALLEL_FROM` or more are missing) and then cached. The
+    problems a read met are warned here, in the calling process."""
+    tables: dict[int, Table] = {}
+    missing = []
+    for i, path in enumerate(shards):
+        cached = _cached(path)
+        if cached is None:
+            missing.append(i)
+        else:
+            tables[i] = cached
+    read = map(_scan, (shards[i] for i in missing))
+    pool = None
+    if workers > 1 and len(missing) >= PARALLEL_FROM:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=ctx)
+        read = pool.map(_scan, (shards[i] for i in missing), chunksize=4)
+    try:
+        for i, (table, problems) in zip(missing, read, strict=True):
+            for problem in problems:
+                warnings.warn(problem, stacklevel=3)
+            if not problems:
+                _store(shards[i], table)
+            tables[i] = table
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    for i in range(len(shards)):
+        yield tables.pop(i)
+
+
+PARALLEL_FROM = 8  # fewer missing shards are read here: starting a process costs more
+FINGERPRINT = 65536  # bytes read at each end of a shard for its cache key
+INDEX_VERSION = 1  # bump when the table's meaning changes: old cache files are then unread
+
+
+def cache_root() -> Path | None:
+    """The shard-index cache directory, or None when `POLYSENSE_CACHE=off`."""
+    root = os.environ.get("POLYSENSE_CACHE", "")
+    if root.lower() == "off":
+        return None
+    base = Path(root) if root else Path.home() / ".cache" / "polysense"
+    return base / "shard-index"
+
+
+def _cache_file(path: str) -> Path | None:
+    root = cache_root()
+    if root is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    ident = (
+        f"{INDEX_VERSION}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}"
+    )
+    digest = hashlib.sha256(ident.encode())
+    try:  # the bytes at both ends too: a rewrite within the clock's tick keeps size and mtime
+        with open(path, "rb") as f:
+            digest.update(f.read(FINGERPRINT))
+            f.seek(max(st.st_size - FINGERPRINT, 0))
+            digest.update(f.read(FINGERPRINT))
+    except OSError:
+        return None
+    name = digest.hexdigest()
+    return root / name[:2] / f"{name}.npz"
+
+
+def _cached(path: str) -> Table | None:
+    file = _cache_file(path)
+    if file is None or not file.is_file():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            keys, counts = z["keys"].tolist(), z["counts"].tolist()
+            suffix, offset, size = z["suffix"].tolist(), z["offset"].tolist(), z["size"].tolist()
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: read the shard again
+    if sum(counts) != len(suffix):
+        return None
+    table, m = [], 0
+    for key, n in zip(keys, counts, strict=True):
+        table.append(
+            (key, list(zip(suffix[m : m + n], offset[m : m + n], size[m : m + n], strict=True)))
+        )
+        m += n
+    return table
+
+
+def _store(path: str, table: Table) -> None:
+    """Cache one shard's table; a cache that cannot be written only costs the next read."""
+    file = _cache_file(path)
+    if file is None:
+        return
+    members = [m for _, ms in table for m in ms]
+    arrays = {
+        "keys": np.array([k for k, _ in table], dtype=str),
+        "counts": np.array([len(ms) for _, ms in table], dtype=np.int32),
+        "suffix": np.array([m[0] for m in members], dtype=str),
+        "offset": np.array([m[1] for m in members], dtype=np.int64),
+        "size": np.array([m[2] for m in members], dtype=np.int64),
+    }
+    try:
+        with atomic_path(file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError:
+        pass
+
+
+def _scan(path: str) -> tuple[Table, list[str]]:
+    """One shard read: its table and the problems met (a shard cut short, an unreadable one)."""
+    problems: list[str] = []
+    return list(_shard_samples(path, problems)), problems
+
+
+def _shard_samples(
+    path: str, problems: list[str]
+) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
     """(key, [(suffix, data offset, size)]) per sample of one shard, grouped as webdataset's
-    `group_by_keys` groups a tar stream (a repeated suffix keeps the first)."""
-    file_size = os.path.getsize(path)
+    `group_by_keys` groups a tar stream (a repeated suffix keeps the first); what goes wrong is
+    appended to `problems`."""
     key: str | None = None
     members: list[tuple[str, int, int]] = []
     try:
+        file_size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tar:
             while True:
                 try:
                     info = tar.next()
                 except tarfile.TarError as exc:  # cut short: keep what came before
-                    warnings.warn(
-                        f"{path}: {exc}; later samples of this shard are skipped", stacklevel=2
-                    )
+                    problems.append(f"{path}: {exc}; later samples of this shard are skipped")
                     break
                 if info is None:
                     break
@@ -214,6 +349,7 @@ def _shard_samples(path: str) -> Iterator[tuple[str, list[tuple[str, int, int]]]
                 if not info.isreg() or _META.match(info.name):
                     continue
                 if info.offset_data + info.size > file_size:
+                    problems.append(f"{path}: cut short; its last sample is skipped")
                     break
                 prefix, sfx = base_plus_ext(info.name)
                 if prefix is None:
@@ -226,6 +362,6 @@ def _shard_samples(path: str) -> Iterator[tuple[str, list[tuple[str, int, int]]]
                 if all(m[0] != sfx for m in members):
                     members.append((sfx, info.offset_data, info.size))
     except (OSError, tarfile.TarError) as exc:
-        warnings.warn(f"{path}: not a readable tar ({exc}); skipped", stacklevel=2)
+        problems.append(f"{path}: not a readable tar ({exc}); skipped")
     if key is not None:
         yield key, members
