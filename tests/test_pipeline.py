@@ -576,3 +576,30 @@ def test_streaming_rejects_what_the_reader_rejects(tmp_path):
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         found[cache] = [(r["key"], r["reason"], Path(r["source"]).name) for r in lines]
     assert found["off"] == found["on"] == [("s0017", "bad_json", "shard-000001.tar")]
+
+
+def test_cli_trains_on_remote_style_shards_as_the_python_api_does(shards, tmp_path, capsys):
+    """`--data pipe:...` (any URL) reaches the trainer as the URL: the weights equal those of
+    `train(cfg, data=URL)`; without the resampled mode, or for another family, a one-line error."""
+    from polysense.config import apply_overrides
+    from polysense.presets import get_preset
+    from polysense.train.loop import train
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    url = f"pipe:cat {shards}/shard-00000{{0..2}}.tar"
+    sets = ("data.sampling=resampled", "train.steps=3", "train.batch_size=8")
+    sets += ("data.num_workers=0", "data.shuffle_buffer=8")
+    args = ["train", "clip-tiny", "--data", url, "--out", str(tmp_path / "cli")]
+    code, out, err = run_cli(capsys, *args, *(a for s in sets for a in ("--set", s)))
+    assert code == 0, err
+    assert "is a remote source, so no split was evaluated" in out
+    cfg = apply_overrides(get_preset("clip-tiny"), list(sets))  # what the CLI builds
+    train(cfg, data=url, out=tmp_path / "api", progress=False)
+    a = load_file(tmp_path / "cli" / "model.safetensors")
+    b = load_file(tmp_path / "api" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "--set data.sampling=resampled")
+    code, _, err = run_cli(capsys, "train", "lm-tiny", "--data", url, "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "remote shards stream to the contrastive presets")

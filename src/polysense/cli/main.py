@@ -233,7 +233,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
 def _train_and_evaluate(
     cfg,
     *,
-    data: Path,
+    data: str | Path,
     out: Path,
     resume: bool,
     eval_splits: tuple[str, ...],
@@ -252,6 +252,12 @@ def _train_and_evaluate(
     from polysense.train.loop import train
 
     evaluate = None
+    local = isinstance(data, Path)  # else remote shards (a URL): no world splits to evaluate
+    if cfg.train.eval_every and eval_data is None and not local:
+        raise PolysenseError(
+            f"train.eval_every={cfg.train.eval_every} probes a world's val split or --eval-data; "
+            f"{data} is remote: give held-out data with --eval-data PATH"
+        )
     if cfg.train.eval_every:  # a probe during training: the eval data's, else a world's val
         evaluate = (
             data_probe(eval_data, classnames=classnames, templates=templates)
@@ -271,13 +277,14 @@ def _train_and_evaluate(
     )
     _plot_loss(out / "metrics.jsonl", out / "loss.png")
     metrics: dict = {}
-    if eval_splits and detect_format(data) == "world":
+    if eval_splits and local and detect_format(data) == "world":
         model = load_model(str(out))
         metrics = evaluate_splits(model, data, splits=eval_splits)
     elif eval_splits and eval_data is None:
+        kind = f"a {detect_format(data)}" if local else "a remote"
         console.print(
-            f"--eval-splits names a world's splits; {data} is a {detect_format(data)} source, so "
-            "no split was evaluated (give held-out data with --eval-data PATH)"
+            f"--eval-splits names a world's splits; {data} is {kind} source, so no split was "
+            "evaluated (give held-out data with --eval-data PATH)"
         )
     if eval_data is not None:
         held_out = evaluate_data(
@@ -308,7 +315,14 @@ def _family_eval_tasks() -> list[str]:
 @app.command("train")
 def train_cmd(
     preset: Annotated[str, typer.Argument(help="Preset name (see `polysense presets`).")],
-    data: Annotated[Path, typer.Option(help="Training data: a world dir or any readable source.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Training data: a world dir, any readable source (CSV, JSONL, COCO, folder, "
+            ".tar shards), or remote webdataset shards (https://host/s-{000000..000099}.tar, "
+            "pipe:curl -s URL) streamed with --set data.sampling=resampled."
+        ),
+    ],
     out: Annotated[
         Path,
         typer.Option(
@@ -400,6 +414,18 @@ def train_cmd(
         )
     writable_dir(out, flag="--out")
     family_runner = get_runner(preset)
+    remote = "://" in data or data.startswith("pipe:")
+    source: str | Path = data if remote else Path(data)
+    if remote and family_runner is not None:
+        raise PolysenseError(
+            f"--data {data}: remote shards stream to the contrastive presets (clip-*, siglip-*); "
+            f"{preset} trains from local data: download the shards and pass their folder"
+        )
+    if remote and cfg.data.sampling != "resampled":
+        raise PolysenseError(
+            f"--data {data}: remote shards stream in the resampled mode only; add "
+            "--set data.sampling=resampled"
+        )
     if family_runner is not None:
         if eval_data or classnames or templates:
             raise PolysenseError(
@@ -414,7 +440,9 @@ def train_cmd(
                     f"stages (vlm-tiny-stage1/2); {preset} reads its data where it is"
                 )
             extra["image_root"] = image_root
-        metrics = family_runner(cfg, data=data, out=out, resume=resume, eval_splits=splits, **extra)
+        metrics = family_runner(
+            cfg, data=Path(data), out=out, resume=resume, eval_splits=splits, **extra
+        )
     else:
         if image_root is not None:
             raise PolysenseError(
@@ -432,7 +460,7 @@ def train_cmd(
 
         metrics = _train_and_evaluate(
             cfg,
-            data=data,
+            data=source,
             out=out,
             resume=resume,
             eval_splits=splits,
