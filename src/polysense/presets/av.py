@@ -1,7 +1,8 @@
 """Audio and video presets: CLAP-style audio-text, video-text, audio-image, and ImageBind-style.
 
 Each is a `RunConfig` trained by the contrastive loop (`polysense.train.loop.train`) with other
-towers (`model.towers`); `run` trains then evaluates what the towers allow on each split:
+towers (`model.towers`); the runner (`train/av.py`) trains, then evaluates what the towers allow on
+each split (`eval/towers.py`):
 
     polysense train clap-tiny --data runs/world-all --out runs/av/clap-tiny
     polysense train video-clip-tiny --data runs/world-all --out runs/av/video-clip-tiny
@@ -12,13 +13,12 @@ towers (`model.towers`); `run` trains then evaluates what the towers allow on ea
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-from polysense.config import AudioConfig, DataConfig, RunConfig, VideoConfig, to_dict
+from polysense.config import AudioConfig, DataConfig, RunConfig, VideoConfig
 from polysense.presets import clip_tiny_full, register
 
-RUNNER = "polysense.presets.av:run"
+RUNNER = "polysense.train.av:run"
 
 # 1 s clips at 16 kHz: 25 ms windows, 10 ms hops (101 frames), 32 mel bands; patches of 8 bands x
 # 10 frames (4 x 10 = 40 tokens). The log-mel statistics are the world's (mean -44 dB, std 14).
@@ -92,62 +92,3 @@ def imagebind_tiny() -> RunConfig:
     """Image, text and audio in one space, image as the anchor: image-text and image-audio
     losses only; audio-text alignment (zero-shot audio) has to emerge through the image."""
     return _preset(("image", "text", "audio"), steps=1000, batch_size=128, lr=1e-3, warmup_steps=20)
-
-
-def evaluate_towers(
-    model: Any, data: str | Path, *, split: str, batch_size: int = 256
-) -> dict[str, Any]:
-    """Every evaluation the model's towers allow, on one split of `data`."""
-    from polysense.data.readers import detect_format, read_samples
-    from polysense.eval.audio import _classnames, audio_zeroshot, avc_eval
-
-    towers = set(model.cfg.towers)
-    rate = model.cfg.audio.sample_rate if "audio" in towers else None
-    samples = list(read_samples(data, split=split, sample_rate=rate))
-    metrics: dict[str, Any] = {"n_samples": len(samples)}
-    if {"image", "text"} <= towers:
-        from polysense.eval.suite import evaluate
-
-        metrics |= evaluate(model, data, split=split, batch_size=batch_size)
-    if {"audio", "text"} <= towers:
-        classes = _classnames(str(data), samples)
-        metrics |= audio_zeroshot(model, samples, classnames=classes, batch_size=batch_size)
-    if {"audio", "image"} <= towers:
-        calibration = None
-        if detect_format(data) == "world" and split != "val":
-            calibration = list(read_samples(data, split="val", sample_rate=rate))
-        metrics |= avc_eval(model, samples, calibration=calibration, batch_size=batch_size)
-    if {"video", "text"} <= towers:
-        from polysense.eval.video import video_retrieval
-
-        metrics |= video_retrieval(model, samples, batch_size=batch_size)
-    return metrics
-
-
-def run(
-    cfg: RunConfig, *, data: Path, out: Path, resume: bool, eval_splits: tuple[str, ...]
-) -> dict[str, Any]:
-    """Train `cfg` with the contrastive loop, evaluate each split, write OUT/metrics.json."""
-    from polysense.data.readers import detect_format
-    from polysense.fileio import atomic_write_json
-    from polysense.models.checkpoint import load_model
-    from polysense.train.loop import train
-
-    result = train(cfg, data=data, out=out, resume=resume)
-    metrics: dict[str, Any] = {
-        "train_samples_per_s": result.train_samples_per_s,
-        "train_steps": result.steps,
-        "train_seconds": result.seconds,
-        "final_loss": result.final_loss,
-        "skipped_steps": result.skipped_steps,
-    }
-    splits = eval_splits if detect_format(data) == "world" else ()
-    if splits:
-        model = load_model(out)
-        first, *rest = splits
-        metrics |= evaluate_towers(model, data, split=first) | {"split": first}
-        for split in rest:
-            metrics[split] = evaluate_towers(model, data, split=split)
-    metrics["config"] = to_dict(cfg)
-    atomic_write_json(Path(out) / "metrics.json", metrics)
-    return metrics
