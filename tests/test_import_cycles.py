@@ -1,5 +1,6 @@
-"""The CI gate for import circles: `.ci/import_cycles.py` finds none in src/polysense, and it does
-find the circles of a small synthetic package (so the gate can fail)."""
+"""The CI gates on imports: `.ci/import_cycles.py` finds no circle in src/polysense and
+`.ci/layers.py` no module importing a layer above it (DESIGN.md); each does find the circles or
+upward imports of a small synthetic package (so the gates can fail)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,42 @@ def test_the_checker_finds_known_circles_and_ignores_type_checking(tmp_path):
     (src / "polysense" / "f.py").write_text("g = 1\n")
     res = _run(src)
     assert (res.returncode, res.stdout.strip()) == (0, "0 import circles")
+
+
+LAYERS_SCRIPT = ROOT / ".ci" / "layers.py"
+
+
+def _layers(src: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(LAYERS_SCRIPT), str(src)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_no_module_imports_a_layer_above_it():
+    res = _layers(ROOT / "src")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "0 upward imports"
+
+
+def test_the_layer_check_finds_upward_imports(tmp_path):
+    src = _package(
+        tmp_path,
+        {
+            "__init__.py": "import polysense.train.loop\n",  # the facade (layer 5): fine
+            "cli.py": "import polysense.data.x\n",  # downward: fine
+            "data/__init__.py": "",
+            "data/x.py": "def f():\n    from polysense.train import loop\n",  # upward, in a function
+            "train/__init__.py": "",
+            "train/loop.py": "from polysense.models import m\n",  # downward: fine
+            "models/__init__.py": "",
+            "models/m.py": "from polysense.eval.e import score\n",  # models -> eval: upward
+            "eval/__init__.py": "",
+            "eval/e.py": "score = 1\n",
+        },
+    )
+    res = _layers(src)
+    assert res.returncode == 1
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1] == "2 upward imports"
+    assert any("polysense.data.x (layer 1) imports polysense.train.loop" in x for x in lines)
+    assert any("polysense.models.m (layer 2) imports polysense.eval.e" in x for x in lines)
