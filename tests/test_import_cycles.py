@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "import_cycles.py"
 
 
-def _run(src: Path) -> subprocess.CompletedProcess:
+def _run(src: Path, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), str(src)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(src)], capture_output=True, text=True, timeout=120
     )
 
 
@@ -65,9 +65,7 @@ LAYERS_SCRIPT = ROOT / ".ci" / "layers.py"
 
 
 def _layers(src: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(LAYERS_SCRIPT), str(src)], capture_output=True, text=True, timeout=120
-    )
+    return _run(src, LAYERS_SCRIPT)
 
 
 def test_no_module_imports_a_layer_above_it():
