@@ -45,6 +45,36 @@ def test_pair_is_one_function_with_equal_parameter_counts(pair):
     )
 
 
+def test_siglip_pair_is_the_same_function_and_loss_as_hf_siglipmodel():
+    """The SigLIP dims: HF's SiglipModel (from our export) holds the same weights, so the image
+    and text embeddings and the sigmoid loss of the timed training step agree with polysense's."""
+    import torch.nn.functional as F
+
+    from polysense.losses import ContrastiveLoss
+    from polysense.train.loop import _embed
+
+    pair = tp.build_pair("siglip-tiny", batch=6, overrides=tp.QUICK_OVERRIDES)
+    assert type(pair.hf).__name__ == "SiglipModel"
+    assert pair.params == sum(p.numel() for p in pair.hf.parameters())
+    with torch.no_grad():
+        img, txt, o = _embed(pair.ours.eval(), pair.images, pair.ids, "fp32")
+        ours = ContrastiveLoss(family="siglip")(img, txt, o["logit_scale"].log(), o["logit_bias"])
+        out = pair.hf.eval()(input_ids=pair.ids, pixel_values=pair.images)
+        hf_loss = ContrastiveLoss(family="siglip")(
+            out.image_embeds, out.text_embeds, pair.hf.logit_scale, pair.hf.logit_bias
+        )
+    torch.testing.assert_close(img, F.normalize(out.image_embeds, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt, F.normalize(out.text_embeds, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, hf_loss, atol=1e-5, rtol=0)
+    # and HF's own loss (return_loss) is the same number
+    torch.testing.assert_close(
+        pair.hf(input_ids=pair.ids, pixel_values=pair.images, return_loss=True).loss.detach(),
+        hf_loss,
+        atol=1e-5,
+        rtol=0,
+    )
+
+
 def test_inference_flops_match_the_hand_count(pair):
     """FlopCounterMode's count for encode_image equals the ViT's matmul FLOPs counted by hand."""
     v, e = pair.run.model.vision, pair.run.model.embed_dim
@@ -77,7 +107,11 @@ def test_throughput_bench_quick_writes_the_contract_shape(tmp_path, monkeypatch,
     if not units:  # and "auto" must resolve to fp32, as it does on such a CPU
         monkeypatch.setattr(tp, "resolve_precision", lambda precision, device: "fp32")
     res = tp.run_throughput_bench(
-        tmp_path, dims=("clip-tiny",), batch={"clip-tiny": 8}, repeats=2, quick=True
+        tmp_path,
+        dims=("clip-tiny", "siglip-tiny"),
+        batch={"clip-tiny": 8, "siglip-tiny": 8},
+        repeats=2,
+        quick=True,
     )
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert {"clip-tiny", "peak_gflops", "table", "environment"} <= set(data)
@@ -107,6 +141,13 @@ def test_throughput_bench_quick_writes_the_contract_shape(tmp_path, monkeypatch,
     assert len(tiny["seconds_train"]["polysense"]) == 2
     assert tiny["loader_samples_per_s"] > 0
     assert res["clip-tiny"]["params"] == tiny["params"]
+    sig = data["siglip-tiny"]  # the SigLIP dims, against HF SiglipModel, in the same run
+    assert sorted(m for m in sig["train_samples_per_s"] if m.startswith("hf")) == hf_modes
+    best_sig = max(sig["infer_images_per_s"][m] for m in hf_modes)
+    assert sig["infer_ratio_vs_hf"] == pytest.approx(
+        sig["infer_images_per_s"]["polysense"] / best_sig
+    )
+    assert {r["dims"] for r in data["table"]} == {"clip-tiny", "siglip-tiny"}
     assert (tmp_path / "throughput.md").read_text().startswith("# Training and inference")
     assert (tmp_path / "throughput.png").stat().st_size > 1000
 

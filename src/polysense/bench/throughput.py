@@ -1,11 +1,15 @@
-"""`polysense bench throughput`: polysense vs Hugging Face `CLIPModel`, and vs the machine's peak.
+"""`polysense bench throughput`: polysense vs Hugging Face `CLIPModel` / `SiglipModel`, and vs the
+machine's peak.
 
-For each of the `clip-tiny` and `clip-small` dims (patch stem, so that both sides have the same
-architecture and parameter count, asserted), one process builds our `CLIP` and an HF `CLIPModel`
-holding the same weights (checked: equal image embeddings), one batch of world captions
-(tokenised, padded to the context length as the trainer does) and random images, then times:
+For each dims (a CLIP preset: `clip-tiny`, `clip-small`, `clip-vit-b32`, ...; a SigLIP preset:
+`siglip-tiny`, `siglip-b16-224`), in HF's architecture (patch stem; SigLIP's text pooled at the last
+position without a padding mask), so that both sides have the same parameter count (asserted),
+one process builds our model and the HF `CLIPModel` or `SiglipModel` holding the same weights
+(checked: equal image embeddings), one batch of world captions (tokenised, padded to the context
+length as the trainer does) and random images, then times:
 
-- a training step (forward, contrastive loss, backward, gradient clipping, AdamW step): polysense
+- a training step (forward, contrastive loss: InfoNCE or SigLIP's sigmoid loss, backward,
+  gradient clipping, AdamW step): polysense
   exactly as `polysense train` runs it by default (the preset's `train.precision`, "auto" = bf16
   on hardware with bf16 matrix units; `build_optimizer`, fused AdamW), HF in fp32 and in bf16
   autocast, taking its better mode;
@@ -37,19 +41,34 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from polysense.bench.report import write_report
 from polysense.config import RunConfig, apply_overrides
 from polysense.errors import PolysenseError
-from polysense.losses import ContrastiveLoss, clip_loss
+from polysense.losses import ContrastiveLoss
 from polysense.precision import native_bf16, resolve_precision
 
-DIMS = ("clip-tiny", "clip-small", "clip-vit-b32")
+DIMS = ("clip-tiny", "clip-small", "clip-vit-b32", "siglip-tiny")
 # Batch per dims: clip-tiny's preset batch; clip-small's is 256, halved so a step stays ~seconds;
 # 16 at ViT-B (full depth, 151 M parameters: a step takes seconds on 2 cores).
-DEFAULT_BATCH = {"clip-tiny": 128, "clip-small": 128, "clip-vit-b32": 16, "clip-vit-b16": 16}
+DEFAULT_BATCH = {
+    "clip-tiny": 128,
+    "clip-small": 128,
+    "clip-vit-b32": 16,
+    "clip-vit-b16": 16,
+    "siglip-tiny": 128,
+    "siglip-b16-224": 16,
+}
 # HF CLIPModel's architecture at a preset's widths: patch embedding, cls and eot pooling, both
 # towers trained (clip-tiny's quickstart recipe departs from each; presets/__init__.py)
 HF_ARCH = (
     "model.vision.stem=patch",
     "model.vision.pool=cls",
     "model.text.pool=eot",
+    "train.lock_text=false",
+)
+# HF SiglipModel's: patch embedding with bias, text pooled at the last position and no padding
+# mask (HF SigLIP attends to padding; presets/__init__.py siglip_tiny says why ours departs)
+HF_ARCH_SIGLIP = (
+    "model.vision.stem=patch",
+    "model.text.pool=last",
+    "model.text.mask_padding=false",
     "train.lock_text=false",
 )
 QUICK_OVERRIDES = (
@@ -175,8 +194,8 @@ def build_pair(
     overrides: tuple[str, ...] = (),
     device: torch.device | str = "cpu",
 ) -> Pair:
-    """Our CLIP for `preset` in HF CLIP's architecture (`HF_ARCH`), and an HF CLIPModel holding
-    the same weights, both on `device` with the batch."""
+    """Our model for `preset` in HF's architecture (`HF_ARCH` / `HF_ARCH_SIGLIP`), and an HF
+    `CLIPModel` / `SiglipModel` holding the same weights, both on `device` with the batch."""
     import transformers
 
     from polysense.data.tokenizer import Tokenizer
@@ -185,9 +204,13 @@ def build_pair(
     from polysense.models.text import quiet_transformers
     from polysense.presets import get_preset
 
-    run = apply_overrides(get_preset(preset), [*HF_ARCH, *overrides])
-    if run.model.family != "clip":
-        raise PolysenseError(f"bench throughput compares CLIP presets; {preset} is not one")
+    family = get_preset(preset).model.family
+    if family not in ("clip", "siglip") or get_preset(preset).model.towers != ("image", "text"):
+        raise PolysenseError(
+            f"bench throughput compares CLIP and SigLIP presets (image + text); {preset} is neither"
+        )
+    arch = HF_ARCH if family == "clip" else HF_ARCH_SIGLIP
+    run = apply_overrides(get_preset(preset), [*arch, *overrides])
     if run.model.text.layers == 0:  # clip-tiny's locked word embeddings: bench the CLIP text
         text = dataclasses.replace(run.model.text, layers=run.model.vision.layers)  # tower
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, text=text))
@@ -200,10 +223,13 @@ def build_pair(
     run = dataclasses.replace(run, model=dataclasses.replace(run.model, text=text))
     torch.manual_seed(seed)
     ours = CLIP(cfg=run.model, tokenizer=tokenizer)
-    with quiet_transformers():
-        hf = transformers.CLIPModel(hf_config(ours.cfg))
-    shapes = {k: x.shape for k, x in hf.state_dict().items()}
-    hf.load_state_dict(convert(ours.state_dict(), shapes, key_pairs(ours.cfg), to_hf=True))
+    if family == "siglip":
+        hf = _siglip_twin(ours, run)
+    else:
+        with quiet_transformers():
+            hf = transformers.CLIPModel(hf_config(ours.cfg))
+        shapes = {k: x.shape for k, x in hf.state_dict().items()}
+        hf.load_state_dict(convert(ours.state_dict(), shapes, key_pairs(ours.cfg), to_hf=True))
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in hf.parameters())
     if n_ours != n_hf:
@@ -225,6 +251,22 @@ def build_pair(
             f"{(a - b).abs().max().item():.2e}; the models are not the same function"
         )
     return Pair(run=run, ours=ours, hf=hf, images=images, ids=ids, params=n_ours)
+
+
+def _siglip_twin(ours: nn.Module, run: RunConfig) -> nn.Module:
+    """An HF `SiglipModel` with `ours`' weights: our `export-hf` written to a temporary directory
+    and read back by transformers (SDPA attention)."""
+    import tempfile
+
+    import transformers
+
+    from polysense.models.hf import export_hf
+    from polysense.models.text import quiet_transformers
+
+    with tempfile.TemporaryDirectory(prefix="polysense-siglip-") as tmp:
+        export_hf(ours, run, tmp)
+        with quiet_transformers():
+            return transformers.SiglipModel.from_pretrained(tmp, attn_implementation="sdpa")
 
 
 def _hf_image(hf: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -260,9 +302,12 @@ def ours_train_step(pair: Pair) -> Callable[[], None]:
 
 
 def hf_train_step(pair: Pair, *, bf16: bool) -> Callable[[], None]:
-    """The same step for HF's CLIPModel (same loss, clipping and AdamW settings), with the fused
-    AdamW kernel that HF's Trainer uses by default (`optim="adamw_torch_fused"`, torch >= 2.8)."""
+    """The same step for HF's CLIPModel / SiglipModel (same loss, clipping and AdamW settings),
+    with the fused AdamW kernel that HF's Trainer uses by default (`optim="adamw_torch_fused"`,
+    torch >= 2.8). HF SigLIP's text tower takes no attention mask (it attends to padding)."""
     tc, model = pair.run.train, pair.hf
+    family = pair.run.model.family
+    loss_fn = ContrastiveLoss(family=family)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=tc.lr,
@@ -271,14 +316,16 @@ def hf_train_step(pair: Pair, *, bf16: bool) -> Callable[[], None]:
         weight_decay=tc.weight_decay,
         fused=True,
     )
-    keep = (pair.ids != pair.run.model.text.pad_id).long()  # (B, L) HF's attention_mask
+    keep = (pair.ids != pair.run.model.text.pad_id).long()  # (B, L) HF CLIP's attention_mask
+    mask = {"attention_mask": keep} if family == "clip" else {}
 
     def step() -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=pair.ids, pixel_values=pair.images, attention_mask=keep)
-        loss = clip_loss(out.image_embeds.float(), out.text_embeds.float(), model.logit_scale)
+            out = model(input_ids=pair.ids, pixel_values=pair.images, **mask)
+        img, txt = out.image_embeds.float(), out.text_embeds.float()
+        loss = loss_fn(img, txt, model.logit_scale, getattr(model, "logit_bias", None))
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
@@ -580,7 +627,7 @@ def run_throughput_bench(
         ax.set_ylabel("samples / s (median)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-        ax.set_title(f"polysense vs HF CLIPModel, {results['threads']} threads")
+        ax.set_title(f"polysense vs HF CLIPModel / SiglipModel, {results['threads']} threads")
 
     bf16_peak = f"bf16 {peaks['bf16']:.0f} GFLOP/s" if bf16 else "bf16: no bf16 units (skipped)"
     notes = (

@@ -34,14 +34,15 @@ def bench_throughput(
     ] = 30.0,
     batch: Annotated[
         int | None,
-        typer.Option(help="Batch for every dims (default: 128 tiny/small, 16 at ViT-B)."),
+        typer.Option(help="Batch for every dims (default: 128 tiny/small, 16 at ViT-B sizes)."),
     ] = None,
     dims: Annotated[
         str,
         typer.Option(
-            help="Comma-separated presets whose dims are compared (clip-vit-b16 too, slowly)."
+            help="Comma-separated CLIP or SigLIP presets whose dims are compared against HF "
+            "CLIPModel / SiglipModel (clip-vit-b16 and siglip-b16-224 too, slowly)."
         ),
-    ] = "clip-tiny,clip-small,clip-vit-b32",
+    ] = "clip-tiny,clip-small,clip-vit-b32,siglip-tiny",
     quick: Annotated[
         bool, typer.Option(help="One-layer, width-32 models and tiny peaks: a smoke test.")
     ] = False,
@@ -49,8 +50,8 @@ def bench_throughput(
         int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
     ] = None,
 ) -> None:
-    """Training and inference samples/s of polysense vs HF CLIPModel (same architecture, weights,
-    batch and threads; interleaved), FLOPs per sample and MFU against the matmul peak measured in
+    """Training and inference samples/s of polysense vs HF CLIPModel (CLIP dims) or SiglipModel
+    (SigLIP dims), same architecture, weights, batch and threads, interleaved; FLOPs per sample and MFU against the matmul peak measured in
     the same run (fp32, and bf16 where the CPU has bf16 units; elsewhere those variants are
     skipped as "no bf16 units"). Each measurement is bounded by --seconds, not by a count.
 
