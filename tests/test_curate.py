@@ -419,3 +419,29 @@ def test_resume_refuses_a_different_config(tmp_path):
     run_curate(dataclasses.replace(cfg, workers=2))  # how it runs may change
     with pytest.raises(PolysenseError, match="different config"):
         run_curate(dataclasses.replace(cfg, stages=("dedup",)))
+
+
+def test_embedding_batch_size_does_not_change_the_filter(corpus, tmp_path, capsys):
+    """`--batch-size` only regroups the forward passes: the similarity filter keeps and drops the
+    same samples with 5 images a pass as with 256; a device this machine lacks, or a batch of 0,
+    is a one-line error naming the option."""
+    from test_cli_errors import assert_one_line_error, run_cli
+
+    base = dict(source=str(corpus), stages=("filter",), ckpt="clip-tiny", shard_size=64)
+    base["filter"] = FilterConfig(top_fraction=0.8)
+    a = run_curate(CurateConfig(out=str(tmp_path / "a"), **base))
+    b = run_curate(CurateConfig(out=str(tmp_path / "b"), embed_batch=5, **base))
+    assert a["stages"]["filter"]["dropped"] == b["stages"]["filter"]["dropped"]
+    assert tar_keys(tmp_path / "a") == tar_keys(tmp_path / "b")
+    ra = {r["key"]: r["score"] for r in rejects(tmp_path / "a")}
+    rb = {r["key"]: r["score"] for r in rejects(tmp_path / "b")}
+    assert ra.keys() == rb.keys()
+    scored = [k for k in ra if ra[k] is not None]  # the similarity rejects (rules have none)
+    # equal up to the rounding of bf16 inference (precision "auto" on a CPU with bf16 units)
+    assert scored and all(abs(ra[k] - rb[k]) < 2e-3 for k in scored)
+
+    args = ("data", "filter", str(corpus), "--out", str(tmp_path / "c"), "--ckpt", "clip-tiny")
+    code, _, err = run_cli(capsys, *args, "--device", "cuda:7")
+    assert_one_line_error(code, err, "device 'cuda:7'", "CUDA device(s)")
+    code, _, err = run_cli(capsys, *args, "--batch-size", "0")
+    assert_one_line_error(code, err, "embed_batch=0")

@@ -106,11 +106,11 @@ def run_curation_bench(
     t0 = time.perf_counter()
     summary = build_noisy_corpus(world, corpus, n_base=n_base)
     corpus_seconds = time.perf_counter() - t0
-    from polysense.data.curate.embed import embed_images
+    from polysense.data.curate.embed import Embedder
 
     images, labels = probe_examples(world)  # val split: disjoint from the corpus
     half = len(images) // 2
-    embeddings = embed_images(ckpt, images)
+    embeddings = Embedder(ckpt=ckpt).images(images)
     probe = train_probe(embeddings[:half], labels[:half])
     # the threshold: at most 1 % of the clean training images flagged
     train_scores = probe(images[:half], embeddings[:half])

@@ -46,6 +46,12 @@ def _stage_command(stage: str, summary: str, example: str) -> None:
         workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
         engine: Annotated[str, typer.Option(help="local or ray (Ray Data).")] = "local",
         shard_size: Annotated[int, typer.Option(help="Samples per working shard.")] = 1000,
+        device: Annotated[
+            str, typer.Option(help="Where --ckpt embeds: cpu, cuda, cuda:N or auto.")
+        ] = "cpu",
+        batch_size: Annotated[
+            int, typer.Option(help="Images per embedding forward pass (captions: 2x).")
+        ] = 256,
         overrides: Annotated[list[str] | None, _SET] = None,
     ) -> None:
         from polysense.data.curate import CurateConfig
@@ -59,6 +65,8 @@ def _stage_command(stage: str, summary: str, example: str) -> None:
             workers=workers,
             engine=engine,
             shard_size=shard_size,
+            device=device,
+            embed_batch=batch_size,
         )
         _run(cfg, overrides or [])
 

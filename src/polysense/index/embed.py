@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from polysense.data.readers import Rejects, read_samples
 from polysense.data.transforms import RESIZERS
+from polysense.devices import resolve_device
 from polysense.errors import PolysenseError
 
 # a reader's undecoded media (paths or bytes) that only the reader's own decoding would use
@@ -69,28 +70,6 @@ def check_options(options: EmbedOptions) -> tuple[torch.device, int]:
         raise PolysenseError(f"--num-workers {workers!r}: must be 0 or more, e.g. 2")
     device = resolve_device(options.device)
     return device, auto_workers(device) if workers is None else workers
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda if available, else cpu; "cpu", "cuda", "cuda:N" as given (checked)."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise PolysenseError(
-            f"--device {name!r}: not a device; use cpu, cuda, cuda:N or auto"
-        ) from None
-    if dev.type not in ("cpu", "cuda"):
-        raise PolysenseError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= count:
-            raise PolysenseError(
-                f"--device {name!r}: this machine has {count} CUDA device(s); use --device cpu"
-            )
-    return dev
 
 
 @dataclass(frozen=True)

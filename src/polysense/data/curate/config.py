@@ -82,6 +82,8 @@ class CurateConfig:
     split: str | None = None  # split of a world / tar folder to read (world default: train)
     stages: tuple[str, ...] = STAGES
     ckpt: str = ""  # polysense checkpoint for embeddings (similarity, embedding dedup, probe)
+    device: str = "cpu"  # where that checkpoint embeds: cpu, cuda, cuda:1, mps
+    embed_batch: int = 256  # images per forward pass (captions: twice as many)
     shard_size: int = 1000  # samples per working shard: the unit of work, of resume and of RAM
     workers: int = 1
     engine: str = "local"  # "local" (process pool of `workers`) or "ray" (Ray Data)
@@ -103,6 +105,12 @@ def check_config(cfg: CurateConfig) -> None:
         raise PolysenseError("stages: 'shard' (shuffle and final shards) must be the last stage")
     if not cfg.source or not cfg.out:
         raise PolysenseError("config: set source (data to read) and out (output directory)")
+    if cfg.ckpt:
+        from polysense.devices import resolve_device
+
+        resolve_device(cfg.device, flag="device")
+    if cfg.embed_batch < 1:
+        raise PolysenseError(f"embed_batch={cfg.embed_batch}: must be >= 1 (e.g. 256)")
     if cfg.shard_size < 1 or cfg.shard.shard_size < 1:
         raise PolysenseError("shard_size and shard.shard_size must be >= 1 (e.g. 1000)")
     needs_ckpt = {

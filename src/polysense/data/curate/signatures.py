@@ -17,9 +17,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from polysense.data.curate.embed import Embedder
 
 THUMB = 16  # thumbnail side for the verification of perceptual candidates
 _PUNCT = re.compile(r"[^\w\s]+")
@@ -97,9 +101,9 @@ def compute_signatures(
     images: Sequence[Image.Image | None],
     texts: Sequence[Sequence[str]],
     *,
-    ckpt: str | None = None,
+    embed: Embedder | None = None,
 ) -> Signatures:
-    """Signatures of a batch of samples; embeddings only when a checkpoint is given."""
+    """Signatures of a batch of samples; embeddings only with an `embed`der."""
     import imagehash
 
     n = len(keys)
@@ -120,11 +124,9 @@ def compute_signatures(
         phash[i] = np.packbits(np.asarray(imagehash.phash(im).hash, dtype=bool).ravel())
         thumb[i] = np.asarray(im.resize((THUMB, THUMB), Image.BOX), dtype=np.uint8).ravel()
     emb = None
-    if ckpt:
-        from polysense.data.curate.embed import embed_images
-
+    if embed is not None:
         with_image = [i for i in range(n) if has_image[i]]
-        vectors = embed_images(ckpt, [images[i] for i in with_image])  # (M, D)
+        vectors = embed.images([images[i] for i in with_image])  # (M, D)
         emb = np.zeros((n, vectors.shape[1]), dtype=np.float32)
         emb[with_image] = vectors
     return Signatures(

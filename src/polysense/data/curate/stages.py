@@ -61,15 +61,16 @@ def scan_shard(task: Task) -> float:
     keys, images, texts = _decoded(raws)
     cfg = task.cfg
     if task.stage == "filter":
-        from polysense.data.curate.embed import embed_images, embed_texts
+        from polysense.data.curate.embed import Embedder
 
+        embed = Embedder.of(cfg)
         sims = np.full(len(raws), np.nan, dtype=np.float32)
         texts = [t[: cfg.filter.max_captions] for t in texts]
         rows = [i for i in range(len(raws)) if images[i] is not None and texts[i]]
         if rows:
-            img = embed_images(cfg.ckpt, [images[i] for i in rows])  # (M, D)
+            img = embed.images([images[i] for i in rows])  # (M, D)
             flat = [c for i in rows for c in texts[i]]
-            txt = embed_texts(cfg.ckpt, flat)  # (sum captions, D)
+            txt = embed.texts(flat)  # (sum captions, D)
             owner = np.repeat(np.arange(len(rows)), [len(texts[i]) for i in rows])
             cos = (img[owner] * txt).sum(1)  # (sum captions,)
             # a sample's score: the mean over its captions (a shuffled caption set scores low)
@@ -83,7 +84,7 @@ def scan_shard(task: Task) -> float:
             if task.stage == "dedup"
             else cfg.contamination.embedding_threshold
         )
-        sigs = compute_signatures(keys, images, texts, ckpt=cfg.ckpt if threshold > 0 else None)
+        sigs = compute_signatures(keys, images, texts, embed=_embedder(cfg, threshold > 0))
         sigs.save(Path(task.dst))
     return time.perf_counter() - start
 
@@ -196,6 +197,13 @@ def plan_dedup(sigs: Signatures, cfg: CurateConfig) -> Plan:
     )
 
 
+def _embedder(cfg: CurateConfig, wanted: bool):
+    """The config's embedder when embeddings are `wanted` (and a checkpoint is set), else None."""
+    from polysense.data.curate.embed import Embedder
+
+    return Embedder.of(cfg) if wanted and cfg.ckpt else None
+
+
 def eval_signatures(cfg: CurateConfig) -> Signatures:
     """Signatures of the evaluation data the training set is checked against."""
     from polysense.data.readers import detect_format, read_samples
@@ -211,7 +219,7 @@ def eval_signatures(cfg: CurateConfig) -> Signatures:
                 [f"{split}:{s['key']}" if split else s["key"] for s in samples],
                 [s.get("image") for s in samples],
                 [s.get("text") or [] for s in samples],
-                ckpt=cfg.ckpt if cc.embedding_threshold > 0 else None,
+                embed=_embedder(cfg, cc.embedding_threshold > 0),
             )
         )
     return Signatures.concat(parts)
@@ -382,9 +390,9 @@ def _apply_safety(task: Task, items: list[sh.Raw]) -> list[Verdict]:
         images = [im for im in images if im is not None]
         emb = None
         if task.cfg.ckpt:
-            from polysense.data.curate.embed import embed_images
+            from polysense.data.curate.embed import Embedder
 
-            emb = embed_images(task.cfg.ckpt, images)
+            emb = Embedder.of(task.cfg).images(images)
         scores = np.asarray(scorer(images, emb), dtype=np.float32)
         for n, s in zip(rows, scores.tolist(), strict=True):
             if s >= sc.threshold:
