@@ -304,3 +304,36 @@ def test_bench_quickstart_writes_the_curves_of_the_runs(tmp_path):
         assert res["runs"]["bf16"] == {"skipped": "no bf16 units"}
     for ext in ("json", "md", "png"):
         assert (tmp_path / "out" / f"quickstart.{ext}").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_compiled_inference_equals_eager_follows_new_weights_and_is_benched(pair):
+    """`inference_compile`: encode_image through torch.compile gives the eager embeddings, still
+    does after the weights change (they are graph inputs, not constants), and bench throughput's
+    compiled row reports its own rate and compile time."""
+    import copy
+
+    model = copy.deepcopy(pair.ours).eval()
+    x = pair.images
+    with torch.no_grad():
+        eager = model.encode_image(x)
+        model.inference_compile = True
+        torch.testing.assert_close(model.encode_image(x), eager, atol=1e-5, rtol=0)
+        for p in model.visual.parameters():
+            p.mul_(0.5)
+        model.inference_compile = False
+        halved = model.encode_image(x)
+        model.inference_compile = True
+        torch.testing.assert_close(model.encode_image(x), halved, atol=1e-5, rtol=0)
+    assert not torch.allclose(halved, eager, atol=1e-3)
+
+    peaks = {"fp32": tp.matmul_peak(torch.float32, sizes=(64,), seconds=0.02)["gflops"]}
+    res, rows = tp.bench_dims(
+        "clip-tiny", batch=4, repeats=2, peaks=peaks, overrides=tp.QUICK_OVERRIDES, compiled=True
+    )
+    rate = res["infer_images_per_s"]
+    assert res["infer_compiled_ratio_vs_hf"] == pytest.approx(
+        rate["polysense_compiled"] / rate[res["hf_best_infer_mode"]]
+    )
+    assert res["compile_seconds"] > 0
+    assert any(r["variant"] == "polysense_compiled" and r["step"] == "infer" for r in rows)

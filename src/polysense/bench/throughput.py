@@ -334,11 +334,13 @@ def hf_train_step(pair: Pair, *, bf16: bool) -> Callable[[], None]:
     return step
 
 
-def ours_infer(pair: Pair) -> Callable[[], None]:
+def ours_infer(pair: Pair, *, compiled: bool = False) -> Callable[[], None]:
     """`encode_image` as a checkpoint of `pair.run` loads (`load_model` sets the model's
-    `inference_precision` to the run's `train.precision`), timed on its own copy of the model."""
+    `inference_precision` to the run's `train.precision`), timed on its own copy of the model;
+    `compiled`: with `inference_compile` on (torch.compile of the tower)."""
     model = copy.deepcopy(pair.ours)
     model.inference_precision = pair.run.train.precision
+    model.inference_compile = compiled
 
     def run() -> None:
         model.eval()
@@ -444,11 +446,13 @@ def bench_dims(
     extra: bool = True,
     seconds: float = 0.0,
     device: torch.device | str = "cpu",
+    compiled: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train and inference throughput of one preset's dims: (results, table rows). The bf16
     variants run only when `peaks` has a bf16 peak (the CPU has bf16 units); `seconds` bounds
     each of the two interleaved measurements (see `interleaved`). On a CUDA `device` the peaks
-    must be that device's."""
+    must be that device's. `compiled` adds polysense's inference with `inference_compile` on
+    ("polysense_compiled"), its compile time measured on the first call."""
     pair = build_pair(preset, batch=batch, overrides=overrides, device=device)
     bf16 = "bf16" in peaks  # the CPU multiplies bf16 in hardware (else those variants are skipped)
     hf_modes = ("hf_fp32", "hf_bf16") if bf16 else ("hf_fp32",)
@@ -462,6 +466,12 @@ def bench_dims(
         fp32 = dataclasses.replace(pair, run=apply_overrides(pair.run, ["train.precision=fp32"]))
         train["polysense_fp32"] = ours_train_step(fp32)
         infer["polysense_fp32"] = ours_infer(fp32)
+    compile_seconds = None
+    if compiled:
+        infer["polysense_compiled"] = ours_infer(pair, compiled=True)
+        start = time.perf_counter()
+        infer["polysense_compiled"]()  # compiles
+        compile_seconds = time.perf_counter() - start
     flops = {
         k: count_flops(fn) / batch
         for k, fn in (("polysense", train["polysense"]), ("hf", train["hf_fp32"]))
@@ -494,6 +504,10 @@ def bench_dims(
         "infer_ratio_vs_hf_fastest": fastest_inf["polysense"]
         / max(fastest_inf[m] for m in hf_modes),
         "bf16": "measured" if bf16 else "skipped: no bf16 units",
+        "infer_compiled_ratio_vs_hf": rate_inf["polysense_compiled"] / rate_inf[hf_best_inf]
+        if compiled
+        else None,
+        "compile_seconds": compile_seconds,
         "train_samples_per_s": rate,
         "train_samples_per_s_fastest": fastest,
         "infer_images_per_s_fastest": fastest_inf,
@@ -543,6 +557,7 @@ def run_throughput_bench(
     quick: bool = False,
     extra: bool = True,
     threads: int | None = None,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Measure and write out/throughput.{json,md,png}; returns the results dict. `threads` sets
     torch's intra-op threads for the whole run (default: torch's own choice). Each measurement
@@ -572,6 +587,7 @@ def run_throughput_bench(
             overrides=overrides,
             extra=extra,
             seconds=0.0 if quick else seconds,
+            compiled=compiled,
         )
         size = get_image_size(preset, overrides)
         res["loader_samples_per_s"] = loader_rate(batch=batch.get(preset, 128), image_size=size)
@@ -636,6 +652,12 @@ def run_throughput_bench(
             f"{p}: train x{results[p]['train_ratio_vs_hf']:.2f} vs HF "
             f"({results[p]['hf_best_train_mode']}), infer x{results[p]['infer_ratio_vs_hf']:.2f}, "
             f"MFU {100 * results[p]['mfu']:.0f}% of fp32 peak"
+            + (
+                f", infer compiled x{results[p]['infer_compiled_ratio_vs_hf']:.2f} "
+                f"(compile {results[p]['compile_seconds']:.0f} s)"
+                if compiled
+                else ""
+            )
             + (f" ({100 * results[p]['mfu_bf16_peak']:.0f}% of bf16)." if bf16 else ".")
             for p in dims
         )

@@ -49,6 +49,14 @@ def bench_throughput(
     threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
     ] = None,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time polysense's inference with torch.compile (inference_compile), "
+            "reporting its compile time.",
+        ),
+    ] = False,
 ) -> None:
     """Training and inference samples/s of polysense vs HF CLIPModel (CLIP dims) or SiglipModel
     (SigLIP dims), same architecture, weights, batch and threads, interleaved; FLOPs per sample and MFU against the matmul peak measured in
@@ -75,6 +83,7 @@ def bench_throughput(
         seconds=seconds,
         quick=quick,
         threads=threads,
+        compiled=compile_,
     )
     _show(out, "throughput")
 
