@@ -484,3 +484,23 @@ def test_auto_workers_uses_only_cores_the_model_leaves(monkeypatch):
         options = embed.EmbedOptions(num_workers=3)
         assert embed.check_options(options) == (cpu, 3)
         assert embed.check_options(embed.EmbedOptions()) == (cpu, on_cpu)
+
+
+@pytest.mark.slow
+def test_compiled_index_build_gives_the_eager_embeddings(tmp_path, ckpt, capsys):
+    """`polysense index build --compile` (the image tower through torch.compile, recompiled for
+    the last, smaller batch) stores the vectors of the eager build."""
+    from test_cli_errors import run_cli
+
+    data = _messy_pairs(tmp_path / "pairs")
+    eager = build_index(ckpt, data, tmp_path / "eager", batch_size=4, progress=False)
+    code, _, err = run_cli(
+        capsys, "index", "build", "--ckpt", str(ckpt), "--data", str(data),
+        "--out", str(tmp_path / "compiled"), "--batch-size", "4", "--compile",
+    )  # fmt: skip
+    assert code == 0, err
+    compiled = EmbeddingIndex.open(tmp_path / "compiled")
+    assert len(compiled) == len(eager)
+    np.testing.assert_allclose(
+        compiled.embeddings("image"), eager.embeddings("image"), atol=1e-5, rtol=0
+    )

@@ -116,9 +116,12 @@ class _Processed(Dataset):
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]  # (3, S, S)
 
 
-def ours_pass(model: Any, data: str | Path, *, batch: int, workers: int | None) -> np.ndarray:
-    """Every image vector of `data` by `index build`'s path, (N, D)."""
-    options = EmbedOptions(batch_size=batch, num_workers=workers)
+def ours_pass(
+    model: Any, data: str | Path, *, batch: int, workers: int | None, compile: bool = False
+) -> np.ndarray:
+    """Every image vector of `data` by `index build`'s path, (N, D) (`compile`: `index build
+    --compile`)."""
+    options = EmbedOptions(batch_size=batch, num_workers=workers, compile=compile)
     parts = [b.vectors for b in embed_files(model, data, options=options, rejects=Rejects())]
     return np.concatenate(parts)
 
@@ -170,9 +173,11 @@ def run_embed_bench(
     workers: int | None = None,
     seconds: float = 20.0,
     precision: str = "auto",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time the three variants on `data` (written when None: `n` JPEGs of 320 x 256) and write
-    OUT/embed.{json,md,png}. Returns the results."""
+    OUT/embed.{json,md,png}. Returns the results. `compile`: polysense's path as `index build
+    --compile` runs it (compiled in the warm-up pass, which is not timed)."""
     if dims not in DIMS:
         raise PolysenseError(f"--dims {dims!r}: use one of {', '.join(DIMS)}")
     out = Path(out)
@@ -191,7 +196,9 @@ def run_embed_bench(
         source = Path(data) if data is not None else write_images(tmp, n=n)
         paths = image_paths(source)
         variants: dict[str, Callable[[], np.ndarray]] = {
-            "polysense": lambda: ours_pass(ours, source, batch=batch, workers=ours_workers),
+            "polysense": lambda: ours_pass(
+                ours, source, batch=batch, workers=ours_workers, compile=compile
+            ),
             "plain": lambda: plain_pass(hf, processor, paths, batch=batch),
             "plain_workers": lambda: plain_pass(
                 hf, processor, paths, batch=batch, workers=plain_workers
@@ -220,6 +227,7 @@ def run_embed_bench(
             "seconds": seconds,
             "passes": r,
             "precision": precision,
+            "compile": compile,
             "params": pair.params,
         },
         "precision": {
@@ -231,7 +239,8 @@ def run_embed_bench(
         "runs": runs,
     }
     label = {
-        "polysense": f"polysense index path ({ours_workers} workers)",
+        "polysense": f"polysense index path ({ours_workers} workers"
+        + (", --compile)" if compile else ")"),
         "plain": "Pillow + CLIPImageProcessor + HF, one process",
         "plain_workers": f"same, DataLoader with {plain_workers} workers",
     }

@@ -727,6 +727,12 @@ WORKERS_HELP = (
 )
 
 
+COMPILE_HELP = (
+    "Run the image tower through torch.compile: seconds to a minute of compiling at the first "
+    "batch, then faster batches (ViT-B/32 fp32 on 2 cores: 1.24x)."
+)
+
+
 @index_app.command("build")
 def index_build(
     ckpt: Annotated[Path, typer.Option(help="Checkpoint directory whose model embeds the data.")],
@@ -743,6 +749,7 @@ def index_build(
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     num_workers: Annotated[int | None, typer.Option(help=WORKERS_HELP)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     """Embed every image and caption of a dataset and write a searchable index. A CSV/JSONL
     item's key is its image path (rows of one image are one item with all their captions).
@@ -754,7 +761,7 @@ def index_build(
     writable_dir(out.absolute().parent, flag="--out")
     index = build_index(
         ckpt, data, out, split=split, index_type=index_type, batch_size=batch_size, limit=limit,
-        image_root=image_root, device=device, num_workers=num_workers,
+        image_root=image_root, device=device, num_workers=num_workers, compile=compile_,
     )  # fmt: skip
     console.print(f"indexed {len(index)} items -> {out}")
 
@@ -770,6 +777,7 @@ def index_add(
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     num_workers: Annotated[int | None, typer.Option(help=WORKERS_HELP)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     """Append new samples to an index without re-embedding the old ones. A key already in the
     index (the same image path) is rejected to rejects.jsonl.
@@ -782,7 +790,7 @@ def index_add(
     writable_dir(index.absolute().parent, flag="--index")
     added = opened.add(
         data, split=split, batch_size=batch_size, image_root=image_root, device=device,
-        num_workers=num_workers,
+        num_workers=num_workers, compile=compile_,
     )  # fmt: skip
     console.print(f"added {added} items to {index}")
 

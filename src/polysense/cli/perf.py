@@ -303,6 +303,12 @@ def bench_embed(
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on bf16 hardware, HF with bf16 weights) or fp32.")
     ] = "auto",
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="polysense as `index build --compile` runs (torch.compile)."
+        ),
+    ] = False,
 ) -> None:
     """Images/s from files to vectors at 224 px: `index build`'s path (decode in DataLoader
     workers, the model in this process) vs a plain Pillow + CLIPImageProcessor +
@@ -335,5 +341,6 @@ def bench_embed(
         workers=num_workers,
         seconds=seconds,
         precision=precision,
+        compile=compile_,
     )
     _show(out, "embed")

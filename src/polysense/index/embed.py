@@ -37,12 +37,14 @@ _UNDECODED = ("audio", "video", "ocr_image")
 @dataclass(frozen=True, kw_only=True)
 class EmbedOptions:
     """Where and how images are embedded: `device` ("cpu", "cuda", "cuda:N" or "auto": cuda
-    when available), images per model call, and DataLoader worker processes (0: decode in the
-    main process, between model calls; None: `auto_workers`)."""
+    when available), images per model call, DataLoader worker processes (0: decode in the
+    main process, between model calls; None: `auto_workers`), and `compile`: the image tower
+    through torch.compile (`CLIP.inference_compile`; compiled at the first batch of each size)."""
 
     device: str = "cpu"
     batch_size: int = 256
     num_workers: int | None = None
+    compile: bool = False
 
 
 def auto_workers(device: torch.device) -> int:
@@ -239,6 +241,8 @@ def embed_files(
     "kept", e.g. the PNG an index stores. The model moves to `options.device`."""
     device, workers = check_options(options)
     model = model.to(device)
+    if options.compile:
+        model.inference_compile = True
     # a source that cannot be read fails here, in this process, not in a worker
     next(read_samples(data, split=split, decode=False, image_root=image_root), None)
     dataset = _Batches(

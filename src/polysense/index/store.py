@@ -468,6 +468,7 @@ def build_index(
     image_root: str | Path | None = None,
     device: str = "cpu",
     num_workers: int | None = None,
+    compile: bool = False,
 ) -> EmbeddingIndex:
     """Embed the images and every caption of `data` with the model in `ckpt` and write an index
     directory at `out` (replacing an index already there only once the new one is complete).
@@ -476,12 +477,15 @@ def build_index(
     "flat", "ivf", "hnsw" force one. Samples without an image and repeated keys are rejected to
     `out/rejects.jsonl`. `limit` reads at most that many samples; `image_root` is the folder
     the images of a COCO or Karpathy JSON are under. Images are decoded in `num_workers`
-    DataLoader workers while the model embeds on `device` (None: `embed.auto_workers`)."""
+    DataLoader workers while the model embeds on `device` (None: `embed.auto_workers`);
+    `compile` runs the image tower through torch.compile."""
     from polysense import load
 
     ann.choose_type(0, index_type)
     _check_common(batch_size, limit)
-    options = EmbedOptions(device=device, batch_size=batch_size, num_workers=num_workers)
+    options = EmbedOptions(
+        device=device, batch_size=batch_size, num_workers=num_workers, compile=compile
+    )
     torch_device, _ = check_options(options)
     faiss = ann.faiss_module()
     out = Path(out)
@@ -655,13 +659,17 @@ class EmbeddingIndex:
         image_root: str | Path | None = None,
         device: str = "cpu",
         num_workers: int | None = None,
+        compile: bool = False,
     ) -> int:
         """Append the samples of `data` (old rows are neither re-embedded nor re-indexed: faiss
         `add` on a copy), swap the result in, and return the number of items added. Keys already
         in the index are rejected to `rejects.jsonl`. An approximate index is re-tuned. Images
-        are decoded in `num_workers` DataLoader workers while the model embeds on `device`."""
+        are decoded in `num_workers` DataLoader workers while the model embeds on `device`
+        (`compile`: its image tower through torch.compile)."""
         _check_common(batch_size, limit)
-        options = EmbedOptions(device=device, batch_size=batch_size, num_workers=num_workers)
+        options = EmbedOptions(
+            device=device, batch_size=batch_size, num_workers=num_workers, compile=compile
+        )
         check_options(options)
         faiss = ann.faiss_module()
         model = self.model
