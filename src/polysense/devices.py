@@ -8,8 +8,9 @@ from polysense.errors import PolysenseError
 
 
 def resolve_device(device: str, *, flag: str = "--device") -> torch.device:
-    """ "auto" -> cuda if available, else cpu; "cpu", "cuda", "cuda:N" as given (checked). A bad
-    name, or a CUDA device this machine lacks, is a one-line error naming `flag`."""
+    """ "auto" -> cuda if available, else cpu; "cpu", "cuda", "cuda:N" (and "mps" where torch has
+    it) as given, checked. A bad name, or a device this machine lacks, is a one-line error naming
+    `flag`."""
     name = str(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -19,8 +20,10 @@ def resolve_device(device: str, *, flag: str = "--device") -> torch.device:
         raise PolysenseError(
             f"{flag} {name!r}: not a device; use cpu, cuda, cuda:N or auto"
         ) from None
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
     if dev.type not in ("cpu", "cuda"):
-        raise PolysenseError(f"{flag} {name!r}: use cpu, cuda, cuda:N or auto")
+        raise PolysenseError(f"{flag} {name!r}: use cpu, cuda, cuda:N, mps or auto")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:

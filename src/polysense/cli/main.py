@@ -575,8 +575,9 @@ def eval_cmd(
     import warnings
 
     from polysense import load
+    from polysense.devices import resolve_device
     from polysense.eval import get_task
-    from polysense.eval.suite import TASKS, check_device, evaluate, linear_probe
+    from polysense.eval.suite import TASKS, evaluate, linear_probe
     from polysense.eval.templates import load_classnames, load_templates
     from polysense.fileio import atomic_write_json
 
@@ -599,7 +600,7 @@ def eval_cmd(
     else:
         names = load_classnames(classnames) if classnames is not None else None
         prompts = load_templates(templates) if templates is not None else None
-        model = load(str(ckpt), device=check_device(device), family="clip")
+        model = load(str(ckpt), device=str(resolve_device(device)), family="clip")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if task == "linear-probe":

@@ -151,37 +151,6 @@ def data_probe(
     return probe
 
 
-def check_device(name: str) -> str:
-    """`name` when torch can run on that device here; else one line saying what to pass."""
-    import torch
-
-    from polysense.errors import PolysenseError
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise PolysenseError(
-            f"--device {name}: not a device name; use cpu, cuda or cuda:N"
-        ) from None
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, False):
-        raise PolysenseError(f"--device {name}: torch sees no such device here; use --device cpu")
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise PolysenseError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-            "use cuda:0"
-        )
-    return name
-
-
 def linear_probe(
     model: Any,
     data: str | Path,
