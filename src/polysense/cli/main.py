@@ -414,7 +414,9 @@ def train_cmd(
         )
     writable_dir(out, flag="--out")
     family_runner = get_runner(preset)
-    remote = "://" in data or data.startswith("pipe:")
+    from polysense.data.pipeline import is_url
+
+    remote = is_url(data)
     source: str | Path = data if remote else Path(data)
     if remote and family_runner is not None:
         raise PolysenseError(

@@ -112,7 +112,8 @@ def augment_of(data: DataConfig) -> Augment:
     return Augment(crop_scale_min=data.crop_scale_min, jitter=data.jitter, flip=data.flip)
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
+    """Whether `path` names remote shards (a URL or a `pipe:` command) rather than a local path."""
     return "://" in path or path.startswith("pipe:")
 
 
@@ -142,11 +143,11 @@ def open_pairs(
                 "data.sampling=resampled streams shards with replacement; use data.cache=auto "
                 "or off and data.limit=0"
             )
-        urls = _expand(text) if _is_url(text) else shard_files(path, split=split)
+        urls = _expand(text) if is_url(text) else shard_files(path, split=split)
         if urls is None:
             raise DataError(_shard_it(path))
         return ShardPairs(urls=tuple(urls), caption_key=data.caption_key)
-    if _is_url(text):
+    if is_url(text):
         raise DataError(
             f"{text}: remote shards stream in the resampled mode only; add "
             "--set data.sampling=resampled"
