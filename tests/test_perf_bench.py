@@ -136,6 +136,10 @@ def test_throughput_bench_quick_writes_the_contract_shape(tmp_path, monkeypatch,
     peak = data["peak_gflops"]["fp32"] * 1e9
     flops = tiny["train_flops_per_sample"]["polysense"]
     assert tiny["mfu"] == pytest.approx(flops * rates["polysense"] / peak)
+    if tiny["ceiling_peak"] == "fp32":  # the ratio at the peak: peak / FLOPs over HF's rate
+        inf_flops = tiny["infer_flops_per_sample"]["polysense"]
+        assert tiny["infer_ceiling_vs_hf"] == pytest.approx(peak / inf_flops / best_inf)
+        assert tiny["train_ceiling_vs_hf"] == pytest.approx(peak / flops / best_hf)
     # polysense skips padding columns, so its step counts fewer FLOPs than HF's at equal weights
     assert 0 < flops < tiny["train_flops_per_sample"]["hf"]
     assert len(tiny["seconds_train"]["polysense"]) == 2

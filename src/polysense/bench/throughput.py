@@ -21,7 +21,10 @@ polysense in fp32 (`train.precision=fp32`) is timed beside, outside the ratios.
 Variants run interleaved (A, B, C, A, B, C, ...) with the same threads and batch; each figure is
 the median of the repeats, each ratio the one of medians. Model FLOPs per sample are counted with
 `torch.utils.flop_counter.FlopCounterMode`; MFU is achieved FLOP/s over the matmul peak measured
-in the same run (fp32 and bf16). The in-memory loader (`PairBatches.batch`) is timed alone too.
+in the same run (fp32 and bf16). `train_ceiling_vs_hf` / `infer_ceiling_vs_hf` are the ratios
+polysense would reach if all its FLOPs ran at that peak (in its precision): the most any code
+doing the same work could beat HF by on this machine. The in-memory loader (`PairBatches.batch`)
+is timed alone too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from polysense.bench.report import write_report
 from polysense.config import RunConfig, apply_overrides
 from polysense.errors import PolysenseError
 from polysense.losses import ContrastiveLoss
+from polysense.models.packed import packing_available
 from polysense.precision import native_bf16, resolve_precision
 
 DIMS = ("clip-tiny", "clip-small", "clip-vit-b32", "siglip-tiny")
@@ -369,17 +373,29 @@ def _cpu_flash_backward_flops(grad_out, q, k, v, *args, **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out, q, k, v)
 
 
+def _mkl_linear_flops(x_shape, packed_shape, weight_shape, *args, **kwargs) -> int:
+    """FLOPs of `mkl::_mkl_linear` (the packed-weight linear of `models/packed.py`): x (..., K)
+    times the (N, K) weight, by shapes."""
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one (torch 2.13): without
-# these two entries, attention would count zero FLOPs on CPU.
-CPU_ATTENTION_FLOPS = {
+# these two entries, attention would count zero FLOPs on CPU. Nor does it know MKL's packed
+# linear, which polysense's float32 CPU inference runs on.
+CPU_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
 }
+if packing_available():
+    CPU_FLOPS[torch.ops.mkl._mkl_linear] = _mkl_linear_flops
 
 
 def count_flops(fn: Callable[[], None]) -> int:
     """FLOPs of one call of `fn` (matmuls, convolutions, attention), by FlopCounterMode."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_FLOPS) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -491,6 +507,11 @@ def bench_dims(
     fastest = {k: batch / min(v) for k, v in t_train.items()}
     fastest_inf = {k: batch / min(v) for k, v in t_infer.items()}
     achieved = flops["polysense"] * rate["polysense"]  # FLOP/s
+    # The ceiling: polysense's FLOPs run at the matmul peak of its precision, over HF's rate.
+    # No code doing polysense's work in that format can beat HF by more on this machine.
+    resolved = resolve_precision(pair.run.train.precision, pair.device)
+    ceiling_peak = "bf16" if resolved == "bf16" and bf16 else "fp32"
+    at_peak = peaks[ceiling_peak] * 1e9
     res = {
         "train_ratio_vs_hf": rate["polysense"] / rate[hf_best],
         "infer_ratio_vs_hf": rate_inf["polysense"] / rate_inf[hf_best_inf],
@@ -503,6 +524,9 @@ def bench_dims(
         "train_ratio_vs_hf_fastest": fastest["polysense"] / max(fastest[m] for m in hf_modes),
         "infer_ratio_vs_hf_fastest": fastest_inf["polysense"]
         / max(fastest_inf[m] for m in hf_modes),
+        "train_ceiling_vs_hf": at_peak / flops["polysense"] / rate[hf_best],
+        "infer_ceiling_vs_hf": at_peak / flops_infer["polysense"] / rate_inf[hf_best_inf],
+        "ceiling_peak": ceiling_peak,
         "bf16": "measured" if bf16 else "skipped: no bf16 units",
         "infer_compiled_ratio_vs_hf": rate_inf["polysense_compiled"] / rate_inf[hf_best_inf]
         if compiled
@@ -520,7 +544,7 @@ def bench_dims(
         "batch": batch,
         "repeats": min(len(v) for v in t_train.values()),
         "precision": pair.run.train.precision,
-        "precision_resolved": resolve_precision(pair.run.train.precision, pair.device),
+        "precision_resolved": resolved,
         "device": str(pair.device),
         "seconds_train": t_train,
         "seconds_infer": t_infer,
@@ -607,6 +631,8 @@ def run_throughput_bench(
             res[key] *= peaks["fp32"] / best["fp32"]
         if bf16:
             res["mfu_bf16_peak"] *= peaks["bf16"] / best["bf16"]
+        for key in ("train_ceiling_vs_hf", "infer_ceiling_vs_hf"):  # proportional to the peak
+            res[key] *= best[res["ceiling_peak"]] / peaks[res["ceiling_peak"]]
     for row in table:
         row["pct_fp32_peak"] *= peaks["fp32"] / best["fp32"]
         if bf16:
@@ -651,7 +677,9 @@ def run_throughput_bench(
         + " ".join(
             f"{p}: train x{results[p]['train_ratio_vs_hf']:.2f} vs HF "
             f"({results[p]['hf_best_train_mode']}), infer x{results[p]['infer_ratio_vs_hf']:.2f}, "
-            f"MFU {100 * results[p]['mfu']:.0f}% of fp32 peak"
+            f"MFU {100 * results[p]['mfu']:.0f}% of fp32 peak, at most "
+            f"x{results[p]['train_ceiling_vs_hf']:.2f} / x{results[p]['infer_ceiling_vs_hf']:.2f}"
+            f" at the {results[p]['ceiling_peak']} peak"
             + (
                 f", infer compiled x{results[p]['infer_compiled_ratio_vs_hf']:.2f} "
                 f"(compile {results[p]['compile_seconds']:.0f} s)"

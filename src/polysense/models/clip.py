@@ -23,6 +23,7 @@ from polysense.config import ModelConfig, RunConfig
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
+from polysense.models.packed import packed_copy, packing_available
 from polysense.models.text import build_text_tower
 from polysense.models.vit import VisionTransformer
 from polysense.precision import Precision, resolve_precision
@@ -66,6 +67,11 @@ def _sync_with_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Model
 TOWERS = ("image", "text", "audio", "video")
 
 
+def _bf16_copy(module: nn.Module) -> nn.Module:
+    """A bf16 copy of `module` for inference (`CLIP._inference_modules`)."""
+    return copy.deepcopy(module).to(torch.bfloat16).requires_grad_(False)
+
+
 def _check_towers(cfg: ModelConfig) -> None:
     towers = tuple(cfg.towers)
     unknown = [t for t in towers if t not in TOWERS]
@@ -94,6 +100,11 @@ class CLIP(nn.Module):
     `train.precision`, so a model infers in the format it was trained in; the embeddings are
     float32 either way.
 
+    `inference_packed` (default True) runs float32 inference on CPU through a copy of the
+    towers on MKL-packed weights (`models/packed.py`; the copy shares the parameters, its packed
+    weights take about as much memory again): measured at ViT-B/32 on 2 AVX2 threads in
+    docs/performance.md. Turn it off to save that memory.
+
     `inference_compile` (default False) runs those inference towers through `torch.compile`
     (inductor), compiled at their first call with each input shape (seconds to a minute) and
     reused after; the weights stay inputs of the compiled graph, so a later optimizer step or
@@ -112,6 +123,7 @@ class CLIP(nn.Module):
         _check_towers(cfg)
         self.inference_precision = inference_precision
         self.inference_compile = False
+        self.inference_packed = True
         if "text" in cfg.towers:
             cfg = _sync_with_tokenizer(cfg, tokenizer)
         self.cfg = cfg
@@ -200,19 +212,31 @@ class CLIP(nn.Module):
         return F.normalize(x.float(), dim=-1)
 
     def _inference_modules(self, *names: str) -> tuple[nn.Module, ...]:
-        """The submodules `names`, or bf16 copies of them when gradients are off (training keeps
-        its own precision), no autocast is active (a caller's own choice stands) and
-        `inference_precision` resolves to bf16 on the model's device.
+        """The submodules `names`, or inference copies of them when gradients are off (training
+        keeps its own modules) and no autocast is active (a caller's own choice stands):
+
+        - bf16 copies when `inference_precision` resolves to bf16 on the model's device: running
+          bf16 weights directly, instead of autocast casting every weight on every call,
+          measured 1.08x (clip-tiny) to 1.14x (clip-small) faster on one core;
+        - float32 copies on packed weights (`models/packed.py`) on a CPU with MKL, unless
+          `inference_packed` is off or `inference_compile` is on.
 
         The copies are made once and reused while the weights stay the same (same storage and
-        version counter of every parameter; an optimizer step or a load bumps them): running
-        bf16 weights directly, instead of autocast casting every weight on every call, measured
-        1.08x (clip-tiny) to 1.14x (clip-small) faster on one core (docs/performance.md)."""
+        version counter of every parameter; an optimizer step or a load bumps them)."""
         mods = tuple(getattr(self, n) for n in names)
         dev = self.device
         if torch.is_grad_enabled() or torch.is_autocast_enabled(dev.type):
             return mods
-        if resolve_precision(self.inference_precision, dev) != "bf16":
+        if resolve_precision(self.inference_precision, dev) == "bf16":
+            kind, make = "bf16", _bf16_copy
+        elif (
+            self.inference_packed
+            and not self.inference_compile
+            and dev.type == "cpu"
+            and packing_available()
+        ):
+            kind, make = "packed", packed_copy
+        else:
             return self._compiled(names, mods)
         # Weights loaded under inference_mode are inference tensors, which keep no version
         # counter (they cannot be updated outside inference_mode): their storage is the key.
@@ -221,14 +245,13 @@ class CLIP(nn.Module):
             for m in mods
             for p in m.parameters()
         )
-        cache = self.__dict__.setdefault("_bf16_copies", {})  # not a submodule: no state_dict
-        if names not in cache or cache[names][0] != key:
-            copies = tuple(copy.deepcopy(m).to(torch.bfloat16).requires_grad_(False) for m in mods)
-            cache[names] = (key, copies)
-        copies = cache[names][1]
+        cache = self.__dict__.setdefault("_inference_copies", {})  # not submodules: no state_dict
+        if (kind, names) not in cache or cache[kind, names][0] != key:
+            cache[kind, names] = (key, tuple(make(m) for m in mods))
+        copies = cache[kind, names][1]
         for m, c in zip(mods, copies, strict=True):
             c.train(m.training)
-        return self._compiled(("bf16", *names), copies)
+        return copies if kind == "packed" else self._compiled(("bf16", *names), copies)
 
     def _compiled(self, key: tuple[str, ...], mods: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
         """`mods` through `torch.compile` when `inference_compile` is on (one wrapper per module,
