@@ -9,6 +9,7 @@ import torch
 
 from polysense.bench import throughput as tp
 from polysense.bench.loss_memory import run_loss_memory_bench, square_bytes
+from polysense.models import clip as clip_module
 from polysense.models.vit import mlp_dim
 
 
@@ -109,8 +110,9 @@ def test_throughput_bench_quick_writes_the_contract_shape(tmp_path, monkeypatch,
     monkeypatch.setattr(
         tp, "matmul_peak", lambda dtype, **kw: dtypes.append(dtype) or real_peak(dtype, **kw)
     )
-    if not units:  # and "auto" must resolve to fp32, as it does on such a CPU
+    if not units:  # and "auto" must resolve to fp32, as it does on such a CPU, for the models too
         monkeypatch.setattr(tp, "resolve_precision", lambda precision, device: "fp32")
+        monkeypatch.setattr(clip_module, "resolve_precision", lambda precision, device: "fp32")
     res = tp.run_throughput_bench(
         tmp_path,
         dims=("clip-tiny", "siglip-tiny"),

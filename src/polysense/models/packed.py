@@ -64,6 +64,14 @@ class PackedLinear(nn.Module):
         self.bias_scale = bias_scale
         self._packed: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
 
+    @property
+    def weight(self) -> torch.Tensor:  # read as an nn.Linear's (the unscaled original)
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         # a packed weight is an opaque MKL tensor that cannot be copied; the copy packs again
         out = PackedLinear(

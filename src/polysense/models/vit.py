@@ -229,7 +229,9 @@ class MAPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, W) tokens -> (B, W)."""
-        q = self.q(self.probe).expand(x.shape[0], -1, -1)  # (B, 1, W)
+        # F.linear, not self.q(...): a parameter as a module's input trips the grad hooks of
+        # torch's FlopCounterMode under inference_mode (`bench throughput` counts FLOPs so)
+        q = F.linear(self.probe, self.q.weight, self.q.bias).expand(x.shape[0], -1, -1)  # (B, 1, W)
         q = rearrange(q, "b t (h d) -> b h t d", h=self.heads)
         k, v = rearrange(self.kv(x), "b n (two h d) -> two b h n d", two=2, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, D)
