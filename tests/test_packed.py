@@ -12,7 +12,14 @@ from torch import nn
 
 from helpers import tiny_config
 from polysense.models.clip import CLIP, build_model
-from polysense.models.packed import PackedLinear, PackedMLP, packed_copy, packing_available
+from polysense.models.packed import (
+    PACK_MIN_WEIGHT,
+    PackedLinear,
+    PackedMLP,
+    packed_copy,
+    packing_available,
+    worth_packing,
+)
 from polysense.models.vit import MLP, QuickGELU
 from polysense.train.optim import build_optimizer
 
@@ -26,6 +33,7 @@ def model_with(act: str) -> CLIP:
     cfg = tiny_config("clip-tiny", *WIDE, f"model.vision.act={act}", f"model.text.act={act}")
     model = build_model(cfg).eval()
     model.inference_precision = "fp32"
+    model.inference_packed = True  # these towers are below the size "auto" packs
     return model
 
 
@@ -158,3 +166,34 @@ def test_flop_count_of_the_packed_path_equals_the_plain_one():
         packed_flops = count_flops(lambda: model.encode_image(x))
         assert packed_flops == count_flops(lambda: plain.encode_image(x)) > 0
         assert {kind for kind, _ in model.__dict__["_inference_copies"]} == {"packed"}
+
+
+def test_auto_packs_the_towers_of_vit_b_size_only():
+    """inference_packed="auto": a tower with an MLP at width 512 or more is packed, a narrower
+    one runs as it is (measured slower packed: models/packed.py); True packs both."""
+    assert worth_packing(nn.Linear(512, 4 * 512))
+    assert not worth_packing(nn.Linear(PACK_MIN_WEIGHT // 512 - 1, 512), nn.LayerNorm(4096))
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        "clip-tiny",
+        *WIDE,
+        "model.vision.width=512",
+        "model.vision.heads=8",
+        "model.vision.layers=1",
+    )
+    model = build_model(cfg).eval()
+    model.inference_precision = "fp32"
+    assert model.inference_packed == "auto"
+    x = images(3)
+    ids = model.tokenize(["a red circle", "a ring"])
+    with torch.no_grad():
+        img, txt = model.encode_image(x), model.encode_text(ids)
+    assert [names for _, names in model.__dict__["_inference_copies"]] == [("visual", "image_proj")]
+    model.inference_packed = True
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ids), txt, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.encode_image(x), img, atol=0, rtol=0)
+    assert {names for _, names in model.__dict__["_inference_copies"]} == {
+        ("visual", "image_proj"),
+        ("text", "text_proj"),
+    }

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from polysense.config import ModelConfig, RunConfig
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
-from polysense.models.packed import packed_copy, packing_available
+from polysense.models.packed import packed_copy, packing_available, worth_packing
 from polysense.models.text import build_text_tower
 from polysense.models.vit import VisionTransformer
 from polysense.precision import Precision, resolve_precision
@@ -100,10 +100,11 @@ class CLIP(nn.Module):
     `train.precision`, so a model infers in the format it was trained in; the embeddings are
     float32 either way.
 
-    `inference_packed` (default True) runs float32 inference on CPU through a copy of the
-    towers on MKL-packed weights (`models/packed.py`; the copy shares the parameters, its packed
-    weights take about as much memory again): measured at ViT-B/32 on 2 AVX2 threads in
-    docs/performance.md. Turn it off to save that memory.
+    `inference_packed` runs float32 inference on CPU through a copy of the towers on MKL-packed
+    weights (`models/packed.py`; the copy shares the parameters, its packed weights take about
+    as much memory again): "auto" (the default) for towers of ViT-B size and up, where it is
+    measured faster (`packed.worth_packing`; docs/performance.md), True for any size, False
+    never (saves that memory).
 
     `inference_compile` (default False) runs those inference towers through `torch.compile`
     (inductor), compiled at their first call with each input shape (seconds to a minute) and
@@ -123,7 +124,7 @@ class CLIP(nn.Module):
         _check_towers(cfg)
         self.inference_precision = inference_precision
         self.inference_compile = False
-        self.inference_packed = True
+        self.inference_packed: bool | Literal["auto"] = "auto"
         if "text" in cfg.towers:
             cfg = _sync_with_tokenizer(cfg, tokenizer)
         self.cfg = cfg
@@ -218,8 +219,9 @@ class CLIP(nn.Module):
         - bf16 copies when `inference_precision` resolves to bf16 on the model's device: running
           bf16 weights directly, instead of autocast casting every weight on every call,
           measured 1.08x (clip-tiny) to 1.14x (clip-small) faster on one core;
-        - float32 copies on packed weights (`models/packed.py`) on a CPU with MKL, unless
-          `inference_packed` is off or `inference_compile` is on.
+        - float32 copies on packed weights (`models/packed.py`) on a CPU with MKL, when
+          `inference_packed` is True, or "auto" and the modules are large enough to gain from it
+          (`worth_packing`), and `inference_compile` is off.
 
         The copies are made once and reused while the weights stay the same (same storage and
         version counter of every parameter; an optimizer step or a load bumps them)."""
@@ -234,6 +236,7 @@ class CLIP(nn.Module):
             and not self.inference_compile
             and dev.type == "cpu"
             and packing_available()
+            and (self.inference_packed is True or self._worth_packing(names, mods))
         ):
             kind, make = "packed", packed_copy
         else:
@@ -250,8 +253,17 @@ class CLIP(nn.Module):
             cache[kind, names] = (key, tuple(make(m) for m in mods))
         copies = cache[kind, names][1]
         for m, c in zip(mods, copies, strict=True):
-            c.train(m.training)
+            if c.training != m.training:  # train() walks every submodule: only on a change
+                c.train(m.training)
         return copies if kind == "packed" else self._compiled(("bf16", *names), copies)
+
+    def _worth_packing(self, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> bool:
+        """`worth_packing(*mods)`, decided once per set of module objects (it walks them)."""
+        cache = self.__dict__.setdefault("_packing_decisions", {})  # not state
+        ids = tuple(id(m) for m in mods)
+        if names not in cache or cache[names][0] != ids:
+            cache[names] = (ids, worth_packing(*mods))
+        return cache[names][1]
 
     def _compiled(self, key: tuple[str, ...], mods: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
         """`mods` through `torch.compile` when `inference_compile` is on (one wrapper per module,
