@@ -8,6 +8,7 @@ batch is split by rank and the negatives gathered across processes)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,11 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_gpu_check_runs_every_family_on_the_cpu_fallback(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    # the script runs `python` from PATH: the interpreter of this test run, activated or not
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     done = subprocess.run(
         ["bash", str(script), str(tmp_path), "--steps", "2", "--batch", "8", "--seconds", "1"],
+        env={**os.environ, "PATH": path},
         capture_output=True,
         text=True,
         timeout=900,

@@ -109,8 +109,8 @@ class CLIP(nn.Module):
     `inference_compile` (default False) runs those inference towers through `torch.compile`
     (inductor), compiled at their first call with each input shape (seconds to a minute) and
     reused after; the weights stay inputs of the compiled graph, so a later optimizer step or
-    load is seen. Measured at ViT-B/32 in fp32 on 2 AVX2 threads: 1.24x eager
-    (docs/performance.md).
+    load is seen. Measured at ViT-B/32 in fp32 on 2 AVX2 threads: 1.24x the unpacked eager
+    path, no faster than the packed one (it replaces it; docs/performance.md).
     """
 
     def __init__(
