@@ -14,6 +14,7 @@ from helpers import tiny_config
 from polysense.models.clip import CLIP, build_model
 from polysense.models.packed import (
     PACK_MIN_WEIGHT,
+    FoldedMLP,
     PackedLinear,
     PackedMLP,
     packed_copy,
@@ -71,7 +72,8 @@ def test_packed_tower_equals_the_plain_tower_and_never_runs_its_layers(act):
     assert all(m._packed is not None for m in linears)
 
 
-def test_folded_mlp_matches_a_float64_reference_as_closely_as_the_plain_mlp():
+@pytest.mark.parametrize("fold", [PackedMLP, FoldedMLP])
+def test_folded_mlp_matches_a_float64_reference_as_closely_as_the_plain_mlp(fold):
     """The fold computes fc2(silu(1.702 fc1(x)) / 1.702); the reference is the quick-GELU MLP,
     h * sigmoid(1.702 h), in float64. The folded float32 result is as close to it as the plain
     float32 MLP is."""
@@ -84,7 +86,7 @@ def test_folded_mlp_matches_a_float64_reference_as_closely_as_the_plain_mlp():
         h = x.double() @ w1.T + b1
         ref = (h * torch.sigmoid(1.702 * h)) @ w2.T + b2
         plain = mlp(x)
-        folded = PackedMLP(mlp=mlp)(x)
+        folded = fold(mlp=mlp)(x)
     err_plain = (plain.double() - ref).abs().max().item()
     err_folded = (folded.double() - ref).abs().max().item()
     assert err_folded < max(4 * err_plain, 1e-6), (err_folded, err_plain)
@@ -197,3 +199,39 @@ def test_auto_packs_the_towers_of_vit_b_size_only():
         ("visual", "image_proj"),
         ("text", "text_proj"),
     }
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_without_mkl_the_quick_gelu_mlps_run_folded_on_plain_linears(monkeypatch, act):
+    """No MKL packing (ARM, macOS; as on a GPU): encode_image / encode_text run copies whose
+    quick-GELU MLPs are folded (equal to the plain path to float32 rounding, no QuickGELU module
+    runs) and that follow the weights; with another activation no copy is made."""
+    import polysense.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "packing_available", lambda: False)
+    model = model_with(act)
+    plain = copy.deepcopy(model)
+    plain.inference_packed = False
+    x = images(5)
+    ids = model.tokenize(["a red circle", "two blue squares left of a star"])
+    ran: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuickGELU):
+            m.register_forward_hook(lambda m, a, out, name=name: ran.append(name))
+    with torch.no_grad():
+        img, txt = model.encode_image(x), model.encode_text(ids)
+        torch.testing.assert_close(img, plain.encode_image(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(txt, plain.encode_text(ids), atol=1e-6, rtol=0)
+    copies = model.__dict__.get("_inference_copies", {})
+    if act == "gelu":
+        assert not copies
+        return
+    assert {kind for kind, _ in copies} == {"folded"}
+    assert ran == []
+    assert not torch.equal(img, plain.encode_image(x))  # the fold rounds differently
+    with torch.no_grad():
+        for m in (model, plain):
+            m.visual.blocks[0].mlp.fc1.weight.mul_(-1.5)  # in place: the version counter moves
+        moved = model.encode_image(x)
+        torch.testing.assert_close(moved, plain.encode_image(x), atol=1e-6, rtol=0)
+        assert not torch.allclose(moved, img, atol=1e-4)

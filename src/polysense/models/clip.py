@@ -23,7 +23,13 @@ from polysense.config import ModelConfig, RunConfig
 from polysense.data.tokenizer import Tokenizer
 from polysense.data.transforms import images_to_tensor
 from polysense.errors import PolysenseError
-from polysense.models.packed import packed_copy, packing_available, worth_packing
+from polysense.models.packed import (
+    folded_copy,
+    folds,
+    packed_copy,
+    packing_available,
+    worth_packing,
+)
 from polysense.models.text import build_text_tower
 from polysense.models.vit import VisionTransformer
 from polysense.precision import Precision, resolve_precision
@@ -104,7 +110,8 @@ class CLIP(nn.Module):
     weights (`models/packed.py`; the copy shares the parameters, its packed weights take about
     as much memory again): "auto" (the default) for towers of ViT-B size and up, where it is
     measured faster (`packed.worth_packing`; docs/performance.md), True for any size, False
-    never (saves that memory).
+    never (saves that memory). Without MKL (ARM, macOS) or on a GPU the copy keeps the plain
+    linears and only runs OpenAI CLIP's quick-GELU MLPs folded into one in-place SiLU.
 
     `inference_compile` (default False) runs those inference towers through `torch.compile`
     (inductor), compiled at their first call with each input shape (seconds to a minute) and
@@ -221,7 +228,8 @@ class CLIP(nn.Module):
           measured 1.08x (clip-tiny) to 1.14x (clip-small) faster on one core;
         - float32 copies on packed weights (`models/packed.py`) on a CPU with MKL, when
           `inference_packed` is True, or "auto" and the modules are large enough to gain from it
-          (`worth_packing`), and `inference_compile` is off.
+          (`worth_packing`), and `inference_compile` is off; elsewhere (no MKL, a GPU) under the
+          same conditions, copies whose quick-GELU MLPs run folded (`folded_copy`).
 
         The copies are made once and reused while the weights stay the same (same storage and
         version counter of every parameter; an optimizer step or a load bumps them)."""
@@ -234,11 +242,14 @@ class CLIP(nn.Module):
         elif (
             self.inference_packed
             and not self.inference_compile
-            and dev.type == "cpu"
-            and packing_available()
             and (self.inference_packed is True or self._worth_packing(names, mods))
         ):
-            kind, make = "packed", packed_copy
+            if dev.type == "cpu" and packing_available():
+                kind, make = "packed", packed_copy
+            elif folds(*mods):  # no MKL (ARM, macOS) or a GPU: the quick-GELU fold alone
+                kind, make = "folded", folded_copy
+            else:
+                return self._compiled(names, mods)
         else:
             return self._compiled(names, mods)
         # Weights loaded under inference_mode are inference tensors, which keep no version
@@ -255,7 +266,7 @@ class CLIP(nn.Module):
         for m, c in zip(mods, copies, strict=True):
             if c.training != m.training:  # train() walks every submodule: only on a change
                 c.train(m.training)
-        return copies if kind == "packed" else self._compiled(("bf16", *names), copies)
+        return copies if kind != "bf16" else self._compiled(("bf16", *names), copies)
 
     def _worth_packing(self, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> bool:
         """`worth_packing(*mods)`, decided once per set of module objects (it walks them)."""

@@ -11,7 +11,8 @@ quick GELU, `h * sigmoid(1.702 h)`, run as one in-place SiLU: with `g = 1.702 h`
 and bias scaled by 1.702 when packed) `silu(g) / 1.702 = h * sigmoid(1.702 h)`, and the 1 / 1.702
 goes into fc2's packed weight. That replaces three passes over the (rows, 4 W) hidden tensor and
 two allocations with one in-place pass. The results equal the unpacked tower's to float32
-rounding (tests/test_packed.py).
+rounding (tests/test_packed.py). Where MKL's packing is missing (ARM, macOS) or the model is on
+a GPU, `folded_copy` applies the fold alone, on plain `F.linear` (`FoldedMLP`).
 
 Packing pays at ViT-B sizes, not below: with CLIP's dims at ViT-B/32 (width 768), batch 16,
 fp32 on 2 AVX2 threads, the plain tower ran 17.5 images/s, packed alone 18.1, the fold alone 18.7,
@@ -148,6 +149,48 @@ class PackedMLP(nn.Module):
         h = self.fc1(x)  # (..., 4W); with the fold, 1.702 times fc1's output
         h = F.silu(h, inplace=True) if self.fold else self.mlp.act(h)
         return self.mlp.drop(self.fc2(h))  # (..., W)
+
+
+class FoldedMLP(nn.Module):
+    """A quick-GELU `mlp` as `fc2' (silu_(fc1' x))` on plain `F.linear`, with fc1' = 1.702 fc1
+    and fc2' = fc2 / 1.702 (module docstring): the fold without MKL packing, for a CPU without
+    MKL (ARM, macOS) or a GPU. The scaled weights are a snapshot, like a packing."""
+
+    def __init__(self, *, mlp: MLP) -> None:
+        super().__init__()
+        if not isinstance(mlp.act, QuickGELU):
+            raise ValueError("FoldedMLP folds quick GELU only")
+        self.mlp = mlp
+        w1, b1, w2 = mlp.fc1.weight.detach(), mlp.fc1.bias, mlp.fc2.weight.detach()
+        self.w1 = w1 * QUICK_GELU  # plain attributes: not state, not parameters
+        self.b1 = None if b1 is None else b1.detach() * QUICK_GELU
+        self.w2 = w2 / QUICK_GELU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., W) -> (..., W)."""
+        h = F.silu(F.linear(x, self.w1, self.b1), inplace=True)  # (..., 4W), 1.702 x fc1's
+        return self.mlp.drop(F.linear(h, self.w2, self.mlp.fc2.bias))  # (..., W)
+
+
+def folds(*modules: nn.Module) -> bool:
+    """Whether `modules` hold a quick-GELU MLP (what `folded_copy` changes)."""
+    return any(
+        isinstance(m, MLP) and isinstance(m.act, QuickGELU)
+        for module in modules
+        for m in module.modules()
+    )
+
+
+def folded_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose quick-GELU MLPs run folded on plain linears (`FoldedMLP`); the
+    rest shares `module`'s parameters and buffers. Like `packed_copy`, a snapshot."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    out = copy.deepcopy(module, memo)
+    for parent in list(out.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, MLP) and isinstance(child.act, QuickGELU):
+                setattr(parent, name, FoldedMLP(mlp=child))
+    return out
 
 
 def packed_copy(module: nn.Module) -> nn.Module:
