@@ -239,17 +239,8 @@ class CLIP(nn.Module):
             return mods
         if resolve_precision(self.inference_precision, dev) == "bf16":
             kind, make = "bf16", _bf16_copy
-        elif (
-            self.inference_packed
-            and not self.inference_compile
-            and (self.inference_packed is True or self._worth_packing(names, mods))
-        ):
-            if dev.type == "cpu" and packing_available():
-                kind, make = "packed", packed_copy
-            elif folds(*mods):  # no MKL (ARM, macOS) or a GPU: the quick-GELU fold alone
-                kind, make = "folded", folded_copy
-            else:
-                return self._compiled(names, mods)
+        elif not self.inference_compile and (kind := self._fp32_copy_kind(names, mods)):
+            make = packed_copy if kind == "packed" else folded_copy
         else:
             return self._compiled(names, mods)
         # Weights loaded under inference_mode are inference tensors, which keep no version
@@ -268,12 +259,21 @@ class CLIP(nn.Module):
                 c.train(m.training)
         return copies if kind != "bf16" else self._compiled(("bf16", *names), copies)
 
-    def _worth_packing(self, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> bool:
-        """`worth_packing(*mods)`, decided once per set of module objects (it walks them)."""
-        cache = self.__dict__.setdefault("_packing_decisions", {})  # not state
-        ids = tuple(id(m) for m in mods)
-        if names not in cache or cache[names][0] != ids:
-            cache[names] = (ids, worth_packing(*mods))
+    def _fp32_copy_kind(self, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> str | None:
+        """The float32 inference copy `mods` get: "packed" (a CPU with MKL), "folded" (elsewhere,
+        quick-GELU MLPs only) or None, by `inference_packed` and, under "auto", `worth_packing`.
+        Decided once per module set, device and setting (the checks walk the modules)."""
+        cache = self.__dict__.setdefault("_fp32_copy_kinds", {})  # not state
+        token = (tuple(id(m) for m in mods), self.device.type, self.inference_packed)
+        if names not in cache or cache[names][0] != token:
+            packed = self.inference_packed
+            kind = None
+            if packed is True or (packed == "auto" and worth_packing(*mods)):
+                if token[1] == "cpu" and packing_available():
+                    kind = "packed"
+                elif folds(*mods):  # no MKL (ARM, macOS) or a GPU: the quick-GELU fold alone
+                    kind = "folded"
+            cache[names] = (token, kind)
         return cache[names][1]
 
     def _compiled(self, key: tuple[str, ...], mods: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:

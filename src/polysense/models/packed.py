@@ -184,8 +184,7 @@ def folds(*modules: nn.Module) -> bool:
 def folded_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose quick-GELU MLPs run folded on plain linears (`FoldedMLP`); the
     rest shares `module`'s parameters and buffers. Like `packed_copy`, a snapshot."""
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    out = copy.deepcopy(module, memo)
+    out = _sharing_copy(module)
     for parent in list(out.modules()):
         for name, child in parent.named_children():
             if isinstance(child, MLP) and isinstance(child.act, QuickGELU):
@@ -197,10 +196,15 @@ def packed_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose linear layers and MLPs run on packed weights (module docstring).
     Parameters and buffers are shared with `module`, not copied; call it again after they
     change (a packing is a snapshot of the weights)."""
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    out = copy.deepcopy(module, memo)
+    out = _sharing_copy(module)
     _replace(out)
     return out
+
+
+def _sharing_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module`'s modules that shares (does not copy) its parameters and buffers."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def _replace(module: nn.Module) -> None:
