@@ -353,14 +353,35 @@ def test_progress_bar_follows_a_binding_time_budget(pairs_jsonl, tmp_path, monke
     rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     assert result.steps < steps and positions[-1] == steps  # full when the clock ran out
     logged = positions[:-1]  # one update per record, then the one at the stop
-    for row, pos in zip(rows, logged, strict=True):  # hand formula: the budget's share
-        assert pos == min(steps, max(row["step"], int(row["elapsed_s"] / 60 * steps)))
+    # the bar never trails the steps nor passes the end, never goes back, and runs ahead of the
+    # steps once the budget binds (the exact share: test_bar_position_is_the_budget_share)
+    assert logged == sorted(logged)
+    assert all(row["step"] <= pos <= steps for row, pos in zip(rows, logged, strict=True))
     assert any(pos > row["step"] for row, pos in zip(rows, logged, strict=True))
     positions.clear()
     clock = iter(range(0, 10**6, 5))
     plain = tiny_config("clip-tiny", "train.steps=6", "train.ckpt_every=0", "train.log_every=1")
     train(plain, data=pairs_jsonl, out=tmp_path / "plain", progress=False)
     assert positions == [1, 2, 3, 4, 5, 6]
+
+
+def test_bar_position_is_the_budget_share():
+    """StepLog.position, by hand: with a 1-minute budget over 40 steps, 30 s elapsed is 20 steps'
+    worth; the position is the larger of that and the steps done, capped at 40; without a budget
+    it is the steps done."""
+    from types import SimpleNamespace
+
+    from polysense.train.log import StepLog
+
+    sched = SimpleNamespace(steps=40, batch_size=8, log_every=1, max_minutes=1.0)
+    budget = StepLog(train=sched, out=None, start=0, progress=False)
+    assert budget.position(3, 30.0) == 20  # 30 / 60 x 40
+    assert budget.position(25, 30.0) == 25  # the steps are ahead of the clock
+    assert budget.position(3, 44.9) == 29  # int(44.9 / 60 x 40) = int(29.93)
+    assert budget.position(3, 120.0) == 40  # past the budget: full, not 80
+    plain = StepLog(train=SimpleNamespace(steps=40, batch_size=8, log_every=1), out=None, start=0,
+                    progress=False)  # fmt: skip
+    assert plain.position(3, 1000.0) == 3
 
 
 def test_periodic_evaluation_joins_the_log(pairs_jsonl, tmp_path):
