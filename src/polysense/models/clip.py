@@ -264,12 +264,12 @@ class CLIP(nn.Module):
         quick-GELU MLPs only) or None, by `inference_packed` and, under "auto", `worth_packing`.
         Decided once per module set, device and setting (the checks walk the modules)."""
         cache = self.__dict__.setdefault("_fp32_copy_kinds", {})  # not state
-        token = (tuple(id(m) for m in mods), self.device.type, self.inference_packed)
+        device, packed = self.device.type, self.inference_packed
+        token = (tuple(id(m) for m in mods), device, packed)
         if names not in cache or cache[names][0] != token:
-            packed = self.inference_packed
             kind = None
             if packed is True or (packed == "auto" and worth_packing(*mods)):
-                if token[1] == "cpu" and packing_available():
+                if device == "cpu" and packing_available():
                     kind = "packed"
                 elif folds(*mods):  # no MKL (ARM, macOS) or a GPU: the quick-GELU fold alone
                     kind = "folded"
